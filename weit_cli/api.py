@@ -1,0 +1,241 @@
+"""One library function per subcommand. Each returns a plain dict (what was done and written) that
+the CLI renders as a table or as JSON; none of them print."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .arch import detect_family, get_adapter
+from .bundle import Bundle, from_dense, load_bundle, resize
+from .errors import InputError, WeitError
+from .files import (
+    KIND_SCALERS,
+    KIND_TEMPLATES,
+    atomic_dir,
+    atomic_file,
+    check_output,
+    load_dense,
+    load_weit,
+    read_header,
+    save_tensors,
+    sha256,
+    write_safetensors,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def extract_templates(
+    checkpoint: Path,
+    out: Path,
+    *,
+    template_size: int | None = None,
+    num_templates: int = 16,
+    num_heads: int | None = None,
+    img_size: int | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    check_output(out, force)
+    state, hints = load_dense(checkpoint)
+    if num_heads is not None:
+        hints["num_heads"] = num_heads
+    if img_size is not None:
+        hints["img_size"] = img_size
+    adapter = detect_family(state.keys())
+    arch = adapter.infer_arch(state, hints)
+    bundle, errors = from_dense(adapter, arch, state, template_size, num_templates)
+    provenance = {
+        "command": "extract-templates",
+        "source_sha256": _sha(checkpoint),
+        "template_size": template_size,
+        "num_templates": num_templates,
+        "reconstruction_error": {k: round(v, 8) for k, v in errors.items()},
+    }
+    save_tensors(out, bundle.to_tensors(), bundle.metadata(**provenance), force)
+    return {
+        "command": "extract-templates",
+        "output": str(out),
+        "architecture": arch.to_dict(),
+        "templates": {t: list(v.shape) for t, v in bundle.templates.items()},
+        "relative_error": errors,
+        "params": bundle.param_counts(),
+    }
+
+
+def _sha(path: Path) -> str:
+    path = Path(path)
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt"):
+            if (path / name).is_file():
+                return sha256(path / name)
+        return ""
+    return sha256(path)
+
+
+def load_scalers(path: Path, bundle: Bundle, bundle_sha: str, target: Any) -> Bundle:
+    """A scalers file from fit-scalers, checked against its bundle and the requested size."""
+    tensors, meta = load_weit(path, KIND_SCALERS)
+    if meta.get("bundle_sha256") != bundle_sha:
+        raise InputError(
+            f"{path} was fitted for another bundle (sha256 {meta.get('bundle_sha256', '?')[:12]}…, this one {bundle_sha[:12]}…)",
+            "fit scalers for this bundle with 'weit fit-scalers'",
+        )
+    fitted = bundle.adapter.arch_from_dict(json.loads(meta["architecture"]))
+    if fitted != target:
+        raise InputError(
+            f"{path} holds scalers for {bundle.adapter.describe(fitted)}, not {bundle.adapter.describe(target)}",
+            f"materialize with the size it was fitted for (--depth {fitted.depth} --width {fitted.width}) or fit anew",
+        )
+    scalers = {k[len("scalers.") :]: v for k, v in tensors.items() if k.startswith("scalers.")}
+    small = {k[len("small.") :]: v for k, v in tensors.items() if k.startswith("small.")}
+    return Bundle(bundle.adapter, target, bundle.templates, scalers, small, dict(bundle.extra))
+
+
+def plan_target(bundle: Bundle, **sizes: Any) -> Any:
+    return bundle.adapter.target_arch(bundle.arch, **{k: v for k, v in sizes.items() if v is not None})
+
+
+def materialize(
+    bundle_path: Path,
+    out: Path,
+    *,
+    depth: int | None = None,
+    width: int | None = None,
+    mlp_ratio: float | None = None,
+    num_heads: int | None = None,
+    num_classes: int | None = None,
+    depth_rule: str = "auto",
+    width_rule: str = "tile",
+    scalers: Path | None = None,
+    dtype: str = "float32",
+    force: bool = False,
+) -> dict[str, Any]:
+    out = Path(out)
+    check_output(out, force)
+    if dtype not in DTYPES:
+        raise WeitError(f"unknown dtype '{dtype}'", f"choose one of: {', '.join(DTYPES)}")
+    bundle, bsha = load_bundle(bundle_path)
+    target = plan_target(bundle, depth=depth, width=width, mlp_ratio=mlp_ratio, num_heads=num_heads, num_classes=num_classes)
+    if scalers is not None:
+        sized = load_scalers(scalers, bundle, bsha, target)
+    else:
+        with torch.no_grad():
+            sized = resize(bundle, target, depth_rule, width_rule)
+    provenance = {
+        "command": "materialize",
+        "bundle_sha256": bsha,
+        "scalers_sha256": sha256(scalers) if scalers else None,
+        "depth_rule": depth_rule,
+        "width_rule": width_rule,
+    }
+    files = write_model(sized, out, DTYPES[dtype], provenance, force)
+    return {
+        "command": "materialize",
+        "output": str(out),
+        "files": files,
+        "architecture": target.to_dict(),
+        "timm": sized.adapter.timm_config(target)["model_args"],
+        "params": sum(_numel(sized.dense_shape(k)) for k in sized.dense_keys()),
+    }
+
+
+def write_model(sized: Bundle, out: Path, dtype: torch.dtype, provenance: dict[str, Any], force: bool) -> list[str]:
+    """Stream the composed dense weights to `out` (bare .safetensors, or a timm local-dir folder)."""
+    cfg = sized.adapter.timm_config(sized.arch)
+    meta = {
+        "format": "pt",
+        "producer": f"weit {__version__}",
+        "family": sized.adapter.family,
+        "model_args": json.dumps(cfg["model_args"], sort_keys=True),
+        "architecture": cfg["architecture"],
+        "provenance": json.dumps(provenance, sort_keys=True),
+    }
+
+    spec_list = [(k, sized.dense_shape(k), dtype, (lambda k=k: _dense(sized, k, dtype))) for k in sized.dense_keys()]
+    if out.suffix == ".safetensors":
+        with atomic_file(out) as tmp:
+            write_safetensors(tmp, spec_list, meta)
+        return [str(out)]
+    with atomic_dir(out, force) as tmp:
+        write_safetensors(tmp / "model.safetensors", spec_list, meta)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return [str(out / "model.safetensors"), str(out / "config.json")]
+
+
+@torch.no_grad()
+def _dense(b: Bundle, key: str, dtype: torch.dtype) -> torch.Tensor:
+    return b.dense(key).to(dtype)
+
+
+def inspect(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        return _inspect_dense(path)
+    header = read_header(path)
+    meta = dict(header.get("__metadata__") or {})
+    kind = meta.get("kind")
+    if kind == KIND_TEMPLATES:
+        b, bsha = load_bundle(path)
+        return {
+            "path": str(path),
+            "kind": kind,
+            "sha256": bsha,
+            "weit_format": meta.get("weit_format"),
+            "weit_version": meta.get("weit_version"),
+            "kron_order": meta.get("kron_order"),
+            "architecture": b.arch.to_dict(),
+            "description": b.adapter.describe(b.arch),
+            "nested": b.extra.get("nested"),
+            "templates": {t: list(v.shape) for t, v in b.templates.items()},
+            "params": b.param_counts(),
+            "provenance": b.extra.get("provenance", {}),
+        }
+    if kind == KIND_SCALERS:
+        tensors, meta = load_weit(path, KIND_SCALERS)
+        arch_d = json.loads(meta["architecture"])
+        adapter = get_adapter(arch_d["family"])
+        arch = adapter.arch_from_dict(arch_d)
+        return {
+            "path": str(path),
+            "kind": kind,
+            "weit_format": meta.get("weit_format"),
+            "weit_version": meta.get("weit_version"),
+            "bundle_sha256": meta.get("bundle_sha256"),
+            "architecture": arch.to_dict(),
+            "description": adapter.describe(arch),
+            "params": {"scalers+small": sum(v.numel() for v in tensors.values())},
+            "provenance": json.loads(meta.get("provenance", "{}")),
+        }
+    if kind:
+        raise InputError(f"{path} is of unknown kind '{kind}'", "this weit reads weit.templates and weit.scalers")
+    return _inspect_dense(path)
+
+
+def _inspect_dense(path: Path) -> dict[str, Any]:
+    state, hints = load_dense(path)
+    try:
+        adapter = detect_family(state.keys())
+        arch = adapter.infer_arch(state, hints)
+        arch_d, desc = arch.to_dict(), adapter.describe(arch)
+    except WeitError as e:
+        arch_d, desc = None, f"unrecognised ({e.message})"
+    return {
+        "path": str(path),
+        "kind": "dense",
+        "architecture": arch_d,
+        "description": desc,
+        "tensors": len(state),
+        "params": {"dense": sum(v.numel() for v in state.values())},
+    }
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

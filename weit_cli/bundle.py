@@ -1,0 +1,230 @@
+"""Template bundles: shared templates + per-layer scalers + small parameters, and the operations on
+them that every command shares — extraction from a dense model, resizing, composition to dense."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import kron
+from .arch import Adapter, get_adapter
+from .errors import InputError
+from .files import KIND_TEMPLATES, base_metadata, load_weit, sha256
+from .resize import depth_plan, mix_layers, resize_width
+
+
+@dataclass
+class Bundle:
+    """Everything needed to compose a dense model of `arch`; templates are shared by all sizes."""
+
+    adapter: Adapter
+    arch: Any
+    templates: dict[str, Tensor]  # type name → (N, p, q, *kernel)
+    scalers: dict[str, Tensor]  # dense weight key → (N, a, b)
+    small: dict[str, Tensor]  # dense key → tensor
+    extra: dict[str, Any] = field(default_factory=dict)  # nested ranges, provenance, …
+
+    # ------------------------------------------------------------------ structure
+    def template_of(self, key: str) -> Tensor:
+        return self.templates[self.adapter.template_type_of(key)]
+
+    def dense_keys(self) -> list[str]:
+        return sorted([*self.scalers, *self.small])
+
+    def dense_shape(self, key: str) -> tuple[int, ...]:
+        if key in self.small:
+            return tuple(self.small[key].shape)
+        _, a, b = self.scalers[key].shape
+        _, p, q, *k = self.template_of(key).shape
+        return (a * p, b * q, *k)
+
+    def dense(self, key: str) -> Tensor:
+        if key in self.small:
+            return self.small[key]
+        return kron.compose(self.scalers[key], self.template_of(key))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: self.dense(k) for k in self.dense_keys()}
+
+    def num_templates(self) -> dict[str, int]:
+        return {t: v.shape[0] for t, v in self.templates.items()}
+
+    def param_counts(self) -> dict[str, int]:
+        return {
+            "templates": sum(v.numel() for v in self.templates.values()),
+            "scalers": sum(v.numel() for v in self.scalers.values()),
+            "small": sum(v.numel() for v in self.small.values()),
+            "dense": sum(_numel(self.dense_shape(k)) for k in self.dense_keys()),
+        }
+
+    # ------------------------------------------------------------------ files
+    def to_tensors(self) -> dict[str, Tensor]:
+        out = {f"templates.{k}": v for k, v in self.templates.items()}
+        out.update({f"scalers.{k}": v for k, v in self.scalers.items()})
+        out.update({f"small.{k}": v for k, v in self.small.items()})
+        return {k: v.detach().contiguous() for k, v in out.items()}
+
+    def metadata(self, **provenance: Any) -> dict[str, str]:
+        arch = {**self.arch.to_dict(), **{k: v for k, v in self.extra.items() if k == "nested"}}
+        templates = {
+            t: {"count": v.shape[0], "p": v.shape[1], "q": v.shape[2], "kernel": list(v.shape[3:])}
+            for t, v in self.templates.items()
+        }
+        return base_metadata(KIND_TEMPLATES, architecture=arch, templates=templates, provenance=provenance)
+
+
+def bundle_from_tensors(tensors: dict[str, Tensor], meta: dict[str, str], source: str = "file") -> Bundle:
+    try:
+        arch_d = json.loads(meta["architecture"])
+        adapter = get_adapter(arch_d["family"])
+    except (KeyError, ValueError, TypeError):
+        raise InputError(f"{source} has no usable architecture record", "the file was not written by this weit") from None
+    arch = adapter.arch_from_dict(arch_d)
+    parts: dict[str, dict[str, Tensor]] = {"templates": {}, "scalers": {}, "small": {}}
+    for k, v in tensors.items():
+        head, _, rest = k.partition(".")
+        if head not in parts or not rest:
+            raise InputError(f"{source} has an unexpected tensor '{k}'", "the file is not a weit bundle")
+        parts[head][rest] = v
+    b = Bundle(adapter, arch, parts["templates"], parts["scalers"], parts["small"])
+    if "nested" in arch_d:
+        b.extra["nested"] = arch_d["nested"]
+    _check_consistent(b, source)
+    return b
+
+
+def load_bundle(path: Path) -> tuple[Bundle, str]:
+    """Load a template bundle; returns it and its sha256 (scalers files bind to it)."""
+    tensors, meta = load_weit(path, KIND_TEMPLATES)
+    b = bundle_from_tensors(tensors, meta, str(path))
+    try:
+        b.extra["provenance"] = json.loads(meta.get("provenance", "{}"))
+    except ValueError:
+        b.extra["provenance"] = {}
+    return b, sha256(path)
+
+
+def _check_consistent(b: Bundle, source: str) -> None:
+    for key, s in b.scalers.items():
+        t = b.adapter.template_type_of(key)
+        if t not in b.templates:
+            raise InputError(f"{source}: scalers '{key}' have no templates", "the file is corrupt")
+        if s.dim() != 3 or s.shape[0] != b.templates[t].shape[0]:
+            raise InputError(f"{source}: scalers '{key}' do not match templates '{t}'", "the file is corrupt")
+
+
+# ---------------------------------------------------------------------------------------------- extraction
+def from_dense(
+    adapter: Adapter, arch: Any, state: dict[str, Tensor], template_size: int | None, num_templates: int | dict[str, int]
+) -> tuple[Bundle, dict[str, float]]:
+    """Data-free extraction (SPEC §8): shared truncated SVD per type; returns the relative error per type."""
+    check_state(adapter, arch, state)
+    types = adapter.template_types(arch, template_size)
+    by_type: dict[str, list[str]] = {t: [] for t in types}
+    small = {}
+    for k in sorted(state, key=_natural):
+        t = adapter.template_type_of(k)
+        if t is None:
+            small[k] = state[k].detach().float().clone()
+        else:
+            by_type[t].append(k)
+    templates, scalers, errors = {}, {}, {}
+    for t, keys in by_type.items():
+        tt = types[t]
+        n = num_templates[t] if isinstance(num_templates, dict) else num_templates
+        limit = tt.p * tt.q * _numel(tt.kernel)
+        if not 1 <= n <= limit:
+            from .errors import WeitError
+
+            raise WeitError(
+                f"--num-templates {n} is out of range for {tt.p}×{tt.q} templates",
+                f"use 1..{limit} ({limit} reproduces the weights exactly)",
+            )
+        weights = [state[k].detach().float() for k in keys]
+        tmpl, scl = kron.extract_shared(weights, tt.p, tt.q, n)
+        templates[t] = tmpl
+        scalers.update(dict(zip(keys, scl)))
+        errors[t] = kron.relative_error(weights, scl, tmpl)
+    return Bundle(adapter, arch, templates, scalers, small), errors
+
+
+def check_state(adapter: Adapter, arch: Any, state: dict[str, Tensor]) -> None:
+    """Strict: list every missing, unexpected or mis-shaped key at once."""
+    ref = adapter.build(arch).state_dict()
+    missing = sorted(set(ref) - set(state), key=_natural)
+    unexpected = sorted(set(state) - set(ref), key=_natural)
+    shapes = [k for k in ref if k in state and tuple(ref[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_few(unexpected)}")
+        if shapes:
+            parts.append("wrong shape " + _few([f"{k} {tuple(state[k].shape)}≠{tuple(ref[k].shape)}" for k in shapes]))
+        raise InputError(
+            f"checkpoint does not match {adapter.describe(arch)}: {'; '.join(parts)}",
+            "pass --num-heads/--img-size if they were guessed wrong, or check the file",
+        )
+
+
+def _few(xs: list[str], n: int = 4) -> str:
+    return ", ".join(xs[:n]) + (f" (+{len(xs) - n} more)" if len(xs) > n else "")
+
+
+def _natural(k: str):
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", k)]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------- resizing
+def resize(b: Bundle, target: Any, depth_rule: str = "auto", width_rule: str = "tile") -> Bundle:
+    """The bundle's parameters at `target` size (SPEC §5). Differentiable: pretraining uses it too."""
+    scalers, small = dict(b.scalers), dict(b.small)
+    ad = b.adapter
+    for g_old, g_new in zip(ad.layer_groups(b.arch), ad.layer_groups(target)):
+        old_n, new_n = g_old.count - g_old.first, g_new.count - g_new.first
+        if old_n == new_n:
+            continue
+        plan = depth_plan(old_n, new_n, depth_rule)
+        for store in (scalers, small):
+            per_layer: dict[str, list[Tensor]] = {}
+            for i in range(old_n):
+                pre = g_old.prefix.format(g_old.first + i)
+                for k in [k for k in store if k.startswith(pre)]:
+                    per_layer.setdefault(k[len(pre) :], []).append(store.pop(k))
+            for suffix, layers in per_layer.items():
+                if len(layers) != old_n:
+                    raise InputError(f"layer parameter '{suffix}' is missing in some blocks", "the bundle is corrupt")
+                for j, src in enumerate(plan):
+                    w = mix_layers(layers, src)
+                    if src.zero_residual and suffix in ad.identity_zero:
+                        w = torch.zeros_like(w)
+                    store[g_new.prefix.format(g_new.first + j) + suffix] = w
+    old_sizes, new_sizes = ad.sizes(b.arch), ad.sizes(target)
+    if old_sizes != new_sizes:
+        for k in list(scalers):
+            t = b.template_of(k)
+            axes = [replace(ax, dim=ax.dim + 1) for ax in ad.axes(k, b.arch) if ax.dim < 2]
+            scalers[k] = resize_width(scalers[k], axes, old_sizes, new_sizes, width_rule, unit={1: t.shape[1], 2: t.shape[2]})
+        for k in list(small):
+            small[k] = resize_width(small[k], ad.axes(k, b.arch), old_sizes, new_sizes, width_rule)
+    if getattr(target, "num_classes", None) != getattr(b.arch, "num_classes", None):
+        for k in ad.classifier:
+            if k in small:
+                v = small.pop(k)
+                if target.num_classes > 0:
+                    small[k] = torch.zeros(target.num_classes, *v.shape[1:], dtype=v.dtype)
+    return Bundle(ad, target, b.templates, scalers, small, dict(b.extra))

@@ -1,0 +1,311 @@
+"""Reading and writing weit's safetensors files and dense checkpoints.
+
+Writes are atomic (temp file in the target folder, then `os.replace`) and streamed: tensors are
+produced one at a time, so materializing a model needs little more memory than the model itself.
+Reads check the header size before parsing and never unpickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import FORMAT_VERSION, KRON_ORDER, __version__
+from .errors import InputError, OutputError
+
+KIND_TEMPLATES = "weit.templates"
+KIND_SCALERS = "weit.scalers"
+MAX_HEADER = 100 * 1024 * 1024
+
+_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def check_output(path: Path, force: bool) -> None:
+    """Refuse an existing output without --force, and a folder we could not write to, before any work."""
+    if path.exists() and not force:
+        raise OutputError(f"{path} already exists", "pass --force to replace it, or choose another -o")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output folder {parent} does not exist", f"create it first: mkdir -p {parent}")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output folder {parent} is not writable", "choose another -o")
+
+
+@contextmanager
+def atomic_file(path: Path):
+    """Yield a temp path beside `path`; rename it into place only if the block succeeds."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise OutputError(f"cannot write in {path.parent}: {e.strerror}", "check the folder's permissions") from None
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as e:
+        _unlink(tmp)
+        raise OutputError(f"cannot write {path}: {e.strerror}", "check free disk space and permissions") from None
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+@contextmanager
+def atomic_dir(path: Path, force: bool):
+    """Yield a temp folder beside `path`; move it into place (replacing an old one) on success."""
+    path = Path(path)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise OutputError(f"cannot write in {path.parent}: {e.strerror}", "check the folder's permissions") from None
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~_umask())
+        old = None
+        if path.exists():
+            if not force:
+                raise OutputError(f"{path} already exists", "pass --force to replace it")
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old / "x")
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"cannot write {path}: {e.strerror}", "check free disk space and permissions") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _unlink(p) -> None:
+    try:
+        os.unlink(p)
+    except FileNotFoundError:
+        pass
+
+
+def write_safetensors(
+    path: Path,
+    specs: Iterable[tuple[str, tuple[int, ...], torch.dtype, Callable[[], Tensor]]],
+    metadata: dict[str, str],
+) -> None:
+    """Stream tensors into a safetensors file at `path` (already a temp path: see atomic_file).
+
+    `specs` lists (name, shape, dtype, make) sorted as they should be written; `make()` is called
+    once per tensor, right before it is written, so only one dense tensor lives at a time.
+    """
+    specs = list(specs)
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, shape, dtype, _ in specs:
+        nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {k: str(v) for k, v in sorted(metadata.items())}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, dtype, make in specs:
+            t = make().detach()
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise RuntimeError(f"{name}: produced {tuple(t.shape)} {t.dtype}, announced {shape} {dtype}")
+            f.write(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], force: bool = False) -> None:
+    """Write a dict of tensors atomically, keys sorted."""
+    path = Path(path)
+    check_output(path, force)
+    specs = [(k, tuple(v.shape), v.dtype, (lambda v=v: v)) for k, v in sorted(tensors.items())]
+    with atomic_file(path) as tmp:
+        write_safetensors(tmp, specs, metadata)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """Parse and sanity-check a safetensors header without trusting its size field."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist", "check the path")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not a file", "point to the .safetensors file inside it")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise InputError(f"{path} is not a safetensors file (only {size} bytes)", "the file is empty or truncated")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or n > size - 8:
+            raise InputError(
+                f"{path} is not a valid safetensors file (header claims {n} bytes, file has {size})",
+                "the file is corrupt, truncated or of another format",
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise InputError(f"{path} is not a valid safetensors file (unreadable header)", "the file is corrupt") from None
+    end = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        try:
+            end = max(end, int(v["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise InputError(f"{path} is not a valid safetensors file (bad entry {k!r})", "the file is corrupt") from None
+    if 8 + n + end > size:
+        raise InputError(f"{path} is truncated ({size} bytes, needs {8 + n + end})", "re-create or re-download it")
+    return header
+
+
+def load_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    header = read_header(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise InputError(f"{path} could not be read: {str(e).splitlines()[0]}", "the file is corrupt") from None
+    return tensors, dict(header.get("__metadata__") or {})
+
+
+def load_weit(path: Path, kind: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Load a weit file, checking `weit_format` and `kind` before anything else."""
+    path = Path(path)
+    meta = dict(read_header(path).get("__metadata__") or {})
+    what = {KIND_TEMPLATES: "template bundle", KIND_SCALERS: "scalers file"}[kind]
+    found = meta.get("kind")
+    if found != kind:
+        got = f"a '{found}' file" if found else "not a weit file"
+        hint = {
+            KIND_TEMPLATES: "make one with 'weit pretrain' or 'weit extract-templates'",
+            KIND_SCALERS: "make one with 'weit fit-scalers'",
+        }[kind]
+        raise InputError(f"{path} is {got}, expected a {what} ('{kind}')", hint)
+    if meta.get("weit_format") != FORMAT_VERSION:
+        raise InputError(
+            f"{path} has weit_format {meta.get('weit_format')!r}; this weit reads format {FORMAT_VERSION}",
+            "re-create the file with this version of weit",
+        )
+    if meta.get("kron_order", KRON_ORDER) != KRON_ORDER:
+        raise InputError(f"{path} uses kron_order {meta['kron_order']!r}", f"this weit supports '{KRON_ORDER}' only")
+    tensors, meta = load_safetensors(path)
+    for k, v in tensors.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise InputError(f"{path} holds non-finite values (NaN or Inf) in '{k}'", "the file is corrupt or training diverged")
+    return tensors, meta
+
+
+def base_metadata(kind: str, **fields: Any) -> dict[str, str]:
+    meta = {"weit_format": FORMAT_VERSION, "kind": kind, "weit_version": __version__, "kron_order": KRON_ORDER}
+    for k, v in fields.items():
+        meta[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+    return meta
+
+
+def load_dense(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A dense checkpoint: timm local-dir folder, bare safetensors, or a torch file (weights only).
+
+    Returns the state dict and hints about the architecture (model_args from config.json or metadata).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist", "check the path")
+    hints: dict[str, Any] = {}
+    if path.is_dir():
+        cfg = path / "config.json"
+        if cfg.is_file():
+            try:
+                conf = json.loads(cfg.read_text())
+                hints.update(conf.get("model_args") or {})
+            except (ValueError, AttributeError):
+                raise InputError(f"{cfg} is not valid JSON", "fix or remove it") from None
+        for name in ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise InputError(f"{path} holds no model.safetensors or pytorch_model.bin", "point to a timm model folder or file")
+    if path.suffix == ".safetensors":
+        meta = read_header(path).get("__metadata__") or {}
+        if meta.get("kind") in (KIND_TEMPLATES, KIND_SCALERS):
+            raise InputError(f"{path} is a {meta['kind']} file, not a dense checkpoint", "pass a timm model file or folder")
+        if "model_args" in meta:
+            try:
+                hints = {**json.loads(meta["model_args"]), **hints}
+            except ValueError:
+                pass
+        state, _ = load_safetensors(path)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for bad files; all mean the same to a user
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise InputError(f"{path} could not be loaded as weights: {msg[:200]}", "pass a safetensors or weights-only torch file") from None
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+            raise InputError(f"{path} does not hold a state dict of tensors", "pass a model state dict")
+        state = {k.removeprefix("module."): v for k, v in obj.items()}
+    if not state:
+        raise InputError(f"{path} holds no tensors", "pass a model checkpoint")
+    return state, hints

@@ -1,0 +1,89 @@
+"""Composition math: W = Σ_t S[t] ⊗ T[t] ("scaler_outer"), its rearrangement, and shared SVD extraction.
+
+Shapes: templates T (N, p, q, *k), scalers S (N, a, b); the composed weight is (a·p, b·q, *k), an
+a×b grid of p×q blocks (times any trailing kernel dims k, for convolutions).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def compose(scalers: Tensor, templates: Tensor) -> Tensor:
+    """W[i·p+k, j·q+l, ...] = Σ_t S[t,i,j] · T[t,k,l,...]; one matmul, then a block permute."""
+    n, a, b = scalers.shape
+    nt, p, q, *kernel = templates.shape
+    if n != nt:
+        raise ValueError(f"{n} scaler sets for {nt} templates")
+    blocks = scalers.reshape(n, a * b).transpose(0, 1) @ templates.reshape(n, -1)  # (a·b, p·q·k)
+    w = blocks.reshape(a, b, p, q, *kernel).transpose(1, 2)  # (a, p, b, q, *k)
+    return w.reshape(a * p, b * q, *kernel)
+
+
+def rearrange(weight: Tensor, p: int, q: int) -> Tensor:
+    """Van Loan–Pitsianis R(W): one row per p×q block, so R(Σ S⊗T) = Σ vec(S) vec(T)ᵀ."""
+    rows, cols, *kernel = weight.shape
+    if rows % p or cols % q:
+        raise ValueError(f"weight {tuple(weight.shape)} is not a grid of {p}×{q} blocks")
+    a, b = rows // p, cols // q
+    w = weight.reshape(a, p, b, q, *kernel).transpose(1, 2)
+    return w.reshape(a * b, -1)
+
+
+def extract_shared(weights: list[Tensor], p: int, q: int, num_templates: int) -> tuple[Tensor, list[Tensor]]:
+    """Least-squares best templates shared by `weights` (one per layer) and each layer's scalers.
+
+    Stacks R(W_l) over layers and takes a rank-N truncated SVD, splitting √σ between both sides.
+    With N = p·q·k the factorisation is exact. Directions beyond the matrix rank get zero scalers and
+    unit-scale templates from the orthogonal complement, so they stay trainable rather than dead.
+    """
+    kernel = tuple(weights[0].shape[2:])
+    dim = p * q * _prod(kernel)
+    if not 1 <= num_templates <= dim:
+        raise ValueError(f"num_templates must be in 1..{dim} for {p}×{q} templates")
+    mats = [rearrange(w.detach().to(torch.float64), p, q) for w in weights]
+    stacked = torch.cat(mats, 0)
+    # The complement is only needed when more templates are asked for than the stack has rows.
+    u, s, vh = torch.linalg.svd(stacked, full_matrices=num_templates > min(stacked.shape))
+    rank = min(stacked.shape[0], num_templates, s.numel())
+    root = s[:rank].sqrt()
+    t = torch.zeros(num_templates, dim, dtype=torch.float64)
+    t[:rank] = root[:, None] * vh[:rank]
+    left = torch.zeros(stacked.shape[0], num_templates, dtype=torch.float64)
+    left[:, :rank] = u[:, :rank] * root[None, :]
+    if num_templates > rank:  # padding directions: orthonormal complement, typical scale
+        scale = root.mean() if rank else torch.tensor(1.0, dtype=torch.float64)
+        t[rank:] = vh[rank:num_templates] * scale
+    # Fix the SVD's sign ambiguity so extraction is reproducible: largest |entry| of each template > 0.
+    idx = t.abs().argmax(1)
+    sign = torch.sign(t.gather(1, idx[:, None]).squeeze(1))
+    sign[sign == 0] = 1
+    t = t * sign[:, None]
+    left = left * sign[None, :]
+    dtype = weights[0].dtype if weights[0].is_floating_point() else torch.float32
+    templates = t.reshape(num_templates, p, q, *kernel).to(dtype)
+    scalers, start = [], 0
+    for w, m in zip(weights, mats):
+        a, b = w.shape[0] // p, w.shape[1] // q
+        chunk = left[start : start + m.shape[0]]
+        start += m.shape[0]
+        scalers.append(chunk.transpose(0, 1).reshape(num_templates, a, b).to(dtype))
+    return templates, scalers
+
+
+def relative_error(weights: list[Tensor], scalers: list[Tensor], templates: Tensor) -> float:
+    """‖W − Σ S⊗T‖_F / ‖W‖_F over all layers of one type."""
+    num = den = 0.0
+    for w, s in zip(weights, scalers):
+        w64 = w.to(torch.float64)
+        num += (w64 - compose(s.to(torch.float64), templates.to(torch.float64))).pow(2).sum().item()
+        den += w64.pow(2).sum().item()
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+def _prod(xs: tuple[int, ...]) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
