@@ -308,4 +308,7 @@ def load_dense(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         state = {k.removeprefix("module."): v for k, v in obj.items()}
     if not state:
         raise InputError(f"{path} holds no tensors", "pass a model checkpoint")
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise InputError(f"{path} holds non-finite values (NaN or Inf) in '{k}'", "the checkpoint is corrupt or diverged")
     return state, hints
