@@ -46,7 +46,11 @@ def extract_shared(weights: list[Tensor], p: int, q: int, num_templates: int) ->
     stacked = torch.cat(mats, 0)
     # The complement is only needed when more templates are asked for than the stack has rows.
     u, s, vh = torch.linalg.svd(stacked, full_matrices=num_templates > min(stacked.shape))
-    rank = min(stacked.shape[0], num_templates, s.numel())
+    # Numerical rank, not the row count: zero singular directions (duplicated or zeroed layers, e.g.
+    # a checkpoint that was itself grown by tiling) would otherwise give zero templates with zero
+    # scalers, a saddle point that gradient descent can never leave.
+    tol = s.max() * max(stacked.shape) * torch.finfo(torch.float64).eps if s.numel() else 0.0
+    rank = min(num_templates, int((s > tol).sum()))
     root = s[:rank].sqrt()
     t = torch.zeros(num_templates, dim, dtype=torch.float64)
     t[:rank] = root[:, None] * vh[:rank]

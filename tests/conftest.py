@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny timm ViTs on CPU, offline, one thread.
+
+Sections are independent; add new fixtures in their own section with a one-line docstring.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+# ---------------------------------------------------------------------------------------------- tiny ViTs
+TIMM_VIT = "vit_base_patch16_224"  # any timm ViT name: the model_args below override every size
+TINY_VIT_ARGS = dict(img_size=16, patch_size=8, in_chans=3, num_classes=5, embed_dim=32, depth=2, num_heads=4)
+TINY_HEAD_DIM = 8  # = default template size p; full rank is p·p = 64 templates
+
+
+def make_tiny_vit(seed: int = 0, **overrides):
+    """A tiny timm ViT (eval mode) with *every* parameter random.
+
+    timm starts biases at zero and LayerNorms at one, which would hide resizing bugs in exactly the
+    tensors a width or depth rule must treat correctly, so everything is redrawn from `seed`."""
+    import timm
+
+    args = {**TINY_VIT_ARGS, **overrides}
+    model = timm.create_model(TIMM_VIT, pretrained=False, **args)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def save_timm_dir(model, folder: Path, model_args: dict) -> Path:
+    """Save the way timm itself does (config.json + model.safetensors, loadable via local-dir:)."""
+    from timm.models._hub import save_for_hf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_for_hf(model, str(folder), model_args=model_args, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture
+def tiny_vit_factory():
+    """`make(seed=0, **timm_model_args)` → a tiny random timm ViT; defaults in TINY_VIT_ARGS."""
+    return make_tiny_vit
+
+
+@pytest.fixture
+def tiny_vit():
+    """The model saved in `tiny_vit_dir` (seed 0, TINY_VIT_ARGS), fresh per test."""
+    return make_tiny_vit(0)
+
+
+@pytest.fixture
+def vit_input():
+    """A fixed batch of two images for TINY_VIT_ARGS."""
+    g = torch.Generator().manual_seed(1234)
+    return torch.randn(2, TINY_VIT_ARGS["in_chans"], TINY_VIT_ARGS["img_size"], TINY_VIT_ARGS["img_size"], generator=g)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory) -> Path:
+    """A timm checkpoint folder (config.json + model.safetensors) of `tiny_vit`. Do not modify."""
+    return save_timm_dir(make_tiny_vit(0), tmp_path_factory.mktemp("dense") / "tiny_vit", TINY_VIT_ARGS)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_file(tmp_path_factory) -> Path:
+    """`tiny_vit` as a bare safetensors state dict without metadata (needs --num-heads 4). Do not modify."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("dense_file") / "tiny_vit.safetensors"
+    save_file(make_tiny_vit(0).state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_vit_dir, tmp_path_factory) -> Path:
+    """A full-rank (exact) template bundle extracted from `tiny_vit_dir`. Do not modify."""
+    from weit_cli.api import extract_templates
+
+    path = tmp_path_factory.mktemp("bundle") / "tiny.safetensors"
+    extract_templates(tiny_vit_dir, path, num_templates=TINY_HEAD_DIM**2)
+    return path
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
