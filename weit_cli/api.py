@@ -13,6 +13,7 @@ from . import __version__
 from .arch import detect_family, get_adapter
 from .bundle import Bundle, from_dense, load_bundle, resize
 from .errors import InputError, WeitError
+from .resize import DEPTH_RULES, WIDTH_RULES
 from .files import (
     KIND_SCALERS,
     KIND_TEMPLATES,
@@ -97,6 +98,11 @@ def load_scalers(path: Path, bundle: Bundle, bundle_sha: str, target: Any) -> Bu
 
 
 def plan_target(bundle: Bundle, **sizes: Any) -> Any:
+    # Widths must be whole scaler blocks: validate against the bundle's own template size, which
+    # may differ from head_dim (extract-templates --template-size).
+    blocks = {int(d) for t in bundle.templates.values() for d in t.shape[1:3]}
+    if len(blocks) == 1 and "template_size" not in sizes:
+        sizes["template_size"] = blocks.pop()
     return bundle.adapter.target_arch(bundle.arch, **{k: v for k, v in sizes.items() if v is not None})
 
 
@@ -119,6 +125,10 @@ def materialize(
     check_output(out, force)
     if dtype not in DTYPES:
         raise WeitError(f"unknown dtype '{dtype}'", f"choose one of: {', '.join(DTYPES)}")
+    if depth_rule not in DEPTH_RULES:
+        raise WeitError(f"unknown depth rule '{depth_rule}'", f"choose one of: {', '.join(DEPTH_RULES)}")
+    if width_rule not in WIDTH_RULES:
+        raise WeitError(f"unknown width rule '{width_rule}'", f"choose one of: {', '.join(WIDTH_RULES)}")
     bundle, bsha = load_bundle(bundle_path)
     target = plan_target(bundle, depth=depth, width=width, mlp_ratio=mlp_ratio, num_heads=num_heads, num_classes=num_classes)
     if scalers is not None:

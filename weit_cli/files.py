@@ -13,6 +13,7 @@ import os
 import shutil
 import struct
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -295,10 +296,15 @@ def load_dense(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         state, _ = load_safetensors(path)
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for bad files; all mean the same to a user
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise InputError(f"{path} could not be loaded as weights: {msg[:200]}", "pass a safetensors or weights-only torch file") from None
+            if "weights_only" in str(e) or "Unpickler" in str(e):
+                why = "it holds pickled Python objects, which weit never unpickles"
+            else:
+                why = (str(e).splitlines()[0] if str(e) else type(e).__name__)[:160]
+            raise InputError(f"{path} could not be loaded as weights: {why}", "pass a safetensors file or a plain tensor state dict") from None
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
                 obj = obj[key]
