@@ -107,7 +107,7 @@ class ViTAdapter(Adapter):
         depth = len([k for k in state if re.fullmatch(TEMPLATED["qkv"], k)])
         class_token = "cls_token" in state
         tokens = state["pos_embed"].shape[1] - (1 if class_token else 0) if "pos_embed" in state else None
-        img_size = hints.get("img_size")
+        img_size = _square(hints.get("img_size"), "img_size")
         if img_size is None:
             grid = math.isqrt(tokens) if tokens else 0
             if not tokens or grid * grid != tokens:
@@ -163,7 +163,7 @@ class ViTAdapter(Adapter):
         step = math.lcm(hd, p)
         if width < 1 or width % step:
             lo = max(step, width // step * step)
-            hi = lo + step if lo >= width else lo
+            hi = lo + step if lo < width else lo
             near = sorted({lo, hi})
             raise WeitError(
                 f"width {width} is not a multiple of {step} (head_dim {hd}, template size {p})",
@@ -249,6 +249,17 @@ class ViTAdapter(Adapter):
         if axes is None:
             raise InputError(f"unsupported ViT parameter '{key}'", "weit supports timm's plain VisionTransformer blocks")
         return axes
+
+
+def _square(v: Any, name: str) -> int | None:
+    """timm's own configs write sizes as [h, w] (save_for_hf); weit's ViTs are square."""
+    if isinstance(v, (list, tuple)):
+        if len(v) != 2 or v[0] != v[1]:
+            raise InputError(f"{name} {list(v)} is not square", "weit supports square ViT inputs only")
+        v = v[0]
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        raise InputError(f"{name} {v!r} in the model's config is not a positive integer", f"pass --{name.replace('_', '-')}")
+    return v
 
 
 register(ViTAdapter())
