@@ -120,8 +120,8 @@ def extract_templates_cmd(
 def materialize(
     bundle: Annotated[Path, typer.Argument(help="Template bundle (.safetensors).")],
     output: OutOpt,
-    depth: Annotated[Optional[int], typer.Option(help="Number of blocks (default: the bundle's).")] = None,
-    width: Annotated[Optional[int], typer.Option(help="Embedding width (default: the bundle's).")] = None,
+    depth: Annotated[Optional[str], typer.Option(help="Blocks (default: the bundle's). ResNet: per stage, e.g. 2,2,2,2; one number sets every stage.")] = None,
+    width: Annotated[Optional[str], typer.Option(help="ViT: embedding width. ResNet: channels per stage, e.g. 64,128,256,512; one number sets stage 1 and keeps the bundle's stage ratios (default: the bundle's).")] = None,
     mlp_ratio: Annotated[Optional[float], typer.Option(help="MLP hidden width / width.")] = None,
     num_heads: Annotated[Optional[int], typer.Option(help="Heads (must equal width / head_dim).")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Classifier outputs; a new head starts at zero.")] = None,
@@ -129,6 +129,10 @@ def materialize(
     width_rule: Annotated[str, typer.Option(help="tile (Net2Net, lossless for integer ratios) | tile-nodiv.")] = "tile",
     scalers: Annotated[Optional[Path], typer.Option(help="Scalers fitted by 'weit fit-scalers'.")] = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
+    calibrate: Annotated[Optional[str], typer.Option(help="BatchNorm models: re-estimate the running statistics on this data (fashion-mnist, mnist5k, digits or an image folder).")] = None,
+    calibrate_batches: Annotated[int, typer.Option(help="Batches for --calibrate.")] = 20,
+    calibrate_batch_size: Annotated[int, typer.Option(help="Images per --calibrate batch.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration batches and data split.")] = 0,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -138,29 +142,126 @@ def materialize(
         from .api import materialize as mat
 
         return mat(
-            bundle, output, depth=depth, width=width, mlp_ratio=mlp_ratio, num_heads=num_heads,
-            num_classes=num_classes, depth_rule=depth_rule, width_rule=width_rule, scalers=scalers,
-            dtype=dtype, force=force,
+            bundle, output, depth=_sizes(depth, "depth"), width=_sizes(width, "width"), mlp_ratio=mlp_ratio,
+            num_heads=num_heads, num_classes=num_classes, depth_rule=depth_rule, width_rule=width_rule,
+            scalers=scalers, dtype=dtype, calibrate=calibrate, calibrate_batches=calibrate_batches,
+            calibrate_batch_size=calibrate_batch_size, seed=seed, force=force,
         )
 
     def render(r):
-        a = r["architecture"]
-        _table("materialize", [
+        rows = [
             ("wrote", ", ".join(r["files"])),
-            ("model", f"depth {a['depth']}, width {a['width']}, {a['num_heads']} heads"),
+            ("model", r.get("description", "")),
             ("params", _human(r["params"])),
             ("load with", _load_hint(r)),
-        ])
+        ]
+        if r.get("bn_statistics"):
+            rows.append(("BN statistics", r["bn_statistics"]))
+        _table("materialize", rows)
 
     run(go, as_json, render)
+
+
+def _sizes(text: str | None, name: str) -> int | list[int] | None:
+    """'64' → 64; '64,128,256,512' → a per-stage list."""
+    from .errors import WeitError
+
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise WeitError(f"--{name} '{text}' is not a number or a comma list of numbers", f"e.g. --{name} 2 or --{name} 2,2,2,2") from None
+    return values[0] if len(values) == 1 else values
 
 
 def _load_hint(r: dict[str, Any]) -> str:
     out = r["output"]
     if out.endswith(".safetensors"):
         args = ", ".join(f"{k}={v!r}" for k, v in r["timm"].items())
-        return f"timm.create_model('vit_base_patch16_224', checkpoint_path='{out}', {args})"
+        return f"timm.create_model('{r.get('timm_architecture', 'vit_base_patch16_224')}', checkpoint_path='{out}', {args})"
     return f"timm.create_model('local-dir:{out}', pretrained=True)"
+
+
+@app.command()
+def pretrain(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).")],
+    output: OutOpt,
+    data: Annotated[Optional[str], typer.Option("--data", help="fashion-mnist[:folder], mnist5k, digits, or an image-folder path (overrides data.source).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value, e.g. --set train.lr=1e-3 (repeatable).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint (OUTPUT stem + .ckpt.safetensors).")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda[:N] (default: a GPU when present).")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pretrain a template bundle under the Kronecker constraint, nested sizes trained together (torchrun-ready)."""
+    import shlex
+
+    rank = int(os.environ.get("RANK", "0"))
+    argv = [a for a in sys.argv[1:] if a not in ("--resume", "--json")]
+    command = "weit " + shlex.join(argv)
+
+    def go():
+        from .pretrain import pretrain as pt
+
+        if as_json or rank != 0:
+            return pt(recipe, output, data=data, overrides=overrides, resume=resume, force=force, device=device, command=command)
+        with _TrainProgress("pretrain") as bar:
+            return pt(recipe, output, data=data, overrides=overrides, resume=resume, force=force, device=device,
+                      command=command, callback=bar.update)
+
+    def render(r):
+        v = r.get("val") or {}
+        rows = [("wrote", f"{r['output']}, {r['recipe']}"), ("steps", str(r["steps"]))]
+        if r.get("resumed_from"):
+            rows.append(("resumed from step", str(r["resumed_from"])))
+        rows.append(("nested sizes", f"depths {r['nested']['depths']}, widths {r['nested']['widths']}"))
+        for name in ("largest", "smallest"):
+            if f"val_acc_{name}" in v:
+                rows.append((f"val acc {name}", f"{100 * v[f'val_acc_{name}']:.2f}%"))
+        rows += [(f"params {k}", _human(n)) for k, n in r["params"].items()]
+        rows += [("device", f"{r['device']} × {r['world_size']}"), ("wall", f"{r['wall_s']:.1f}s")]
+        _table("pretrain", rows)
+
+    if rank != 0:
+        run(go, False, lambda r: None)
+    else:
+        run(go, as_json, render)
+
+
+class _TrainProgress:
+    """A rich progress bar fed by a training loop's StepInfo callback (stderr, so --json stays clean)."""
+
+    def __init__(self, title: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.progress = Progress(
+            TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} steps/s"),
+            TextColumn("ETA {task.fields[eta]}"), TextColumn("{task.fields[val]}"),
+            console=_err_console(), transient=False,
+        )
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def update(self, info) -> None:
+        eta = "?" if info.eta_s == float("inf") else f"{int(info.eta_s) // 60}:{int(info.eta_s) % 60:02d}"
+        fields = {"loss": f"{info.loss:.4f}", "speed": f"{info.steps_per_sec:.2f}", "eta": eta}
+        if info.metrics:
+            fields["val"] = "val " + " ".join(
+                f"{k.removeprefix('val_acc_')} {100 * v:.1f}%" for k, v in info.metrics.items() if k.startswith("val_acc_")
+            )
+        if self.task is None:
+            self.task = self.progress.add_task("", total=info.total_steps, completed=info.step, val="", **fields)
+        else:
+            self.progress.update(self.task, completed=info.step, **fields)
 
 
 @app.command()
@@ -190,6 +291,98 @@ def inspect(
         _table(r["path"], rows)
 
     run(go, as_json, render)
+
+
+class _StepProgress:
+    """A rich progress bar on stderr fed by a library's StepInfo callback (off for --json / no tty)."""
+
+    def __init__(self, label: str, enabled: bool):
+        self.label, self.enabled, self.bar, self.task = label, enabled and sys.stderr.isatty(), None, None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=_err_console(), transient=True,
+            )
+            self.bar.__enter__()
+        return self
+
+    def __call__(self, info) -> None:
+        if self.bar is None:
+            return
+        if self.task is None:
+            self.task = self.bar.add_task(self.label, total=info.total_steps, info="")
+        extra = " ".join(f"{k} {v:.3f}" for k, v in info.metrics.items())
+        text = f"loss {info.loss:.3f} lr {info.lr:.1e} {info.steps_per_sec:.1f} it/s {extra}".rstrip()
+        self.bar.update(self.task, completed=info.step, info=text)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
+
+
+@app.command("fit-scalers")
+def fit_scalers_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Template bundle (.safetensors).")],
+    output: OutOpt,
+    data: Annotated[str, typer.Option(help="fashion-mnist, fashion-mnist:/folder, mnist5k, digits, or an image folder.")],
+    depth: Annotated[Optional[int], typer.Option(help="Target number of blocks (default: the bundle's).")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Target embedding width (default: the bundle's).")] = None,
+    mlp_ratio: Annotated[Optional[float], typer.Option(help="Target MLP hidden width / width.")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Classifier outputs (default: the data's class count).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 200,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).")] = 1e-3,
+    warmup: Annotated[Optional[int], typer.Option(help="Warmup steps (default: 10% of --steps).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    train_subset: Annotated[Optional[float], typer.Option(help="Fit on part of the training split: fraction ≤ 1 or image count.")] = None,
+    no_small: Annotated[bool, typer.Option("--no-small", help="Train the scalers only; keep norms, biases and embeddings as resized.")] = False,
+    distill: Annotated[float, typer.Option(help="Weight of KL(bundle's largest model ‖ target) in the loss, 0–1 (0: off).")] = 0.0,
+    temperature: Annotated[float, typer.Option(help="Distillation softmax temperature.")] = 1.0,
+    depth_rule: Annotated[str, typer.Option(help="Initial depth rule: auto | prefix | interp | stack | interleave | identity.")] = "auto",
+    width_rule: Annotated[str, typer.Option(help="Initial width rule: tile | tile-nodiv.")] = "tile",
+    seed: Annotated[int, typer.Option(help="Seed of the data split and order.")] = 0,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if present).")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fit scalers for one target size with the templates frozen (for 'materialize --scalers')."""
+
+    def go():
+        from .fit import fit_scalers
+
+        subset = int(train_subset) if train_subset is not None and train_subset > 1 else train_subset
+        with _StepProgress("fit-scalers", not as_json) as progress:
+            return fit_scalers(
+                bundle, output, data=data, depth=depth, width=width, mlp_ratio=mlp_ratio, num_classes=num_classes,
+                steps=steps, lr=lr, warmup=warmup, batch_size=batch_size, train_subset=subset, train_small=not no_small,
+                distill=distill, temperature=temperature, depth_rule=depth_rule, width_rule=width_rule, seed=seed,
+                device=device, force=force, on_step=progress,
+            )
+
+    def render(r):
+        _table("fit-scalers", [
+            ("wrote", r["output"]),
+            ("model", r["description"]),
+            ("trained", f"{', '.join(r['trained'])} ({_human(r['params'])} values), {r['steps']} steps in {r['fit_seconds']:.1f}s"),
+            ("loss", f"{r['loss_first']:.4f} → {r['loss_last']:.4f}"),
+            ("val accuracy", f"{r['val_acc_before']:.4f} → {r['val_acc_after']:.4f} ({r['val_count']} images)"),
+            ("bundle sha256", r["bundle_sha256"]),
+            ("next", _materialize_hint(r)),
+        ])
+
+    run(go, as_json, render)
+
+
+def _materialize_hint(r: dict[str, Any]) -> str:
+    a = r["architecture"]
+    return (
+        f"weit materialize BUNDLE --scalers {r['output']} --depth {a['depth']} --width {a['width']} "
+        f"--mlp-ratio {a['mlp_ratio']:g} --num-classes {a['num_classes']} -o MODEL"
+    )
 
 
 @app.command("list-archs")
