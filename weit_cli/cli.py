@@ -385,6 +385,65 @@ def _materialize_hint(r: dict[str, Any]) -> str:
     )
 
 
+@app.command()
+def finetune(
+    model: Annotated[Path, typer.Argument(help="Materialized model: timm folder (config.json + weights) or .safetensors.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Run folder (metrics.json, best/, last/).")],
+    data: Annotated[str, typer.Option(help="fashion-mnist, fashion-mnist:/folder, mnist5k, digits, or an image folder.")],
+    epochs: Annotated[int, typer.Option(help="Epochs over the training split.")],
+    init: Annotated[str, typer.Option(help="weit (MODEL's weights) | random (timm's init) | weight-selection (needs --from).")] = "weit",
+    source: Annotated[Optional[Path], typer.Option("--from", help="Larger dense checkpoint for --init weight-selection.")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 5e-4,
+    warmup: Annotated[float, typer.Option(help="Linear warmup, in epochs (may be fractional).")] = 0.0,
+    schedule: Annotated[str, typer.Option(help="cosine (to --min-lr-ratio) | constant, after warmup.")] = "cosine",
+    min_lr_ratio: Annotated[float, typer.Option(help="Final learning rate as a fraction of --lr (cosine).")] = 0.0,
+    batch_size: Annotated[int, typer.Option(help="Images per step over all processes.")] = 64,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on norms, biases, embeddings).")] = 0.05,
+    grad_clip: Annotated[float, typer.Option(help="Clip the global gradient norm (0: off).")] = 1.0,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the loss.")] = 0.0,
+    train_subset: Annotated[Optional[float], typer.Option(help="Train on part of the training split: fraction ≤ 1 or image count.")] = None,
+    data_seed: Annotated[int, typer.Option(help="Seed of the validation split and the training subset.")] = 0,
+    reset_head: Annotated[bool, typer.Option("--reset-head", help="Start a fresh classifier (automatic when the class count differs).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the initialisation and the data order.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in the output folder.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if present).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a timm model (no constraint) from weit's weights or a baseline initialisation; DDP under torchrun."""
+
+    def go():
+        from .finetune import finetune as ft
+
+        subset = int(train_subset) if train_subset is not None and train_subset > 1 else train_subset
+        quiet = as_json or int(os.environ.get("RANK", "0")) != 0
+        with _StepProgress("finetune", not quiet) as progress:
+            return ft(
+                model, output, data=data, epochs=epochs, init=init, source=source, lr=lr, warmup=warmup,
+                schedule=schedule, min_lr_ratio=min_lr_ratio, batch_size=batch_size, weight_decay=weight_decay,
+                grad_clip=grad_clip, label_smoothing=label_smoothing, train_subset=subset, data_seed=data_seed,
+                reset_head=reset_head, seed=seed, resume=resume, force=force, device=device, on_step=progress,
+            )
+
+    def render(r):
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        f, b = r["final"], r["best"] or {}
+        pct = lambda v: "–" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+        _table("finetune", [
+            ("run", r["output"]),
+            ("model", f"{r['description']} ({r['init']['init']} init{', new head' if r['new_head'] else ''})"),
+            ("trained", f"{r['epochs']} epochs, {r['steps']} steps, {r['world_size']} process(es) on {r['device']}"),
+            ("test acc by epoch", " ".join(pct(a) for a in r["test_acc_by_epoch"])),
+            ("last", f"val {pct(f.get('val_acc'))}, test {pct(f.get('test_acc'))}"),
+            ("best", f"epoch {b.get('epoch', '–')}: val {pct(b.get('val_acc'))}, test {pct(b.get('test_acc'))}"),
+            ("wrote", ", ".join(r["files"])),
+        ])
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints the summary
+    run(go, as_json and main_rank, render)
+
+
 @app.command("list-archs")
 def list_archs(as_json: JsonOpt = False) -> None:
     """List the architecture families weit can template."""

@@ -1,0 +1,429 @@
+"""`finetune`: ordinary training of a timm model — no constraint — with a choice of initialisation.
+
+MODEL is a materialized model (a timm local-dir folder, or a bare .safetensors whose metadata holds
+`model_args`) or any timm checkpoint weit can read. It fixes the architecture and, with `--init weit`
+(the default), the starting weights. The baselines start the same architecture elsewhere:
+`--init random` (timm's own initialisation) and `--init weight-selection --from DENSE` (a subset of a
+larger dense checkpoint, see baselines.py). All three then run through this same loop.
+
+A run folder holds:
+    args.json           the resolved options (a resumed run must match them)
+    metrics.json        one record per epoch (0 = before training): train loss, val/test accuracy, time
+    last/, best/        timm local-dir folders (config.json + model.safetensors), written atomically
+    state.safetensors   (+ .json) weights, optimizer and RNG states after the last finished epoch
+Under torchrun every rank trains on its shard of each batch (DDP); rank 0 evaluates and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import EXIT_INTERRUPTED, InputError, OutputError, WeitError
+
+INITS = ("weit", "random", "weight-selection")
+SCHEDULES = ("cosine", "constant")
+STATE = "state.safetensors"
+#: Options that define a run; `--resume` refuses to continue a run made with other values.
+RUN_KEYS = (
+    "model_sha256", "init", "source_sha256", "data", "epochs", "lr", "warmup", "schedule", "min_lr_ratio",
+    "batch_size", "weight_decay", "grad_clip", "label_smoothing", "train_subset", "data_seed", "val_fraction",
+    "reset_head", "seed", "world_size",
+)
+
+
+def finetune(
+    model: Path,
+    out_dir: Path,
+    *,
+    data: str,
+    epochs: int,
+    init: str = "weit",
+    source: Path | None = None,
+    lr: float = 5e-4,
+    warmup: float = 0.0,
+    schedule: str = "cosine",
+    min_lr_ratio: float = 0.0,
+    batch_size: int = 64,
+    weight_decay: float = 0.05,
+    grad_clip: float = 1.0,
+    label_smoothing: float = 0.0,
+    train_subset: float | int | None = None,
+    data_seed: int = 0,
+    val_fraction: float = 0.1,
+    reset_head: bool = False,
+    seed: int = 0,
+    resume: bool = False,
+    force: bool = False,
+    device: str | None = None,
+    eval_batch_size: int = 256,
+    on_step: Callable[[Any], None] | None = None,
+) -> dict[str, Any]:
+    """Train MODEL's architecture on `data` for `epochs`; returns a summary. Every rank calls this."""
+    from .train import cleanup_distributed, setup_distributed
+
+    model, out_dir = Path(model), Path(out_dir)
+    _check_options(epochs, init, source, lr, warmup, schedule, min_lr_ratio, batch_size, weight_decay, grad_clip, label_smoothing)
+    _check_run_dir(out_dir, resume, force)
+    options = dict(
+        model=model, out_dir=out_dir, data=data, epochs=epochs, init=init, source=source, lr=lr, warmup=warmup,
+        schedule=schedule, min_lr_ratio=min_lr_ratio, batch_size=batch_size, weight_decay=weight_decay,
+        grad_clip=grad_clip, label_smoothing=label_smoothing, train_subset=train_subset, data_seed=data_seed,
+        val_fraction=val_fraction, reset_head=reset_head, seed=seed, resume=resume, eval_batch_size=eval_batch_size,
+        on_step=on_step,
+    )
+    dist = setup_distributed(device)
+    try:
+        return _run(dist=dist, **options)
+    finally:
+        cleanup_distributed()
+
+
+def _check_options(epochs, init, source, lr, warmup, schedule, min_lr_ratio, batch_size, weight_decay, grad_clip, label_smoothing):
+    if init not in INITS:
+        raise WeitError(f"unknown --init '{init}'", f"choose one of: {', '.join(INITS)}")
+    if init == "weight-selection" and source is None:
+        raise WeitError("--init weight-selection needs --from DENSE_CHECKPOINT", "pass the larger dense model to select from")
+    if init != "weight-selection" and source is not None:
+        raise WeitError(f"--from is only used by --init weight-selection (got --init {init})", "drop --from or change --init")
+    if schedule not in SCHEDULES:
+        raise WeitError(f"unknown --schedule '{schedule}'", f"choose one of: {', '.join(SCHEDULES)}")
+    checks = [
+        (epochs >= 1, f"--epochs must be at least 1, got {epochs}"),
+        (lr > 0 and math.isfinite(lr), f"--lr must be positive, got {lr}"),
+        (warmup >= 0, f"--warmup must be 0 or more epochs, got {warmup}"),
+        (0 <= min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {min_lr_ratio}"),
+        (batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}"),
+        (weight_decay >= 0, f"--weight-decay must be 0 or more, got {weight_decay}"),
+        (grad_clip >= 0, f"--grad-clip must be 0 (off) or more, got {grad_clip}"),
+        (0 <= label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {label_smoothing}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise WeitError(msg, "see 'weit finetune --help'")
+
+
+def _check_run_dir(out_dir: Path, resume: bool, force: bool) -> None:
+    if resume:
+        if not (out_dir / "args.json").is_file() or not (out_dir / (STATE + ".json")).is_file():
+            raise InputError(
+                f"--resume: {out_dir} holds no resumable finetune run (none started, already finished, or stopped before its first epoch ended)",
+                "start it (again) without --resume, with --force if the folder exists",
+            )
+        return
+    parent = out_dir.parent if str(out_dir.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output folder {parent} does not exist", f"create it first: mkdir -p {parent}")
+    if out_dir.exists():
+        if not force:
+            raise OutputError(f"{out_dir} already exists", "pass --resume to continue it, --force to start over, or choose another -o")
+        if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "args.json").is_file()):
+            raise OutputError(f"{out_dir} is not a finetune run folder; --force will not delete it", "choose another -o")
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def read_model(path: Path, need_weights: bool) -> tuple[Any, Any, dict[str, Tensor] | None]:
+    """(adapter, architecture, weights) of MODEL. A folder with only config.json (timm's `model_args`)
+    is enough when the weights are not used (`--init random` / `weight-selection`)."""
+    from .arch import detect_family
+    from .files import load_dense
+
+    path = Path(path)
+    cfg = path / "config.json"
+    weightless = path.is_dir() and cfg.is_file() and not any((path / n).is_file() for n in ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt"))
+    if weightless:
+        if need_weights:
+            raise InputError(f"{path} holds a config.json but no weights", "--init weit needs a materialized model; or use --init random")
+        import timm
+
+        try:
+            conf = json.loads(cfg.read_text())
+            model_args = dict(conf["model_args"])
+            name = conf["architecture"]
+        except (ValueError, KeyError, TypeError):
+            raise InputError(f"{cfg} has no usable 'architecture' and 'model_args'", "write it with 'weit materialize'") from None
+        try:
+            shell = timm.create_model(name, pretrained=False, **model_args)
+        except Exception as e:  # timm raises many types for bad arguments
+            raise InputError(f"{cfg} does not describe a timm model: {str(e).splitlines()[0][:200]}", "check model_args") from None
+        state, hints, weights = shell.state_dict(), model_args, None
+    else:
+        state, hints = load_dense(path)
+        weights = state
+    adapter = detect_family(state.keys())
+    arch = adapter.infer_arch(state, hints)
+    if weights is not None:
+        from .bundle import check_state
+
+        check_state(adapter, arch, weights)
+        weights = {k: (v.float() if v.is_floating_point() else v) for k, v in weights.items()}
+    return adapter, arch, weights
+
+
+def initial_state(adapter, arch, init: str, weights, source: Path | None, seed: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The starting weights for `init` and a record of where they came from."""
+    from .baselines import random_init, weight_selection
+    from .files import sha256
+
+    if init == "weit":
+        return {k: v.clone() for k, v in weights.items()}, {"init": "weit"}
+    fresh = random_init(adapter, arch, seed)
+    if init == "random":
+        return fresh, {"init": "random", "seed": seed}
+    src_adapter, src_arch, src_state = read_model(source, need_weights=True)
+    if src_adapter.family != adapter.family:
+        raise InputError(f"--from {source} is a {src_adapter.family}, MODEL is a {adapter.family}", "select from a model of the same family")
+    state = weight_selection(src_state, src_arch, arch, fresh)
+    return state, {"init": "weight-selection", "source": src_adapter.describe(src_arch), "source_sha256": _sha(source)}
+
+
+def _sha(path: Path) -> str:
+    from .files import sha256
+
+    path = Path(path)
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt"):
+            if (path / name).is_file():
+                return sha256(path / name)
+        return sha256(path / "config.json") if (path / "config.json").is_file() else ""
+    return sha256(path)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, min_lr_ratio, batch_size, weight_decay,
+         grad_clip, label_smoothing, train_subset, data_seed, val_fraction, reset_head, seed, resume, eval_batch_size,
+         on_step, dist) -> dict[str, Any]:
+    from .data import load_data
+    from .train import (
+        Batches, StepInfo, Throughput, adamw, barrier, checkpoint_paths, clip_grad, device_autocast, evaluate,
+        load_checkpoint, save_checkpoint, seed_everything, set_lr,
+    )
+
+    rank, world, dev = dist
+    t_begin = time.perf_counter()
+    if batch_size % world:
+        raise WeitError(f"--batch-size {batch_size} does not split over {world} processes", f"use a multiple of {world}")
+    adapter, arch, weights = read_model(model, need_weights=init == "weit")
+    splits = load_data(data, img_size=arch.img_size, in_chans=arch.in_chans, seed=data_seed, val_fraction=val_fraction, train_subset=train_subset)
+    new_head = reset_head or splits.num_classes != arch.num_classes
+    if new_head:
+        arch = replace(arch, num_classes=splits.num_classes)
+        if weights is not None:
+            weights = {k: v for k, v in weights.items() if k not in adapter.classifier}
+            weights.update({k: v for k, v in _fresh(adapter, arch, seed).items() if k in adapter.classifier})
+    args = {
+        "model": str(model), "model_sha256": _sha(model), "init": init, "source": str(source) if source else None,
+        "source_sha256": _sha(source) if source else None, "data": data, "data_description": splits.description,
+        "epochs": epochs, "lr": lr, "warmup": warmup, "schedule": schedule, "min_lr_ratio": min_lr_ratio,
+        "batch_size": batch_size, "weight_decay": weight_decay, "grad_clip": grad_clip, "label_smoothing": label_smoothing,
+        "train_subset": train_subset, "data_seed": data_seed, "val_fraction": val_fraction, "reset_head": reset_head,
+        "seed": seed, "world_size": world, "architecture": arch.to_dict(), "new_head": new_head,
+    }
+    state0, origin = initial_state(adapter, arch, init, weights, source, seed)
+    if new_head and init == "weight-selection":
+        state0.update({k: v for k, v in _fresh(adapter, arch, seed).items() if k in adapter.classifier})
+
+    seed_everything(seed)
+    net = adapter.build(arch)
+    with torch.no_grad():
+        net.load_state_dict(state0, strict=True)
+    net.to(dev).train()
+    train_mod: nn.Module = net
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_mod = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    named = dict(net.named_parameters())
+    opt = adamw(named, lr=lr, weight_decay=weight_decay)
+    batches = Batches(splits.train, batch_size // world, seed=seed, rank=rank, world_size=world)
+    per_epoch = batches.batches_per_epoch
+    total = epochs * per_epoch
+    warm = round(warmup * per_epoch)
+
+    metrics: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    start_epoch, wall = 0, 0.0
+    state_path = out_dir / STATE
+    if resume:
+        old = json.loads((out_dir / "args.json").read_text())
+        diff = [k for k in RUN_KEYS if old.get(k) != args.get(k)]
+        if diff:
+            raise InputError(
+                f"--resume: {out_dir} was started with other options ({', '.join(f'{k} {old.get(k)!r}→{args.get(k)!r}' for k in diff[:3])})",
+                "resume with the same options, or start over with --force",
+            )
+        params, st = load_checkpoint(state_path, optimizer=opt)
+        current = net.state_dict()
+        if set(params) != set(current):
+            raise InputError(f"{state_path} does not hold this model's parameters", "start over with --force")
+        with torch.no_grad():
+            for k, v in params.items():
+                current[k].copy_(v.to(dev))
+        batches.load_state(st["data"])
+        metrics, best, start_epoch, wall = st["metrics"], st["best"], int(st["epoch"]), float(st["wall_s"])
+    elif rank == 0:
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir()
+        _write_json(out_dir / "args.json", args)
+    barrier()
+
+    def evaluate_all(epoch: int, train_loss: float | None) -> dict[str, Any]:
+        val = evaluate(net, splits.val, eval_batch_size, dev) if len(splits.val) else None
+        test = evaluate(net, splits.test, eval_batch_size, dev) if splits.test is not None and len(splits.test) else None
+        return {
+            "epoch": epoch, "step": epoch * per_epoch, "train_loss": train_loss,
+            "val_acc": val.accuracy if val else None, "val_loss": val.loss if val else None,
+            "test_acc": test.accuracy if test else None, "test_loss": test.loss if test else None,
+        }
+
+    if not resume:
+        t0 = time.perf_counter()
+        if rank == 0:
+            rec = evaluate_all(0, None)
+            wall += time.perf_counter() - t0
+            metrics = [{**rec, "lr": 0.0, "train_s": 0.0, "wall_s": round(wall, 3)}]
+            _write_json(out_dir / "metrics.json", _metrics_doc(args, origin, metrics, best))
+        barrier()
+
+    clock = Throughput(start_epoch * per_epoch, total)
+    step, saved = start_epoch * per_epoch, start_epoch
+    try:
+        for epoch in range(start_epoch + 1, epochs + 1):
+            t0 = time.perf_counter()
+            loss_sum, n = torch.zeros((), dtype=torch.float64), 0
+            for _ in range(per_epoch):
+                lr_now = _lr(step, lr, total, warm, schedule, min_lr_ratio)
+                set_lr(opt, lr_now)
+                x, y = (t.to(dev, non_blocking=True) for t in batches.next())
+                with device_autocast(dev):
+                    logits = train_mod(x)
+                loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                clip_grad(named.values(), grad_clip)
+                opt.step()
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise WeitError(f"training diverged at step {step + 1} (loss {value})", "lower --lr or add --warmup")
+                loss_sum += value
+                n += 1
+                step += 1
+                if on_step is not None and rank == 0:
+                    sps, eta = clock(step)
+                    on_step(StepInfo(step, total, value, lr_now, sps, eta, epoch))
+            train_loss = _mean_over_ranks(loss_sum / max(1, n), world)
+            seconds = time.perf_counter() - t0
+            if rank == 0:
+                t1 = time.perf_counter()
+                rec = evaluate_all(epoch, train_loss)
+                wall += seconds + (time.perf_counter() - t1)
+                rec.update(lr=lr_now, train_s=round(seconds, 3), wall_s=round(wall, 3))
+                metrics.append(rec)
+                improved = rec["val_acc"] is not None and (best is None or rec["val_acc"] > best["val_acc"])
+                if improved:
+                    best = {"epoch": epoch, "val_acc": rec["val_acc"], "test_acc": rec["test_acc"]}
+                # Order matters for --resume: the resumable state first, then what it describes.
+                cpu = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+                save_checkpoint(
+                    state_path, params=net.state_dict(), optimizer=opt,
+                    state={"epoch": epoch, "data": batches.state(), "metrics": metrics, "best": best, "wall_s": wall},
+                )
+                _write_model(adapter, arch, cpu, out_dir / "last", {**origin, "epoch": epoch})
+                if improved:
+                    _write_model(adapter, arch, cpu, out_dir / "best", {**origin, "epoch": epoch})
+                _write_json(out_dir / "metrics.json", _metrics_doc(args, origin, metrics, best))
+                if on_step is not None:
+                    sps, eta = clock(step)
+                    shown = {k: rec[k] for k in ("val_acc", "test_acc") if rec[k] is not None}
+                    on_step(StepInfo(step, total, train_loss, lr_now, sps, eta, epoch, shown))
+            else:
+                wall += seconds
+            barrier()
+            saved = epoch
+    except KeyboardInterrupt:
+        raise WeitError(
+            f"interrupted in epoch {saved + 1} of {epochs}",
+            f"continue with the same command plus --resume (from epoch {saved})" if saved else "start again",
+            EXIT_INTERRUPTED,
+        ) from None
+
+    if rank == 0:  # finished: the resumable state is no longer needed (last/ holds the weights)
+        for f in checkpoint_paths(state_path):
+            f.unlink(missing_ok=True)
+    barrier()
+    final = metrics[-1] if metrics else {}
+    return {
+        "command": "finetune",
+        "output": str(out_dir),
+        "init": origin,
+        "architecture": arch.to_dict(),
+        "description": adapter.describe(arch),
+        "new_head": new_head,
+        "epochs": epochs,
+        "steps": total,
+        "resumed_from_epoch": start_epoch if resume else None,
+        "final": final,
+        "best": best,
+        "test_acc_by_epoch": [m.get("test_acc") for m in metrics],
+        "data": splits.description,
+        "device": str(dev),
+        "world_size": world,
+        "wall_s": round(time.perf_counter() - t_begin, 2),
+        "files": [str(out_dir / n) for n in ("metrics.json", "last", "best", "args.json")],
+    }
+
+
+def _fresh(adapter, arch, seed: int) -> dict[str, Tensor]:
+    from .baselines import random_init
+
+    return random_init(adapter, arch, seed)
+
+
+def _floor(schedule: str, min_lr_ratio: float) -> float:
+    return 1.0 if schedule == "constant" else min_lr_ratio
+
+
+def _lr(step: int, lr: float, total: int, warm: int, schedule: str, min_lr_ratio: float) -> float:
+    from .train import lr_at
+
+    return lr_at(step, base_lr=lr, total_steps=total, warmup_steps=warm, min_lr_ratio=_floor(schedule, min_lr_ratio))
+
+
+def _mean_over_ranks(value: Tensor, world: int) -> float:
+    if world > 1:
+        import torch.distributed as tdist
+
+        value = value.clone()
+        tdist.all_reduce(value)
+        value /= world
+    return float(value)
+
+
+def _metrics_doc(args: dict[str, Any], origin: dict[str, Any], metrics: list[dict[str, Any]], best) -> dict[str, Any]:
+    return {"init": origin, "options": {k: args[k] for k in RUN_KEYS if k in args}, "data": args["data_description"], "best": best, "epochs": metrics}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from .files import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _write_model(adapter, arch, state: dict[str, Tensor], out: Path, provenance: dict[str, Any]) -> None:
+    """A timm local-dir folder, written like `materialize` writes (atomically, replacing the old one)."""
+    from .api import write_model
+    from .bundle import Bundle
+
+    dense = Bundle(adapter, arch, {}, {}, state)  # a bundle with no templates: every tensor is 'small'
+    write_model(dense, out, torch.float32, {"command": "finetune", **provenance}, force=True)

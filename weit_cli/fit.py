@@ -1,0 +1,245 @@
+"""`fit-scalers` (SPEC §6): adapt a bundle to one target size with the templates frozen.
+
+The target's scalers (and, unless switched off, its small parameters) start from the resizing rules
+of SPEC §5 and are trained for a few hundred steps on a small labelled set; optionally the bundle's
+own, largest model is a distillation teacher (KL on logits). The forward pass runs through the real
+timm module of the target size with the composed weights (`torch.func.functional_call`), so what is
+fitted is exactly what `materialize --scalers` writes out.
+
+The output is a `weit.scalers` file: `scalers.<dense key>` and `small.<dense key>` tensors for the
+whole target model, bound to its bundle by the bundle's sha256 and to its size by the target
+architecture record; `api.load_scalers` checks both.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .bundle import Bundle, check_state, load_bundle, resize
+from .errors import WeitError
+from .files import KIND_SCALERS, base_metadata, check_output, save_tensors
+
+# Defaults chosen by the measurements in docs/benchmarks.md ("Initialisation quality").
+DEFAULT_STEPS = 200
+DEFAULT_LR = 1e-3
+DEFAULT_BATCH = 64
+
+
+def composed_forward(module: nn.Module, sized: Bundle) -> Callable[[Tensor], Tensor]:
+    """x → logits of `module` with the composed weights of `sized` (gradients reach its tensors)."""
+    from torch.func import functional_call
+
+    def forward(x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):  # compose in float32, even under bf16 autocast
+            state = sized.state_dict()
+        return functional_call(module, state, (x,), strict=True)
+
+    return forward
+
+
+def fit_scalers(
+    bundle_path: Path,
+    out: Path,
+    *,
+    data: str,
+    depth: int | None = None,
+    width: int | None = None,
+    mlp_ratio: float | None = None,
+    num_classes: int | None = None,
+    steps: int = DEFAULT_STEPS,
+    lr: float = DEFAULT_LR,
+    batch_size: int = DEFAULT_BATCH,
+    warmup: int | None = None,
+    weight_decay: float = 0.0,
+    train_subset: float | int | None = None,
+    train_small: bool = True,
+    distill: float = 0.0,
+    temperature: float = 1.0,
+    depth_rule: str = "auto",
+    width_rule: str = "tile",
+    seed: int = 0,
+    device: str | None = None,
+    force: bool = False,
+    on_step: Callable[[Any], None] | None = None,
+) -> dict[str, Any]:
+    """Fit target-size scalers; returns what was done (losses, accuracies, time) and written."""
+    from .api import plan_target
+    from .data import load_data
+    from .files import sha256
+    from .train import StepInfo, Throughput, adamw, clip_grad, device_autocast, evaluate, lr_at, seed_everything, set_lr, Batches
+
+    out = Path(out)
+    check_output(out, force)
+    if steps < 1:
+        raise WeitError(f"--steps must be at least 1, got {steps}", "a few hundred steps is typical")
+    if lr <= 0 or batch_size < 1:
+        raise WeitError("--lr must be positive and --batch-size at least 1", "e.g. --lr 1e-3 --batch-size 64")
+    if not 0.0 <= distill <= 1.0:
+        raise WeitError(f"--distill must be in [0, 1], got {distill}", "0 turns distillation off, 0.5 weighs KL and CE equally")
+    if temperature <= 0:
+        raise WeitError(f"--temperature must be positive, got {temperature}", "1.0 is plain KL on the logits")
+    warmup = max(1, steps // 10) if warmup is None else warmup
+    if warmup < 0:
+        raise WeitError(f"--warmup must be 0 or more steps, got {warmup}", "e.g. --warmup 20")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    bundle, bsha = load_bundle(bundle_path)
+    arch0 = bundle.arch
+    splits = load_data(data, img_size=arch0.img_size, in_chans=arch0.in_chans, seed=seed, train_subset=train_subset)
+    if num_classes is None:
+        num_classes = splits.num_classes
+    if num_classes != splits.num_classes:
+        raise WeitError(
+            f"--num-classes {num_classes} but the data has {splits.num_classes} classes",
+            f"leave --num-classes out or pass --num-classes {splits.num_classes}",
+        )
+    target = plan_target(bundle, depth=depth, width=width, mlp_ratio=mlp_ratio, num_classes=num_classes)
+    if distill > 0 and arch0.num_classes != target.num_classes:
+        raise WeitError(
+            f"distillation needs the bundle's classes ({arch0.num_classes}), the data has {target.num_classes}",
+            "fit without --distill on data with other classes",
+        )
+
+    seed_everything(seed)
+    with torch.no_grad():
+        init = resize(bundle, target, depth_rule, width_rule)
+    module = bundle.adapter.build(target).to(dev)
+    learnable = {n for n, _ in module.named_parameters()}  # small tensors that are not buffers (BatchNorm stats)
+    templates = {t: v.detach().to(dev) for t, v in bundle.templates.items()}
+    scalers = {k: nn.Parameter(v.detach().clone().float().to(dev)) for k, v in init.scalers.items()}
+    small: dict[str, Tensor] = {}
+    for k, v in init.small.items():
+        v = v.detach().clone().to(dev)
+        small[k] = nn.Parameter(v.float(), requires_grad=train_small) if k in learnable else v
+    new_head: list[str] = []
+    if target.num_classes != arch0.num_classes:  # a new classifier starts from timm's init and is always trained
+        head = _fresh_head(bundle.adapter, target, seed, dev)
+        small.update(head)
+        new_head = sorted(head)
+    sized = Bundle(bundle.adapter, target, templates, scalers, small, dict(bundle.extra))
+    check_state(bundle.adapter, target, {k: v.detach() for k, v in sized.state_dict().items()})
+    module.train()
+    student = composed_forward(module, sized)
+
+    teacher = None
+    if distill > 0:
+        teacher_mod = bundle.adapter.build(arch0).to(dev).eval()
+        with torch.no_grad():
+            teacher_mod.load_state_dict(bundle.state_dict(), strict=True)
+        teacher_mod.requires_grad_(False)
+        teacher = teacher_mod
+
+    trainable = {f"scalers.{k}": v for k, v in scalers.items()}
+    trainable.update({f"small.{k}": v for k, v in small.items() if k in learnable and (train_small or k in new_head)})
+    opt = adamw(trainable, lr=lr, weight_decay=weight_decay)
+
+    def frozen_eval(dataset):
+        frozen = Bundle(
+            bundle.adapter, target, templates,
+            {k: v.detach() for k, v in scalers.items()}, {k: v.detach() for k, v in small.items()},
+        )
+        module.eval()
+        try:
+            return evaluate(composed_forward(module, frozen), dataset, device=dev)
+        finally:
+            module.train()
+
+    before = frozen_eval(splits.val)
+    batches = Batches(splits.train, batch_size, seed)
+    meter = Throughput(0, steps)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        lr_now = lr_at(step, base_lr=lr, total_steps=steps, warmup_steps=warmup)
+        set_lr(opt, lr_now)
+        x, y = (t.to(dev) for t in batches.next())
+        with device_autocast(dev):
+            logits = student(x).float()
+            loss = nn.functional.cross_entropy(logits, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher(x).float()
+                kl = nn.functional.kl_div(
+                    nn.functional.log_softmax(logits / temperature, -1),
+                    nn.functional.log_softmax(t_logits / temperature, -1),
+                    log_target=True,
+                    reduction="batchmean",
+                ) * temperature**2
+                loss = (1 - distill) * loss + distill * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_grad(trainable.values(), 1.0)
+        opt.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise WeitError(f"the loss became {value} at step {step + 1}", "lower --lr")
+        losses.append(value)
+        if on_step is not None:
+            sps, eta = meter(step + 1)
+            on_step(StepInfo(step + 1, steps, value, lr_now, sps, eta))
+    fit_time = time.perf_counter() - t0
+    after = frozen_eval(splits.val)
+
+    tensors = {f"scalers.{k}": v.detach().cpu() for k, v in scalers.items()}
+    tensors.update({f"small.{k}": v.detach().cpu() for k, v in small.items()})
+    templates_meta = {
+        t: {"count": v.shape[0], "p": v.shape[1], "q": v.shape[2], "kernel": list(v.shape[3:])}
+        for t, v in bundle.templates.items()
+    }
+    provenance = {
+        "command": "fit-scalers",
+        "bundle_sha256": bsha,
+        "data": splits.description,
+        "steps": steps,
+        "lr": lr,
+        "warmup": warmup,
+        "batch_size": batch_size,
+        "weight_decay": weight_decay,
+        "train_small": train_small,
+        "distill": distill,
+        "temperature": temperature,
+        "depth_rule": depth_rule,
+        "width_rule": width_rule,
+        "seed": seed,
+    }
+    meta = base_metadata(
+        KIND_SCALERS,
+        architecture=target.to_dict(),
+        bundle_sha256=bsha,
+        templates=templates_meta,
+        provenance=provenance,
+    )
+    save_tensors(out, tensors, meta, force)
+    window = max(1, min(20, steps // 5))
+    return {
+        "command": "fit-scalers",
+        "output": str(out),
+        "sha256": sha256(out),
+        "bundle_sha256": bsha,
+        "architecture": target.to_dict(),
+        "description": bundle.adapter.describe(target),
+        "steps": steps,
+        "trained": ["scalers", "small"] if train_small else ["scalers", *(["classifier"] if new_head else [])],
+        "params": sum(v.numel() for v in trainable.values()),
+        "loss_first": sum(losses[:window]) / window,
+        "loss_last": sum(losses[-window:]) / window,
+        "val_acc_before": before.accuracy,
+        "val_acc_after": after.accuracy,
+        "val_count": after.count,
+        "fit_seconds": fit_time,
+        "data": splits.description,
+    }
+
+
+def _fresh_head(adapter, arch, seed: int, dev: torch.device) -> dict[str, nn.Parameter]:
+    from .baselines import random_init
+
+    fresh = random_init(adapter, arch, seed)
+    return {k: nn.Parameter(fresh[k].float().to(dev)) for k in adapter.classifier if k in fresh}
