@@ -98,3 +98,50 @@ def tiny_bundle(tiny_vit_dir, tmp_path_factory) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# ---------------------------------------------------------------------------------------------- tiny ResNets
+TINY_RESNET_ARGS = {
+    # stage-1 output = stem output (8): no projection shortcut, the stem is tied to stage 1
+    "basic": dict(layers=[2, 2, 2, 2], channels=[8, 16, 16, 32], stem_type="deep", stem_width=4),
+    # bottleneck outputs 32..64 ≠ stem 16: every stage projects; avg-pool shortcuts as in resnet50d
+    "bottleneck": dict(layers=[2, 2, 2, 2], channels=[8, 8, 16, 16], stem_type="deep", stem_width=8, avg_down=True),
+}
+TINY_RESNET_COMMON = dict(in_chans=3, num_classes=5)
+TINY_RESNET_IMG = 16
+TINY_RESNET_P = 8  # template size; full rank: 8·8·9 = 576 (3×3) and 64 (1×1) templates
+
+
+def make_tiny_resnet(block: str = "basic", seed: int = 0, **overrides):
+    """A tiny timm ResNet (eval mode) with every parameter and BatchNorm statistic random.
+
+    timm zero-initialises the last BatchNorm of every block (the residual branch would be empty) and
+    starts statistics at 0/1, which would hide resizing bugs; convs are drawn at He scale so logits
+    stay O(1)."""
+    import timm
+
+    args = {**TINY_RESNET_ARGS[block], **TINY_RESNET_COMMON, **overrides}
+    model = timm.create_model("resnet18" if block == "basic" else "resnet50", pretrained=False, **args)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                t.fill_(7)
+            elif t.dim() == 4:
+                t.copy_(torch.randn(t.shape, generator=g) * (2.0 / t[0].numel()) ** 0.5)
+            elif name.endswith(("running_var",)) or (t.dim() == 1 and name.endswith("weight") and not name.startswith("fc")):
+                t.copy_(0.5 + torch.rand(t.shape, generator=g))
+            else:
+                t.copy_(0.1 * torch.randn(t.shape, generator=g))
+    return model.eval()
+
+
+def tiny_resnet_args(block: str) -> dict:
+    return {**TINY_RESNET_ARGS[block], **TINY_RESNET_COMMON}
+
+
+@pytest.fixture
+def resnet_input():
+    """A fixed batch of four images for the tiny ResNets."""
+    g = torch.Generator().manual_seed(4321)
+    return torch.randn(4, TINY_RESNET_COMMON["in_chans"], TINY_RESNET_IMG, TINY_RESNET_IMG, generator=g)

@@ -4,6 +4,7 @@ the CLI renders as a table or as JSON; none of them print."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,17 @@ def load_scalers(path: Path, bundle: Bundle, bundle_sha: str, target: Any) -> Bu
 
 
 def plan_target(bundle: Bundle, **sizes: Any) -> Any:
+    # Per-stage size lists are for families with several layer groups (ResNet stages).
+    if len(bundle.adapter.layer_groups(bundle.arch)) == 1:
+        for k in ("depth", "width"):
+            v = sizes.get(k)
+            if isinstance(v, (list, tuple)):
+                if len(v) != 1:
+                    raise WeitError(
+                        f"--{k} {','.join(map(str, v))}: a {bundle.adapter.family} takes one number",
+                        "per-stage lists are for ResNets",
+                    )
+                sizes[k] = v[0]
     # Widths must be whole scaler blocks: validate against the bundle's own template size, which
     # may differ from head_dim (extract-templates --template-size).
     blocks = {int(d) for t in bundle.templates.values() for d in t.shape[1:3]}
@@ -110,8 +122,8 @@ def materialize(
     bundle_path: Path,
     out: Path,
     *,
-    depth: int | None = None,
-    width: int | None = None,
+    depth: int | list[int] | None = None,
+    width: int | list[int] | None = None,
     mlp_ratio: float | None = None,
     num_heads: int | None = None,
     num_classes: int | None = None,
@@ -119,8 +131,15 @@ def materialize(
     width_rule: str = "tile",
     scalers: Path | None = None,
     dtype: str = "float32",
+    calibrate: str | None = None,
+    calibrate_batches: int = 20,
+    calibrate_batch_size: int = 64,
+    seed: int = 0,
     force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
+    """`depth`/`width`: one number, or one per stage for families with stages (ResNet). `calibrate`
+    names data for re-estimating BatchNorm statistics (see calibrate.py); `progress(batch, total)`."""
     out = Path(out)
     check_output(out, force)
     if dtype not in DTYPES:
@@ -129,6 +148,11 @@ def materialize(
         raise WeitError(f"unknown depth rule '{depth_rule}'", f"choose one of: {', '.join(DEPTH_RULES)}")
     if width_rule not in WIDTH_RULES:
         raise WeitError(f"unknown width rule '{width_rule}'", f"choose one of: {', '.join(WIDTH_RULES)}")
+    if calibrate is not None and (calibrate_batches < 1 or calibrate_batch_size < 2):
+        raise WeitError(
+            f"--calibrate needs at least 1 batch of 2 or more images, got {calibrate_batches} × {calibrate_batch_size}",
+            "pass --calibrate-batches 1 or more and --calibrate-batch-size 2 or more",
+        )
     bundle, bsha = load_bundle(bundle_path)
     target = plan_target(bundle, depth=depth, width=width, mlp_ratio=mlp_ratio, num_heads=num_heads, num_classes=num_classes)
     if scalers is not None:
@@ -136,12 +160,21 @@ def materialize(
     else:
         with torch.no_grad():
             sized = resize(bundle, target, depth_rule, width_rule)
+    bn_stats = None
+    if calibrate is not None:
+        sized, bn_stats = _calibrate(sized, calibrate, calibrate_batches, calibrate_batch_size, seed, progress)
+    elif sized.adapter.batchnorm:
+        src = "the scalers file's" if scalers is not None else "the bundle's"
+        bn_stats = f"{src}, resized (not recalibrated; pass --calibrate DATA to re-estimate them)"
+        if scalers is None and target == bundle.arch:
+            bn_stats = "the bundle's (same size; not recalibrated)"
     provenance = {
         "command": "materialize",
         "bundle_sha256": bsha,
         "scalers_sha256": sha256(scalers) if scalers else None,
         "depth_rule": depth_rule,
         "width_rule": width_rule,
+        "bn_statistics": bn_stats,
     }
     files = write_model(sized, out, DTYPES[dtype], provenance, force)
     return {
@@ -149,9 +182,32 @@ def materialize(
         "output": str(out),
         "files": files,
         "architecture": target.to_dict(),
+        "description": sized.adapter.describe(target),
+        "timm_architecture": sized.adapter.timm_config(target)["architecture"],
         "timm": sized.adapter.timm_config(target)["model_args"],
         "params": sum(_numel(sized.dense_shape(k)) for k in sized.dense_keys()),
+        "bn_statistics": bn_stats,
     }
+
+
+def _calibrate(sized: Bundle, source: str, batches: int, batch_size: int, seed: int, progress) -> tuple[Bundle, str]:
+    """Re-estimate the BatchNorm running statistics of the materialized model on `source`."""
+    from .calibrate import STAT_SUFFIXES, recalibrate_bn
+    from .data import load_data
+
+    ad, arch = sized.adapter, sized.arch
+    if not ad.batchnorm:
+        raise WeitError(f"a {ad.family} has no BatchNorm statistics to calibrate", "leave out --calibrate")
+    splits = load_data(source, img_size=arch.img_size, in_chans=arch.in_chans, seed=seed)
+    model = ad.build(arch)
+    with torch.no_grad():
+        model.load_state_dict(sized.state_dict())
+    used = recalibrate_bn(model, splits.train, batches, batch_size, seed=seed, progress=progress)
+    state = model.state_dict()
+    small = {k: (state[k].detach().clone() if k.endswith(STAT_SUFFIXES) else v) for k, v in sized.small.items()}
+    sized = Bundle(ad, arch, sized.templates, sized.scalers, small, dict(sized.extra))
+    return sized, f"recalibrated on {splits.description} ({used['batches']} batches, {used['images']} images, seed {seed})"
+
 
 
 def write_model(sized: Bundle, out: Path, dtype: torch.dtype, provenance: dict[str, Any], force: bool) -> list[str]:
@@ -166,7 +222,10 @@ def write_model(sized: Bundle, out: Path, dtype: torch.dtype, provenance: dict[s
         "provenance": json.dumps(provenance, sort_keys=True),
     }
 
-    spec_list = [(k, sized.dense_shape(k), dtype, (lambda k=k: _dense(sized, k, dtype))) for k in sized.dense_keys()]
+    def dtype_of(k: str) -> torch.dtype:  # counters (BatchNorm's num_batches_tracked) keep their integer type
+        return sized.small[k].dtype if k in sized.small and not sized.small[k].is_floating_point() else dtype
+
+    spec_list = [(k, sized.dense_shape(k), dtype_of(k), (lambda k=k: _dense(sized, k, dtype_of(k)))) for k in sized.dense_keys()]
     if out.suffix == ".safetensors":
         with atomic_file(out) as tmp:
             write_safetensors(tmp, spec_list, meta)

@@ -32,7 +32,7 @@ class Bundle:
 
     # ------------------------------------------------------------------ structure
     def template_of(self, key: str) -> Tensor:
-        return self.templates[self.adapter.template_type_of(key)]
+        return self.templates[self.adapter.template_type_of(key, self.arch)]
 
     def dense_keys(self) -> list[str]:
         return sorted([*self.scalers, *self.small])
@@ -112,7 +112,7 @@ def load_bundle(path: Path) -> tuple[Bundle, str]:
 
 def _check_consistent(b: Bundle, source: str) -> None:
     for key, s in b.scalers.items():
-        t = b.adapter.template_type_of(key)
+        t = b.adapter.template_type_of(key, b.arch)
         if t not in b.templates:
             raise InputError(f"{source}: scalers '{key}' have no templates", "the file is corrupt")
         if s.dim() != 3 or s.shape[0] != b.templates[t].shape[0]:
@@ -129,16 +129,23 @@ def from_dense(
     by_type: dict[str, list[str]] = {t: [] for t in types}
     small = {}
     for k in sorted(state, key=_natural):
-        t = adapter.template_type_of(k)
+        t = adapter.template_type_of(k, arch)
         if t is None:
-            small[k] = state[k].detach().float().clone()
+            v = state[k].detach()
+            small[k] = (v.float() if v.is_floating_point() else v).clone()  # BN's num_batches_tracked stays int
         else:
             by_type[t].append(k)
     templates, scalers, errors = {}, {}, {}
+    limits = {t: tt.p * tt.q * _numel(tt.kernel) for t, tt in types.items()}
     for t, keys in by_type.items():
         tt = types[t]
-        n = num_templates[t] if isinstance(num_templates, dict) else num_templates
-        limit = tt.p * tt.q * _numel(tt.kernel)
+        limit = limits[t]
+        if isinstance(num_templates, dict):
+            n = num_templates[t]
+        else:
+            # One count for types of different sizes (a ResNet's 3×3 and 1×1 convs): each is capped at
+            # its own full rank; only a count beyond every type's full rank is an error.
+            n = min(num_templates, limit) if num_templates <= max(limits.values()) else num_templates
         if not 1 <= n <= limit:
             from .errors import WeitError
 
@@ -194,11 +201,15 @@ def resize(b: Bundle, target: Any, depth_rule: str = "auto", width_rule: str = "
     """The bundle's parameters at `target` size (SPEC §5). Differentiable: pretraining uses it too."""
     scalers, small = dict(b.scalers), dict(b.small)
     ad = b.adapter
+    identity = ad.identity_suffixes(target)
     for g_old, g_new in zip(ad.layer_groups(b.arch), ad.layer_groups(target)):
         old_n, new_n = g_old.count - g_old.first, g_new.count - g_new.first
         if old_n == new_n:
             continue
-        plan = depth_plan(old_n, new_n, depth_rule)
+        if old_n == 0:
+            raise InputError(f"no block after the first of '{g_old.prefix.format('')}' to grow from", "keep its depth")
+        # new_n == 0 keeps only the group's fixed first blocks (a ResNet stage's downsampling block).
+        plan = depth_plan(old_n, new_n, depth_rule) if new_n else []
         for store in (scalers, small):
             per_layer: dict[str, list[Tensor]] = {}
             for i in range(old_n):
@@ -210,7 +221,9 @@ def resize(b: Bundle, target: Any, depth_rule: str = "auto", width_rule: str = "
                     raise InputError(f"layer parameter '{suffix}' is missing in some blocks", "the bundle is corrupt")
                 for j, src in enumerate(plan):
                     w = mix_layers(layers, src)
-                    if src.zero_residual and suffix in ad.identity_zero:
+                    if not layers[0].is_floating_point():  # counters (num_batches_tracked)
+                        w = w.round().to(layers[0].dtype)
+                    if src.zero_residual and suffix in identity:
                         w = torch.zeros_like(w)
                     store[g_new.prefix.format(g_new.first + j) + suffix] = w
     old_sizes, new_sizes = ad.sizes(b.arch), ad.sizes(target)

@@ -43,6 +43,8 @@ class Adapter:
     identity_zero: ClassVar[tuple[str, ...]] = ()
     #: Dense keys of the classifier, re-initialised when the number of classes changes.
     classifier: ClassVar[tuple[str, ...]] = ()
+    #: Whether the family has BatchNorm running statistics (resized statistics may need recalibration).
+    batchnorm: ClassVar[bool] = False
 
     # --- architecture -------------------------------------------------------------------------
     def arch_from_dict(self, d: dict[str, Any]):
@@ -72,9 +74,14 @@ class Adapter:
     def template_types(self, arch, template_size: int | None = None) -> dict[str, TemplateType]:
         raise NotImplementedError
 
-    def template_type_of(self, key: str) -> str | None:
-        """The template type of a dense weight key, or None for a small parameter."""
+    def template_type_of(self, key: str, arch=None) -> str | None:
+        """The template type of a dense weight key, or None for a small parameter. Families whose
+        key names alone are ambiguous (a ResNet's conv1 is 3×3 or 1×1 by block type) need `arch`."""
         raise NotImplementedError
+
+    def identity_suffixes(self, arch) -> tuple[str, ...]:
+        """Keys within a block zeroed to make an added block the identity (default: `identity_zero`)."""
+        return self.identity_zero
 
     def layer_groups(self, arch) -> list[LayerGroup]:
         raise NotImplementedError

@@ -232,7 +232,7 @@ class ViTAdapter(Adapter):
             )
         return {t: TemplateType(t, p, p) for t in TEMPLATED}
 
-    def template_type_of(self, key: str) -> str | None:
+    def template_type_of(self, key: str, arch: ViTArch | None = None) -> str | None:
         for t, pat in TEMPLATED.items():
             if re.fullmatch(pat, key):
                 return t
