@@ -246,3 +246,17 @@ def test_installed_entry_point_json(tiny_bundle, tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == EXIT_USAGE and one_json(bad.stdout)["exit_code"] == EXIT_USAGE
     assert "Traceback" not in bad.stderr and not (tmp_path / "n").exists()
+
+
+def test_bfloat16_output_is_the_composition_cast(tiny_bundle, tmp_path):
+    from safetensors.torch import load_file
+
+    from weit_cli.bundle import load_bundle
+
+    weit("materialize", tiny_bundle, "-o", tmp_path / "half.safetensors", "--dtype", "bfloat16")
+    got = load_file(str(tmp_path / "half.safetensors"))
+    ref, _ = load_bundle(tiny_bundle)
+    with torch.no_grad():
+        ref = ref.state_dict()
+    assert got.keys() == ref.keys()
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], ref[k].to(torch.bfloat16)) for k in ref)

@@ -158,3 +158,15 @@ def test_rank_deficient_weights_get_no_dead_templates():
     torch.testing.assert_close(compose(scalers, templates), w, rtol=1e-5, atol=1e-5)
     templates, (scalers,) = extract_shared([torch.zeros(4, 4)], 2, 2, 4)
     assert (templates.reshape(4, -1).norm(dim=1) > 0).all() and scalers.abs().max() == 0
+
+
+@pytest.mark.parametrize("kernel", [(), (3, 3)])
+def test_compose_into_reused_buffers_is_identical(kernel):
+    s, t = rand(5, 3, 2, seed=7).float(), rand(5, 4, 2, *kernel, seed=8).float()
+    work = torch.full((1000,), float("nan"))  # larger than needed, and dirty
+    out = torch.full((3 * 4 * 2 * 2 * max(1, torch.Size(kernel).numel()),), float("nan"))
+    w = compose(s, t, out=out, work=work)
+    assert w.data_ptr() == out.data_ptr() and w.shape == (12, 4, *kernel)
+    assert torch.equal(w, compose(s, t))
+    half = compose(s, t, out=torch.empty(out.numel(), dtype=torch.bfloat16), work=work)  # casts on the way
+    assert half.dtype == torch.bfloat16 and torch.equal(half, compose(s, t).to(torch.bfloat16))

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, kron
 from .arch import detect_family, get_adapter
 from .bundle import Bundle, from_dense, load_bundle, resize
 from .errors import InputError, WeitError
@@ -225,7 +225,8 @@ def write_model(sized: Bundle, out: Path, dtype: torch.dtype, provenance: dict[s
     def dtype_of(k: str) -> torch.dtype:  # counters (BatchNorm's num_batches_tracked) keep their integer type
         return sized.small[k].dtype if k in sized.small and not sized.small[k].is_floating_point() else dtype
 
-    spec_list = [(k, sized.dense_shape(k), dtype_of(k), (lambda k=k: _dense(sized, k, dtype_of(k)))) for k in sized.dense_keys()]
+    dense = _Streamer(sized)
+    spec_list = [(k, sized.dense_shape(k), dtype_of(k), (lambda k=k: dense(k, dtype_of(k)))) for k in sized.dense_keys()]
     if out.suffix == ".safetensors":
         with atomic_file(out) as tmp:
             write_safetensors(tmp, spec_list, meta)
@@ -236,9 +237,30 @@ def write_model(sized: Bundle, out: Path, dtype: torch.dtype, provenance: dict[s
     return [str(out / "model.safetensors"), str(out / "config.json")]
 
 
-@torch.no_grad()
-def _dense(b: Bundle, key: str, dtype: torch.dtype) -> torch.Tensor:
-    return b.dense(key).to(dtype)
+class _Streamer:
+    """Composes one dense tensor at a time into reused buffers. write_safetensors writes each tensor
+    before it asks for the next, so one output buffer suffices; composing into fresh memory instead
+    costs as much in page faults as the matmuls, and this keeps the peak at the largest weight."""
+
+    def __init__(self, b: Bundle):
+        self.b = b
+        self.size = max((_numel(b.dense_shape(k)) for k in b.scalers), default=0)
+        self.bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def _buf(self, role: str, dtype: torch.dtype) -> torch.Tensor:
+        if (role, dtype) not in self.bufs:
+            self.bufs[role, dtype] = torch.empty(self.size, dtype=dtype)
+        return self.bufs[role, dtype]
+
+    @torch.no_grad()
+    def __call__(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        b = self.b
+        if key in b.small:
+            return b.small[key].to(dtype)
+        s, t = b.scalers[key], b.template_of(key)
+        ct = torch.promote_types(s.dtype, t.dtype)
+        out = self._buf("out", dtype)[: _numel(b.dense_shape(key))]
+        return kron.compose(s.to(ct), t.to(ct), out=out, work=self._buf("work", ct))
 
 
 def inspect(path: Path) -> dict[str, Any]:

@@ -127,7 +127,8 @@ def write_safetensors(
     """Stream tensors into a safetensors file at `path` (already a temp path: see atomic_file).
 
     `specs` lists (name, shape, dtype, make) sorted as they should be written; `make()` is called
-    once per tensor, right before it is written, so only one dense tensor lives at a time.
+    once per tensor, right before it is written, so only one dense tensor lives at a time. Each
+    tensor is fully written before the next `make()` runs: a `make()` may reuse one buffer.
     """
     specs = list(specs)
     header: dict[str, Any] = {}

@@ -10,15 +10,27 @@ import torch
 from torch import Tensor
 
 
-def compose(scalers: Tensor, templates: Tensor) -> Tensor:
-    """W[i·p+k, j·q+l, ...] = Σ_t S[t,i,j] · T[t,k,l,...]; one matmul, then a block permute."""
+def compose(scalers: Tensor, templates: Tensor, *, out: Tensor | None = None, work: Tensor | None = None) -> Tensor:
+    """W[i·p+k, j·q+l, ...] = Σ_t S[t,i,j] · T[t,k,l,...]; one matmul, then a block permute.
+
+    `out` (any dtype, W's number of elements) receives W, and `work` (flat, the inputs' dtype, at
+    least W's number of elements) holds the matmul result: a streaming writer that reuses both for
+    every weight avoids page-faulting fresh memory, which costs as much as the matmul itself. Both
+    are for no-grad use only."""
     n, a, b = scalers.shape
     nt, p, q, *kernel = templates.shape
     if n != nt:
         raise ValueError(f"{n} scaler sets for {nt} templates")
-    blocks = scalers.reshape(n, a * b).transpose(0, 1) @ templates.reshape(n, -1)  # (a·b, p·q·k)
+    lhs, rhs = scalers.reshape(n, a * b).transpose(0, 1), templates.reshape(n, -1)
+    if work is None:
+        blocks = lhs @ rhs  # (a·b, p·q·k)
+    else:
+        blocks = torch.mm(lhs, rhs, out=work[: a * b * rhs.shape[1]].view(a * b, rhs.shape[1]))
     w = blocks.reshape(a, b, p, q, *kernel).transpose(1, 2)  # (a, p, b, q, *k)
-    return w.reshape(a * p, b * q, *kernel)
+    if out is None:
+        return w.reshape(a * p, b * q, *kernel)
+    out.view(a, p, b, q, *kernel).copy_(w)
+    return out.view(a * p, b * q, *kernel)
 
 
 def rearrange(weight: Tensor, p: int, q: int) -> Tensor:
