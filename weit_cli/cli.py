@@ -90,26 +90,42 @@ def _human(n: int) -> str:
 def extract_templates_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="timm model folder (config.json + weights) or weights file.")],
     output: OutOpt,
-    template_size: Annotated[Optional[int], typer.Option("--template-size", "-p", help="Template block size p (default: head_dim).")] = None,
-    num_templates: Annotated[int, typer.Option("--num-templates", "-n", help="Templates per matrix type.")] = 16,
+    template_size: Annotated[Optional[int], typer.Option("--template-size", "-p", help="Template block size p (default: ViT head_dim; ResNet the gcd of the conv widths, at most 16).")] = None,
+    num_templates: Annotated[int, typer.Option("--num-templates", "-n", help="Templates per matrix type (each type capped at its full rank p·q·k).")] = 16,
     num_heads: Annotated[Optional[int], typer.Option(help="Heads of the source ViT, if its files do not say.")] = None,
     img_size: Annotated[Optional[int], typer.Option(help="Image size of the source, if its files do not say.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Distil the templates from the checkpoint on this data after the SVD (fashion-mnist, mnist5k, digits or an image folder).")] = None,
+    distill_steps: Annotated[Optional[int], typer.Option(help="Distillation steps (with --data; default 200).")] = None,
+    distill_lr: Annotated[Optional[float], typer.Option(help="Distillation learning rate (default 1e-3).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Distillation batch size (default 64).")] = None,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL term.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the data split and batch order.")] = 0,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if available).")] = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Build a template bundle from a dense checkpoint (shared truncated SVD per matrix type)."""
+    """Build a template bundle from a dense checkpoint (shared truncated SVD per matrix type), then
+    optionally distil it from the checkpoint on data (--data)."""
 
     def go():
         from .api import extract_templates
 
-        return extract_templates(
-            checkpoint, output, template_size=template_size, num_templates=num_templates,
-            num_heads=num_heads, img_size=img_size, force=force,
-        )
+        with _StepProgress("distill", not as_json and data is not None) as progress:
+            return extract_templates(
+                checkpoint, output, template_size=template_size, num_templates=num_templates,
+                num_heads=num_heads, img_size=img_size, data=data, distill_steps=distill_steps,
+                distill_lr=distill_lr, batch_size=batch_size, temperature=temperature, seed=seed,
+                device=device, force=force, on_step=progress,
+            )
 
     def render(r):
         rows = [("wrote", r["output"]), ("templates", r["templates"])]
         rows += [(f"rel. error {t}", f"{e:.3e}") for t, e in r["relative_error"].items()]
+        d = r.get("distillation")
+        if d:
+            rows += [(f"rel. error {t} (distilled)", f"{e:.3e}") for t, e in d["relative_error_after"].items()]
+            rows.append(("teacher accuracy", f"{d['teacher_acc']:.4f} on {d['eval_split']}"))
+            rows.append(("student accuracy", f"{d['student_acc_before']:.4f} (SVD) → {d['student_acc_after']:.4f} ({d['steps']} steps)"))
         rows += [(f"params {k}", _human(v)) for k, v in r["params"].items()]
         _table("extract-templates", rows)
 
@@ -340,6 +356,7 @@ def fit_scalers_cmd(
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
     train_subset: Annotated[Optional[float], typer.Option(help="Fit on part of the training split: fraction ≤ 1 or image count.")] = None,
     no_small: Annotated[bool, typer.Option("--no-small", help="Train the scalers only; keep norms, biases and embeddings as resized.")] = False,
+    reset_head: Annotated[bool, typer.Option("--reset-head", help="Start a fresh classifier (automatic when the class count differs).")] = False,
     distill: Annotated[float, typer.Option(help="Weight of KL(bundle's largest model ‖ target) in the loss, 0–1 (0: off).")] = 0.0,
     temperature: Annotated[float, typer.Option(help="Distillation softmax temperature.")] = 1.0,
     depth_rule: Annotated[str, typer.Option(help="Initial depth rule: auto | prefix | interp | stack | interleave | identity.")] = "auto",
@@ -359,7 +376,7 @@ def fit_scalers_cmd(
             return fit_scalers(
                 bundle, output, data=data, depth=depth, width=width, mlp_ratio=mlp_ratio, num_classes=num_classes,
                 steps=steps, lr=lr, warmup=warmup, batch_size=batch_size, train_subset=subset, train_small=not no_small,
-                distill=distill, temperature=temperature, depth_rule=depth_rule, width_rule=width_rule, seed=seed,
+                reset_head=reset_head, distill=distill, temperature=temperature, depth_rule=depth_rule, width_rule=width_rule, seed=seed,
                 device=device, force=force, on_step=progress,
             )
 

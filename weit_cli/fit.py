@@ -60,6 +60,7 @@ def fit_scalers(
     weight_decay: float = 0.0,
     train_subset: float | int | None = None,
     train_small: bool = True,
+    reset_head: bool = False,
     distill: float = 0.0,
     temperature: float = 1.0,
     depth_rule: str = "auto",
@@ -101,9 +102,9 @@ def fit_scalers(
             f"leave --num-classes out or pass --num-classes {splits.num_classes}",
         )
     target = plan_target(bundle, depth=depth, width=width, mlp_ratio=mlp_ratio, num_classes=num_classes)
-    if distill > 0 and arch0.num_classes != target.num_classes:
+    if distill > 0 and (reset_head or arch0.num_classes != target.num_classes):
         raise WeitError(
-            f"distillation needs the bundle's classes ({arch0.num_classes}), the data has {target.num_classes}",
+            "distillation needs the bundle's own classes, but the classifier is new (other data or --reset-head)",
             "fit without --distill on data with other classes",
         )
 
@@ -119,7 +120,7 @@ def fit_scalers(
         v = v.detach().clone().to(dev)
         small[k] = nn.Parameter(v.float(), requires_grad=train_small) if k in learnable else v
     new_head: list[str] = []
-    if target.num_classes != arch0.num_classes:  # a new classifier starts from timm's init and is always trained
+    if reset_head or target.num_classes != arch0.num_classes:  # a new classifier: timm's init, always trained
         head = _fresh_head(bundle.adapter, target, seed, dev)
         small.update(head)
         new_head = sorted(head)
@@ -203,6 +204,7 @@ def fit_scalers(
         "batch_size": batch_size,
         "weight_decay": weight_decay,
         "train_small": train_small,
+        "reset_head": bool(new_head),
         "distill": distill,
         "temperature": temperature,
         "depth_rule": depth_rule,

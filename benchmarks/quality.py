@@ -1,0 +1,363 @@
+"""Initialisation quality: does a model of a new size learn faster and end better from weit's
+templates than from the usual initialisations?
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py --budget small   # ≤ 30 min on 2 cores
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py --budget full    # the reference run
+
+On Fashion-MNIST it pretrains one WeiT bundle (the budget's recipe, nested sizes) and one dense ViT of
+the largest size with the same number of optimiser steps (same batch, learning rate, warmup, cosine,
+weight decay and clipping, through `weit finetune --init random`). For three target sizes — two
+inside the nested range and one deeper and wider than anything trained — each initialisation
+
+    random            timm's own initialisation (`finetune --init random`)
+    weight-selection  Xu et al. 2024 from the dense model (`finetune --init weight-selection --from`);
+                      for the larger target, where selection cannot grow, the dense model is grown by
+                      weit's own resizing rules instead (exact SVD bundle of the dense model, then
+                      depth interp + Net2Net width tiling) and the row is labelled "dense-grown"
+    weit              `materialize` from the bundle, no data
+    weit+fit          `fit-scalers` on the finetuning subset (templates frozen), then `materialize`
+
+is finetuned for E epochs on a fixed 10 % subset of the training split, and the test accuracy after
+every epoch is recorded (epoch 0 = the initialisation itself), with the time spent on fitting. Then
+the same on mnist5k (transfer: a fresh classifier for every method; weit+fit fits on mnist5k).
+
+Seeds and splits are fixed (seed 0; data splits from weit_cli.data). Every stage's result is cached
+in the work folder, so an interrupted run continues where it stopped; --fresh starts over.
+Outputs: docs/quality-<budget>.{json,md,png} (raw numbers, markdown table, accuracy-vs-epoch plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("random", "weight-selection", "weit", "weit+fit")
+
+BUDGETS = {
+    # A few minutes: only to check that the script runs end to end.
+    "tiny": dict(
+        recipe="recipes/vit-fashion-small.yaml",
+        overrides=["train.steps=40", "train.warmup_steps=5", "train.eval_every=0", "train.checkpoint_every=0", "data.train_subset=5120"],
+        targets=[(2, 64), (1, 32), (4, 128)], epochs=1, fit_steps=10, subset=0.02, transfer_subset=500,
+    ),
+    "small": dict(
+        recipe="recipes/vit-fashion-small.yaml", overrides=["train.eval_every=0", "train.checkpoint_every=0"],
+        targets=[(2, 64), (1, 32), (4, 128)], epochs=3, fit_steps=100, subset=0.1, transfer_subset=None,
+    ),
+    "full": dict(
+        recipe="recipes/vit-fashion.yaml", overrides=["train.eval_every=0", "train.checkpoint_every=0"],
+        targets=[(4, 128), (2, 64), (8, 256)], epochs=5, fit_steps=200, subset=0.1, transfer_subset=None,
+    ),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", choices=sorted(BUDGETS), default="small")
+    ap.add_argument("--work", type=Path, help="Cache folder (default runs/quality-<budget>[-<tag>]).")
+    ap.add_argument("--docs", type=Path, default=ROOT / "docs", help="Where the table, plot and JSON go.")
+    ap.add_argument("--tag", default="", help="Suffix for work folder and outputs (for variants).")
+    ap.add_argument("--epochs", type=int, help="Override the budget's finetuning epochs.")
+    ap.add_argument("--lr", type=float, default=5e-4, help="Finetuning peak learning rate (every method).")
+    ap.add_argument("--warmup", type=float, default=0.0, help="Finetuning warmup in epochs (every method).")
+    ap.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
+    ap.add_argument("--batch-size", type=int, default=64, help="Finetuning batch size.")
+    ap.add_argument("--fit-steps", type=int, help="Override the budget's fit-scalers steps.")
+    ap.add_argument("--fit-lr", type=float, default=1e-3)
+    ap.add_argument("--fit-distill", type=float, default=0.0, help="fit-scalers --distill (Fashion-MNIST only).")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="Extra pretraining recipe override.")
+    ap.add_argument("--tasks", default="fashion-mnist,mnist5k")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared: 1 by default).")
+    ap.add_argument("--fresh", action="store_true", help="Discard cached stages.")
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT))
+
+    cfg = dict(BUDGETS[args.budget])
+    if args.epochs:
+        cfg["epochs"] = args.epochs
+    if args.fit_steps:
+        cfg["fit_steps"] = args.fit_steps
+    name = f"quality-{args.budget}" + (f"-{args.tag}" if args.tag else "")
+    work = args.work or ROOT / "runs" / name
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    bench = Bench(work, cfg, args)
+    t0 = time.perf_counter()
+    results = bench.run()
+    results["total_s"] = round(time.perf_counter() - t0, 1)
+    args.docs.mkdir(parents=True, exist_ok=True)
+    (args.docs / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    md = table(results)
+    (args.docs / f"{name}.md").write_text(md)
+    plot(results, args.docs / f"{name}.png")
+    print(md)
+    print(f"wrote {args.docs / name}.{{json,md,png}} in {results['total_s'] / 60:.1f} min")
+    return 0
+
+
+class Bench:
+    def __init__(self, work: Path, cfg: dict, args):
+        self.work, self.cfg, self.args = work, cfg, args
+
+    # -------------------------------------------------------------------------------- caching
+    def cached(self, key: str, fn):
+        """Run `fn` once; its JSON result is kept in the work folder."""
+        path = self.work / f"{key}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        t = time.perf_counter()
+        out = fn()
+        out["stage_s"] = round(time.perf_counter() - t, 2)
+        path.write_text(json.dumps(out, indent=2, default=str) + "\n")
+        print(f"  {key}: {out['stage_s']:.0f}s", flush=True)
+        return out
+
+    # -------------------------------------------------------------------------------- stages
+    def run(self) -> dict:
+        from weit_cli import recipe as rcp
+
+        cfg, a = self.cfg, self.args
+        recipe = rcp.load_recipe(ROOT / cfg["recipe"], cfg["overrides"] + a.overrides)
+        pre = self.cached("pretrain-bundle", lambda: self.pretrain_bundle(cfg["overrides"] + a.overrides))
+        dense = self.cached("pretrain-dense", lambda: self.pretrain_dense(recipe))
+        largest = (max(recipe.nested.depths), max(recipe.nested.widths))
+        sizes = [tuple(t) for t in cfg["targets"]]
+        runs = []
+        for task in a.tasks.split(","):
+            for depth, width in sizes:
+                for method in a.methods.split(","):
+                    key = f"{task}-{depth}x{width}-{method}"
+                    r = self.cached(key, lambda: self.one(task, depth, width, method, largest))
+                    runs.append(r)
+        return {
+            "budget": a.budget,
+            "tag": a.tag,
+            "command": "benchmarks/quality.py " + " ".join(sys.argv[1:]),
+            "settings": {
+                "recipe": cfg["recipe"], "recipe_overrides": cfg["overrides"] + a.overrides, "recipe_sha256": rcp.sha256(recipe),
+                "targets": sizes, "largest": largest, "epochs": cfg["epochs"], "finetune_subset": cfg["subset"],
+                "finetune": {"lr": a.lr, "warmup_epochs": a.warmup, "schedule": a.schedule, "batch_size": a.batch_size,
+                             "weight_decay": 0.05, "grad_clip": 1.0, "seed": 0, "data_seed": 0},
+                "fit": {"steps": cfg["fit_steps"], "lr": a.fit_lr, "distill": a.fit_distill, "batch_size": 64},
+                "threads": a.threads, "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+            },
+            "pretrain": {"bundle": pre, "dense": dense},
+            "runs": runs,
+        }
+
+    def pretrain_bundle(self, overrides: list[str]) -> dict:
+        from weit_cli.pretrain import pretrain
+
+        out = self.work / "bundle.safetensors"
+        r = pretrain(ROOT / self.cfg["recipe"], out, overrides=overrides, force=True, device="cpu")
+        largest = self.evaluate_bundle(out)
+        return {"path": str(out), "steps": r["steps"], "seconds": r["wall_s"], "val": r["val"], "largest_test_acc": largest}
+
+    def evaluate_bundle(self, bundle: Path) -> float:
+        """Test accuracy of the bundle's own (largest) model, as materialize writes it."""
+        from weit_cli.api import materialize
+
+        out = self.work / "models" / "bundle-largest"
+        out.parent.mkdir(exist_ok=True)
+        materialize(bundle, out, force=True)
+        return self.test_acc(out, "fashion-mnist")
+
+    def test_acc(self, model: Path, data: str) -> float:
+        import timm
+
+        from weit_cli.data import load_data
+        from weit_cli.train import evaluate
+
+        net = timm.create_model(f"local-dir:{model}", pretrained=True)
+        cfg = json.loads((model / "config.json").read_text())["model_args"]
+        splits = load_data(data, img_size=cfg["img_size"], in_chans=cfg["in_chans"], seed=0)
+        return evaluate(net, splits.test).accuracy
+
+    def pretrain_dense(self, recipe) -> dict:
+        """The dense ViT of the largest size, trained from timm's init with the bundle's optimiser
+        steps, batch and schedule. finetune counts in epochs, so the training subset is sized to give
+        exactly `steps` = epochs × batches."""
+        from weit_cli.finetune import finetune
+        from weit_cli.pretrain import largest_arch
+
+        tr, bs = recipe.train, recipe.data.batch_size
+        n_train = self.train_size(recipe)
+        epochs = math.ceil(tr.steps * bs / n_train)
+        per_epoch = math.ceil(tr.steps / epochs)
+        epochs = math.ceil(tr.steps / per_epoch)
+        adapter, arch = largest_arch(recipe, 10)
+        shell = self.config_only(adapter, arch, "dense-arch")
+        r = finetune(
+            shell, self.work / "dense", data=recipe.data.source, epochs=epochs, init="random", lr=tr.lr,
+            warmup=tr.warmup_steps / per_epoch, schedule="cosine", min_lr_ratio=tr.min_lr_ratio, batch_size=bs,
+            weight_decay=tr.weight_decay, grad_clip=tr.grad_clip, train_subset=per_epoch * bs, data_seed=recipe.seed,
+            val_fraction=recipe.data.val_fraction, seed=recipe.seed, force=True, device="cpu",
+        )
+        return {"path": str(self.work / "dense" / "last"), "steps": r["steps"], "epochs": epochs, "seconds": r["wall_s"],
+                "largest_test_acc": r["final"]["test_acc"], "val_acc": r["final"]["val_acc"], "data": r["data"]}
+
+    def train_size(self, recipe) -> int:
+        from weit_cli.data import load_data
+
+        m = recipe.model
+        s = load_data(recipe.data.source, img_size=m.img_size, in_chans=m.in_chans, seed=recipe.seed, val_fraction=recipe.data.val_fraction)
+        return len(s.train)
+
+    def config_only(self, adapter, arch, name: str) -> Path:
+        folder = self.work / "models" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(adapter.timm_config(arch), indent=2, sort_keys=True) + "\n")
+        return folder
+
+    def one(self, task: str, depth: int, width: int, method: str, largest) -> dict:
+        """Initialise one target size by one method, then finetune it on `task`."""
+        from weit_cli.api import materialize
+        from weit_cli.finetune import finetune
+
+        cfg, a = self.cfg, self.args
+        bundle = self.work / "bundle.safetensors"
+        dense = self.work / "dense" / "last"
+        models = self.work / "models"
+        plain = models / f"weit-{depth}x{width}"
+        if not plain.exists():
+            materialize(bundle, plain, depth=depth, width=width, force=True)
+        transfer = task != "fashion-mnist"
+        subset = cfg["subset"] if not transfer else cfg["transfer_subset"]
+        init_s, label, source, model, init = 0.0, method, None, plain, "weit"
+        extra: dict = {}
+        if method == "random":
+            init = "random"
+        elif method == "weight-selection":
+            if depth <= largest[0] and width <= largest[1]:
+                init, source = "weight-selection", dense
+            else:
+                label = "dense-grown"
+                model = models / f"dense-grown-{depth}x{width}"
+                t = time.perf_counter()
+                extra["reconstruction_error"] = grow_dense(dense, model, depth, width)
+                init_s = time.perf_counter() - t
+        elif method == "weit+fit":
+            from weit_cli.fit import fit_scalers
+
+            scalers = models / f"scalers-{task}-{depth}x{width}.safetensors"
+            fit = fit_scalers(
+                bundle, scalers, data=task, depth=depth, width=width, steps=cfg["fit_steps"], lr=a.fit_lr,
+                train_subset=subset, reset_head=transfer, distill=0.0 if transfer else a.fit_distill, seed=0,
+                device="cpu", force=True,
+            )
+            init_s = fit["fit_seconds"]
+            model = models / f"weit-fit-{task}-{depth}x{width}"
+            materialize(bundle, model, depth=depth, width=width, scalers=scalers, force=True)
+            extra["fit"] = {k: fit[k] for k in ("loss_first", "loss_last", "val_acc_before", "val_acc_after", "steps")}
+        elif method != "weit":
+            raise SystemExit(f"unknown method {method}")
+        (self.work / "ft").mkdir(exist_ok=True)
+        r = finetune(
+            model, self.work / "ft" / f"{task}-{depth}x{width}-{method}", data=task, epochs=cfg["epochs"], init=init,
+            source=source, lr=a.lr, warmup=a.warmup, schedule=a.schedule, batch_size=a.batch_size,
+            train_subset=subset, reset_head=transfer and method != "weit+fit", seed=0, force=True, device="cpu",
+        )
+        return {
+            "task": task, "size": [depth, width], "method": label, "init_seconds": round(init_s, 2),
+            "test_acc": r["test_acc_by_epoch"], "finetune_seconds": r["final"]["wall_s"], "steps": r["steps"],
+            "data": r["data"], **extra,
+        }
+
+
+def grow_dense(dense: Path, out: Path, depth: int, width: int) -> dict:
+    """The dense model at a larger size by weit's resizing rules: an exact template bundle of it
+    (enough templates to span every layer), then depth interp + Net2Net width tiling."""
+    import torch
+
+    from weit_cli.api import write_model
+    from weit_cli.arch import detect_family
+    from weit_cli.bundle import from_dense, resize
+    from weit_cli.files import load_dense
+
+    state, hints = load_dense(dense)
+    adapter = detect_family(state.keys())
+    arch = adapter.infer_arch(state, hints)
+    p = arch.head_dim
+    blocks = max(arch.depth * (r // p) * (c // p) for r, c in ((3 * arch.width, arch.width), (arch.hidden, arch.width)))
+    bundle, errors = from_dense(adapter, arch, state, p, min(p * p, blocks))
+    target = adapter.target_arch(arch, depth=depth, width=width)
+    with torch.no_grad():
+        sized = resize(bundle, target, "interp", "tile")
+    write_model(sized, out, torch.float32, {"command": "benchmarks/quality.py grow_dense"}, force=True)
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------- output
+def table(res: dict) -> str:
+    s = res["settings"]
+    pre = res["pretrain"]
+    lines = [
+        f"Budget `{res['budget']}`{' (' + res['tag'] + ')' if res['tag'] else ''}: `{res['command']}`, "
+        f"{s['threads']} thread(s), total {res.get('total_s', 0) / 60:.1f} min.",
+        "",
+        f"Pretraining ({pre['bundle']['steps']} optimiser steps each, recipe `{s['recipe']}`): test accuracy at the "
+        f"largest size {tuple(s['largest'])[0]}×{tuple(s['largest'])[1]}: weit bundle **{100 * pre['bundle']['largest_test_acc']:.2f}%** "
+        f"({pre['bundle']['seconds'] / 60:.1f} min), dense ViT **{100 * pre['dense']['largest_test_acc']:.2f}%** "
+        f"({pre['dense']['seconds'] / 60:.1f} min).",
+        "",
+        f"Finetuning: {s['epochs']} epochs, AdamW lr {s['finetune']['lr']:g}, warmup {s['finetune']['warmup_epochs']:g} "
+        f"epochs, {s['finetune']['schedule']}, batch {s['finetune']['batch_size']}; fit-scalers {s['fit']['steps']} steps "
+        f"(lr {s['fit']['lr']:g}). Test accuracy (%) after each epoch (0 = the initialisation):",
+        "",
+    ]
+    e = s["epochs"]
+    head = "| task | size (depth×width) | method | " + " | ".join(f"ep {i}" for i in range(e + 1)) + " | init time (s) |"
+    lines += [head, "|" + "---|" * (e + 5)]
+    for r in res["runs"]:
+        accs = " | ".join(f"{100 * x:.2f}" for x in r["test_acc"])
+        lines.append(f"| {r['task']} | {r['size'][0]}×{r['size'][1]} | {r['method']} | {accs} | {r['init_seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    tasks = list(dict.fromkeys(r["task"] for r in res["runs"]))
+    sizes = list(dict.fromkeys(tuple(r["size"]) for r in res["runs"]))
+    fig, axes = plt.subplots(len(tasks), len(sizes), figsize=(4.2 * len(sizes), 3.4 * len(tasks)), squeeze=False)
+    styles = {"random": "C7", "weight-selection": "C0", "dense-grown": "C0", "weit": "C3", "weit+fit": "C1"}
+    for i, task in enumerate(tasks):
+        for j, size in enumerate(sizes):
+            ax = axes[i][j]
+            for r in res["runs"]:
+                if r["task"] == task and tuple(r["size"]) == size:
+                    acc = [100 * a for a in r["test_acc"]]
+                    ax.plot(range(len(acc)), acc, marker="o", ms=3, label=r["method"], color=styles.get(r["method"]))
+            ax.set_title(f"{task}: depth {size[0]}, width {size[1]}", fontsize=9)
+            ax.set_xlabel("finetuning epoch")
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+            ax.set_ylabel("test accuracy (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Initialisation quality ({res['budget']}{', ' + res['tag'] if res['tag'] else ''})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
