@@ -40,9 +40,27 @@ def extract_templates(
     num_templates: int = 16,
     num_heads: int | None = None,
     img_size: int | None = None,
+    data: str | None = None,
+    distill_steps: int | None = None,
+    distill_lr: float | None = None,
+    batch_size: int | None = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    device: str | None = None,
     force: bool = False,
+    on_step: Callable[[Any], None] | None = None,
 ) -> dict[str, Any]:
+    """Data-free SVD extraction; with `data`, then WAVE-style distillation (distill.py) from the checkpoint."""
     check_output(out, force)
+    if data is None and (distill_steps is not None or distill_lr is not None or batch_size is not None):
+        raise WeitError("--distill-steps, --distill-lr and --batch-size need --data", "pass --data DATA to distil, or leave them out")
+    if data is not None:
+        from .distill import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, check_options
+
+        distill_steps = DEFAULT_STEPS if distill_steps is None else distill_steps
+        distill_lr = DEFAULT_LR if distill_lr is None else distill_lr
+        batch_size = DEFAULT_BATCH if batch_size is None else batch_size
+        check_options(distill_steps, distill_lr, batch_size, temperature)
     state, hints = load_dense(checkpoint)
     if num_heads is not None:
         hints["num_heads"] = num_heads
@@ -58,14 +76,42 @@ def extract_templates(
         "num_templates": num_templates,
         "reconstruction_error": {k: round(v, 8) for k, v in errors.items()},
     }
+    report = None
+    if data is not None:
+        from .data import load_data
+        from .distill import distill
+
+        splits = load_data(data, img_size=arch.img_size, in_chans=arch.in_chans, seed=seed)
+        bundle, report = distill(
+            bundle, state, splits, steps=distill_steps, lr=distill_lr, batch_size=batch_size,
+            temperature=temperature, seed=seed, device=device, on_step=on_step,
+        )
+        report["relative_error_after"] = _relative_errors(bundle, state)
+        provenance["distillation"] = {k: v for k, v in report.items() if k != "seconds"}  # same inputs → same bytes
     save_tensors(out, bundle.to_tensors(), bundle.metadata(**provenance), force)
-    return {
+    result = {
         "command": "extract-templates",
         "output": str(out),
         "architecture": arch.to_dict(),
         "templates": {t: list(v.shape) for t, v in bundle.templates.items()},
         "relative_error": errors,
         "params": bundle.param_counts(),
+    }
+    if report is not None:
+        result["distillation"] = report
+    return result
+
+
+def _relative_errors(bundle: Bundle, state: dict[str, torch.Tensor]) -> dict[str, float]:
+    """‖W − Σ S⊗T‖/‖W‖ per template type against the source weights."""
+    from .kron import relative_error
+
+    by_type: dict[str, list[str]] = {}
+    for k in bundle.scalers:
+        by_type.setdefault(bundle.adapter.template_type_of(k, bundle.arch), []).append(k)
+    return {
+        t: relative_error([state[k].float() for k in keys], [bundle.scalers[k] for k in keys], bundle.templates[t])
+        for t, keys in by_type.items()
     }
 
 

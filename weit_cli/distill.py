@@ -1,0 +1,178 @@
+"""WAVE-style distillation for `extract-templates` (SPEC §8).
+
+The data-free SVD gives the least-squares best templates for the *weights*; with few templates the
+constrained model can still compute a rather different function. Distillation trains the constrained
+model — templates, scalers and (by default) the small parameters — as the student of the dense source
+checkpoint: loss = CE(student, labels) + T²·KL(teacher ‖ student) on temperature-T logits. The forward
+pass runs through the real timm module with the composed weights (`fit.composed_forward`), so the
+student evaluated here is exactly what `materialize` writes out at the source size.
+
+BatchNorm students run in training mode (batch statistics) and carry their running statistics along,
+as in ordinary training; accuracy is measured in eval mode with those statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .bundle import Bundle
+from .errors import WeitError
+
+DEFAULT_STEPS = 200
+DEFAULT_LR = 1e-3
+DEFAULT_BATCH = 64
+
+
+def kd_loss(logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    """CE on the labels + T²·KL(teacher ‖ student) on temperature-softened logits (Hinton et al.)."""
+    ce = nn.functional.cross_entropy(logits, labels)
+    t = temperature
+    kl = nn.functional.kl_div(
+        nn.functional.log_softmax(logits / t, -1),
+        nn.functional.log_softmax(teacher_logits / t, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    return ce + kl * t * t
+
+
+def check_options(steps: int, lr: float, batch_size: int, temperature: float) -> None:
+    if steps < 1:
+        raise WeitError(f"--distill-steps must be at least 1, got {steps}", "a few hundred steps is typical")
+    if not lr > 0:
+        raise WeitError(f"--distill-lr must be positive, got {lr}", f"e.g. --distill-lr {DEFAULT_LR:g}")
+    if batch_size < 2:
+        raise WeitError(f"--batch-size must be at least 2, got {batch_size}", f"e.g. --batch-size {DEFAULT_BATCH}")
+    if not temperature > 0:
+        raise WeitError(f"--temperature must be positive, got {temperature}", "1.0 is plain KL on the logits")
+
+
+def distill(
+    bundle: Bundle,
+    teacher_state: dict[str, Tensor],
+    splits,
+    *,
+    steps: int = DEFAULT_STEPS,
+    lr: float = DEFAULT_LR,
+    batch_size: int = DEFAULT_BATCH,
+    temperature: float = 1.0,
+    train_small: bool = True,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    on_step: Callable[[Any], None] | None = None,
+) -> tuple[Bundle, dict[str, Any]]:
+    """Train `bundle` (templates + scalers [+ small]) to imitate the dense `teacher_state` on `splits`
+    (a data.DataSplits); returns the distilled bundle and what happened (held-out accuracies before and
+    after, teacher accuracy, losses, time)."""
+    from .fit import composed_forward
+    from .train import Batches, StepInfo, Throughput, adamw, clip_grad, device_autocast, evaluate, lr_at, seed_everything, set_lr
+
+    check_options(steps, lr, batch_size, temperature)
+    ad, arch = bundle.adapter, bundle.arch
+    if splits.num_classes != arch.num_classes:
+        raise WeitError(
+            f"the data has {splits.num_classes} classes, the checkpoint's classifier {arch.num_classes}",
+            "distil on data with the classes the checkpoint was trained for",
+        )
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    seed_everything(seed)
+
+    teacher = ad.build(arch).to(dev)
+    with torch.no_grad():
+        teacher.load_state_dict({k: v.to(dev) for k, v in teacher_state.items()}, strict=True)
+    teacher.eval().requires_grad_(False)
+
+    module = ad.build(arch).to(dev)
+    learnable = {n for n, _ in module.named_parameters()}  # the rest are buffers (BatchNorm statistics)
+    templates = {t: nn.Parameter(v.detach().clone().float().to(dev)) for t, v in bundle.templates.items()}
+    scalers = {k: nn.Parameter(v.detach().clone().float().to(dev)) for k, v in bundle.scalers.items()}
+    small: dict[str, Tensor] = {}
+    for k, v in bundle.small.items():
+        v = v.detach().clone().to(dev)
+        small[k] = nn.Parameter(v, requires_grad=train_small) if k in learnable else v
+    student = Bundle(ad, arch, templates, scalers, small, dict(bundle.extra))
+    forward = composed_forward(module, student)
+
+    trainable = {f"templates.{k}": v for k, v in templates.items()}
+    trainable.update({f"scalers.{k}": v for k, v in scalers.items()})
+    if train_small:
+        trainable.update({f"small.{k}": v for k, v in small.items() if k in learnable})
+    # No weight decay: templates and scalers are factors of the weights, decaying them shrinks both.
+    opt = adamw(trainable, lr=lr, weight_decay=0.0)
+
+    held_out = splits.test if splits.test is not None and len(splits.test) else splits.val
+
+    def student_eval():
+        frozen = Bundle(ad, arch, {k: v.detach() for k, v in templates.items()}, {k: v.detach() for k, v in scalers.items()},
+                        {k: v.detach() for k, v in small.items()})
+        module.eval()
+        try:
+            return evaluate(composed_forward(module, frozen), held_out, device=dev)
+        finally:
+            module.train()
+
+    teacher_acc = evaluate(teacher, held_out, device=dev)
+    before = student_eval()
+    batches = Batches(splits.train, batch_size, seed)
+    warmup = max(1, steps // 10)
+    meter = Throughput(0, steps)
+    losses: list[float] = []
+    module.train()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        lr_now = lr_at(step, base_lr=lr, total_steps=steps, warmup_steps=warmup)
+        set_lr(opt, lr_now)
+        x, y = (t.to(dev) for t in batches.next())
+        with device_autocast(dev):
+            with torch.no_grad():
+                t_logits = teacher(x).float()
+            loss = kd_loss(forward(x).float(), t_logits, y, temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_grad(trainable.values(), 1.0)
+        opt.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise WeitError(f"the distillation loss became {value} at step {step + 1}", "lower --distill-lr")
+        losses.append(value)
+        if on_step is not None:
+            sps, eta = meter(step + 1)
+            on_step(StepInfo(step + 1, steps, value, lr_now, sps, eta))
+    seconds = time.perf_counter() - t0
+    after = student_eval()
+
+    out = Bundle(
+        ad,
+        arch,
+        {k: v.detach().cpu().contiguous() for k, v in templates.items()},
+        {k: v.detach().cpu().contiguous() for k, v in scalers.items()},
+        {k: v.detach().cpu().contiguous() for k, v in small.items()},
+        dict(bundle.extra),
+    )
+    window = max(1, min(20, steps // 5))
+    split = "test" if held_out is splits.test else "val"
+    report = {
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batches.batch_size,
+        "temperature": temperature,
+        "train_small": train_small,
+        "seed": seed,
+        "eval_split": f"{split} ({held_out.tensors[0].shape[0]} images)",
+        "teacher_acc": teacher_acc.accuracy,
+        "student_acc_before": before.accuracy,
+        "student_acc_after": after.accuracy,
+        "student_loss_before": before.loss,
+        "student_loss_after": after.loss,
+        "loss_first": sum(losses[:window]) / window,
+        "loss_last": sum(losses[-window:]) / window,
+        "seconds": seconds,
+        "data": splits.description,
+    }
+    return out, report
