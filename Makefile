@@ -32,6 +32,10 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
+# Pretrain the small recipe on Fashion-MNIST, materialize three sizes, test each (outputs: demo-out/).
+demo: install
+	$(BIN)/python scripts/demo.py
+
 bench: install
 	$(BIN)/python benchmarks/materialize.py
 
