@@ -18,7 +18,7 @@ from conftest import (
     tiny_resnet_args,
 )
 
-from weit_cli.errors import EXIT_USAGE, WeitError
+from weit_cli.errors import EXIT_INPUT, EXIT_USAGE, WeitError
 
 FULL_RANK = TINY_RESNET_P**2 * 9  # 3×3 templates; the 1×1 set is capped at its own full rank (64)
 BLOCKS = ("basic", "bottleneck")
@@ -318,6 +318,6 @@ def test_calibrate_repairs_wrong_statistics(trained_resnet):
 def test_calibrate_errors(trained_resnet, tiny_bundle, tmp_path):
     r = weit("materialize", tiny_bundle, "-o", tmp_path / "v", "--calibrate", "digits", "--json", expect=EXIT_USAGE)
     assert "no BatchNorm statistics" in json.loads(r.stdout)["error"]
-    r = weit("materialize", trained_resnet.bundle, "-o", tmp_path / "r", "--calibrate", str(tmp_path / "nope"), "--json", expect=3)
+    r = weit("materialize", trained_resnet.bundle, "-o", tmp_path / "r", "--calibrate", str(tmp_path / "nope"), "--json", expect=EXIT_INPUT)
     assert "unknown data source" in json.loads(r.stdout)["error"]
     assert not (tmp_path / "r").exists()
