@@ -246,6 +246,10 @@ def test_installed_entry_point_json(tiny_bundle, tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == EXIT_USAGE and one_json(bad.stdout)["exit_code"] == EXIT_USAGE
     assert "Traceback" not in bad.stderr and not (tmp_path / "n").exists()
+    # click's own usage errors (here: no -o) honour --json too
+    usage = subprocess.run([*cmd, "materialize", str(tiny_bundle), "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert usage.returncode == EXIT_USAGE and usage.stderr == ""
+    assert one_json(usage.stdout) == {"error": "Missing option '-o' / '--output'.", "hint": "see --help", "exit_code": EXIT_USAGE}
 
 
 def test_bfloat16_output_is_the_composition_cast(tiny_bundle, tmp_path):

@@ -14,7 +14,34 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-app = typer.Typer(
+
+class _Weit(typer.Typer):
+    """With --json, click's own usage errors (a missing option, a non-number) are one JSON object
+    on stdout too, like every other error."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if "--json" not in sys.argv[1:]:
+            return super().__call__(*args, **kwargs)
+        usage: tuple[type[BaseException], ...] = (typer.TyperException,) if hasattr(typer, "TyperException") else ()
+        try:  # typer ≥ 0.2x vendors its own click; older typers raise click's exceptions
+            import click
+
+            usage += (click.ClickException,)
+        except ImportError:
+            pass
+        try:
+            rv = super().__call__(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            sys.exit(130)
+        except usage as e:
+            code = getattr(e, "exit_code", 2)
+            msg = e.format_message() if hasattr(e, "format_message") else str(e)
+            sys.stdout.write(json.dumps({"error": msg, "hint": "see --help", "exit_code": code}) + "\n")
+            sys.exit(code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = _Weit(
     name="weit",
     help="Resize PyTorch models through Kronecker weight templates (WeiT).",
     no_args_is_help=True,
