@@ -1,12 +1,22 @@
 """`make demo`: pretrain a small nested ViT family on Fashion-MNIST, materialize three sizes, and
-evaluate each on the official test split with no further training.
+evaluate each on held-out data with no further training.
 
 Everything goes through the real command line (`weit pretrain`, `weit materialize`); the models are
-loaded back with plain timm. Outputs land in demo-out/ (git-ignored) and are replaced on every run.
+loaded back with plain timm (`local-dir:`). Outputs land in demo-out/ (git-ignored) and are replaced
+on every run.
+
+The same script produces the figures in docs/benchmarks.md for any recipe:
+
+    python scripts/demo.py --recipe recipes/vit-fashion.yaml --out runs/vit-fashion --grid --json runs/vit-fashion.json
+
+`--grid` materializes every trained (depth, width) pair plus one size beyond the trained range and
+reports validation and test accuracy of each.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import subprocess
 import sys
@@ -14,36 +24,63 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "demo-out"
-RECIPE = ROOT / "recipes" / "vit-fashion-small.yaml"
-# (depth, width, what it shows); the recipe trains depths 1-3 and widths 32-96.
-SIZES = [
-    (2, 64, "in range: a prefix of the trained family"),
-    (3, 96, "the largest trained size"),
-    (4, 192, "deeper and wider than anything trained (interp depth, tiled width)"),
-]
 
 
-def weit(*args: str) -> None:
+def weit(*args: str) -> float:
+    """Run one weit command (progress shows live); returns its wall time."""
     cmd = [sys.executable, "-m", "weit_cli.cli", *args]
     print("$ weit " + " ".join(str(a) for a in args), flush=True)
+    t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode:
         sys.exit(proc.returncode)
+    return time.perf_counter() - t
+
+
+def rel(p: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(p)
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description="Pretrain a recipe, materialize sizes, evaluate them (no further training).")
+    ap.add_argument("--recipe", default="recipes/vit-fashion-small.yaml")
+    ap.add_argument("--out", default="demo-out", help="output folder (replaced files are overwritten)")
+    ap.add_argument("--grid", action="store_true", help="every trained size (+ one beyond) instead of three")
+    ap.add_argument("--skip-pretrain", action="store_true", help="reuse OUT/bundle.safetensors")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override for pretrain")
+    ap.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
+    args = ap.parse_args()
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    OUT.mkdir(exist_ok=True)
-    bundle = OUT / "bundle.safetensors"
-    t0 = time.perf_counter()
-    weit("pretrain", str(RECIPE.relative_to(ROOT)), "-o", str(bundle.relative_to(ROOT)), "--force")
-    t_pretrain = time.perf_counter() - t0
+    sys.path.insert(0, str(ROOT))
+    from weit_cli.recipe import load_recipe
+
+    recipe_path = ROOT / args.recipe if not Path(args.recipe).is_absolute() else Path(args.recipe)
+    recipe = load_recipe(recipe_path, args.overrides)
+    out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = out / "bundle.safetensors"
+
+    t_pretrain = None
+    if not args.skip_pretrain:
+        sets = [x for o in args.overrides for x in ("--set", o)]
+        t_pretrain = weit("pretrain", rel(recipe_path), "-o", rel(bundle), "--force", *sets)
+
+    depths, widths = recipe.nested.depths, recipe.nested.widths
+    beyond = (max(depths) + 1, 2 * max(widths), "beyond: deeper and wider than anything trained (interp depth, tiled width)")
+    if args.grid:
+        sizes = [(d, w, "in range") for d in depths for w in widths] + [beyond]
+    else:
+        mid_d, mid_w = depths[(len(depths) - 1) // 2], widths[(len(widths) - 1) // 2]
+        sizes = [(mid_d, mid_w, "in range: a smaller prefix of the trained family"),
+                 (max(depths), max(widths), "the largest trained size"), beyond]
     folders = []
-    for depth, width, _ in SIZES:
-        folder = OUT / f"vit-d{depth}-w{width}"
-        weit("materialize", str(bundle.relative_to(ROOT)), "--depth", str(depth), "--width", str(width),
-             "-o", str(folder.relative_to(ROOT)), "--force")
+    for depth, width, _ in sizes:
+        folder = out / f"vit-d{depth}-w{width}"
+        weit("materialize", rel(bundle), "--depth", str(depth), "--width", str(width), "-o", rel(folder), "--force")
         folders.append(folder)
 
     import timm
@@ -51,26 +88,34 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    sys.path.insert(0, str(ROOT))
     from weit_cli.data import load_data
-    from weit_cli.recipe import load_recipe
     from weit_cli.train import evaluate
 
-    recipe = load_recipe(RECIPE)
-    data = load_data(recipe.data.source, img_size=recipe.model.img_size, in_chans=recipe.model.in_chans, seed=recipe.seed,
-                     val_fraction=recipe.data.val_fraction)
-    table = Table(title=f"Fashion-MNIST test split ({len(data.test)} images), no training after pretrain", title_justify="left")
-    for col in ("depth", "width", "heads", "parameters", "test accuracy", "size"):
-        table.add_column(col, justify="right" if col != "size" else "left")
-    for (depth, width, what), folder in zip(SIZES, folders):
+    data = load_data(recipe.data.source, img_size=recipe.model.img_size, in_chans=recipe.model.in_chans,
+                     seed=recipe.seed, val_fraction=recipe.data.val_fraction)
+    table = Table(title=f"{recipe.data.source}: accuracy with no training after pretrain (chance {100 / data.num_classes:.0f}%)",
+                  title_justify="left")
+    for col in ("depth", "width", "heads", "parameters", f"val ({len(data.val)})", f"test ({len(data.test)})", "size"):
+        table.add_column(col, justify="left" if col == "size" else "right")
+    rows = []
+    for (depth, width, what), folder in zip(sizes, folders):
         model = timm.create_model(f"local-dir:{folder}", pretrained=True)
-        acc = evaluate(model, data.test, batch_size=500, device="cpu").accuracy
+        val = evaluate(model, data.val, batch_size=500, device="cpu").accuracy
+        test = evaluate(model, data.test, batch_size=500, device="cpu").accuracy
         params = sum(p.numel() for p in model.parameters())
-        table.add_row(str(depth), str(width), str(model.blocks[0].attn.num_heads), f"{params:,}", f"{100 * acc:.2f}%", what)
+        heads = model.blocks[0].attn.num_heads
+        rows.append({"depth": depth, "width": width, "heads": heads, "params": params, "val_acc": val, "test_acc": test, "note": what})
+        table.add_row(str(depth), str(width), str(heads), f"{params:,}", f"{100 * val:.2f}%", f"{100 * test:.2f}%", what)
     console = Console()
     console.print(table)
-    console.print(f"chance is 10%; pretraining took {t_pretrain:.0f}s with {torch.get_num_threads()} threads; "
-                  f"bundle, resolved recipe and timm folders are in {OUT.relative_to(ROOT)}/")
+    if t_pretrain is not None:
+        console.print(f"pretrain wall time {t_pretrain:.0f}s ({torch.get_num_threads()} threads in this process); "
+                      f"files in {rel(out)}/")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({
+            "recipe": rel(recipe_path), "overrides": args.overrides, "data": data.description,
+            "pretrain_wall_s": t_pretrain, "sizes": rows,
+        }, indent=2) + "\n")
 
 
 if __name__ == "__main__":
