@@ -62,9 +62,9 @@ BUDGETS = {
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="small")
-    ap.add_argument("--work", type=Path, help="Cache folder (default runs/quality-<budget>[-<tag>]).")
+    ap.add_argument("--work", type=Path, help="Cache folder (default runs/quality-<budget>); variants share pretraining.")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs", help="Where the table, plot and JSON go.")
-    ap.add_argument("--tag", default="", help="Suffix for work folder and outputs (for variants).")
+    ap.add_argument("--tag", default="", help="Name of a variant: its finetuning runs and outputs get this suffix.")
     ap.add_argument("--epochs", type=int, help="Override the budget's finetuning epochs.")
     ap.add_argument("--lr", type=float, default=5e-4, help="Finetuning peak learning rate (every method).")
     ap.add_argument("--warmup", type=float, default=0.0, help="Finetuning warmup in epochs (every method).")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fit_steps:
         cfg["fit_steps"] = args.fit_steps
     name = f"quality-{args.budget}" + (f"-{args.tag}" if args.tag else "")
-    work = args.work or ROOT / "runs" / name
+    work = args.work or ROOT / "runs" / f"quality-{args.budget}"
     if args.fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -115,16 +115,16 @@ class Bench:
         self.work, self.cfg, self.args = work, cfg, args
 
     # -------------------------------------------------------------------------------- caching
-    def cached(self, key: str, fn):
-        """Run `fn` once; its JSON result is kept in the work folder."""
-        path = self.work / f"{key}.json"
+    def cached(self, key: Path, fn):
+        """Run `fn` once; its JSON result is kept next to its outputs (key + .json)."""
+        path = key.with_name(key.name + ".json")
         if path.exists():
             return json.loads(path.read_text())
         t = time.perf_counter()
         out = fn()
         out["stage_s"] = round(time.perf_counter() - t, 2)
         path.write_text(json.dumps(out, indent=2, default=str) + "\n")
-        print(f"  {key}: {out['stage_s']:.0f}s", flush=True)
+        print(f"  {key.relative_to(self.work)}: {out['stage_s']:.0f}s", flush=True)
         return out
 
     # -------------------------------------------------------------------------------- stages
@@ -133,15 +133,24 @@ class Bench:
 
         cfg, a = self.cfg, self.args
         recipe = rcp.load_recipe(ROOT / cfg["recipe"], cfg["overrides"] + a.overrides)
-        pre = self.cached("pretrain-bundle", lambda: self.pretrain_bundle(cfg["overrides"] + a.overrides))
-        dense = self.cached("pretrain-dense", lambda: self.pretrain_dense(recipe))
+        # Pretraining is shared by every variant with the same recipe; finetuning runs by the tag.
+        self.pre = self.work / f"pretrain-{rcp.sha256(recipe)[:10]}"
+        self.pre.mkdir(exist_ok=True)
+        self.runs = self.work / (a.tag or "default")
+        self.runs.mkdir(exist_ok=True)
+        pre = self.cached(self.pre / "bundle", lambda: self.pretrain_bundle(cfg["overrides"] + a.overrides))
+        # The dense model takes the same data and optimiser settings, not the template/nested ones.
+        shared = [o for o in cfg["overrides"] + a.overrides if not o.startswith(("templates.", "nested."))]
+        dense_recipe = rcp.load_recipe(ROOT / cfg["recipe"], shared)
+        dense = self.cached(self.work / f"dense-{rcp.sha256(dense_recipe)[:10]}", lambda: self.pretrain_dense(dense_recipe))
+        self.dense = Path(dense["path"])
         largest = (max(recipe.nested.depths), max(recipe.nested.widths))
         sizes = [tuple(t) for t in cfg["targets"]]
         runs = []
         for task in a.tasks.split(","):
             for depth, width in sizes:
                 for method in a.methods.split(","):
-                    key = f"{task}-{depth}x{width}-{method}"
+                    key = self.runs / f"{task}-{depth}x{width}-{method}"
                     r = self.cached(key, lambda: self.one(task, depth, width, method, largest))
                     runs.append(r)
         return {
@@ -163,7 +172,7 @@ class Bench:
     def pretrain_bundle(self, overrides: list[str]) -> dict:
         from weit_cli.pretrain import pretrain
 
-        out = self.work / "bundle.safetensors"
+        out = self.pre / "bundle.safetensors"
         r = pretrain(ROOT / self.cfg["recipe"], out, overrides=overrides, force=True, device="cpu")
         largest = self.evaluate_bundle(out)
         return {"path": str(out), "steps": r["steps"], "seconds": r["wall_s"], "val": r["val"], "largest_test_acc": largest}
@@ -172,8 +181,7 @@ class Bench:
         """Test accuracy of the bundle's own (largest) model, as materialize writes it."""
         from weit_cli.api import materialize
 
-        out = self.work / "models" / "bundle-largest"
-        out.parent.mkdir(exist_ok=True)
+        out = self.pre / "bundle-largest"
         materialize(bundle, out, force=True)
         return self.test_acc(out, "fashion-mnist")
 
@@ -202,13 +210,14 @@ class Bench:
         epochs = math.ceil(tr.steps / per_epoch)
         adapter, arch = largest_arch(recipe, 10)
         shell = self.config_only(adapter, arch, "dense-arch")
+        out = self.work / f"dense-{rcp_sha(recipe)}"
         r = finetune(
-            shell, self.work / "dense", data=recipe.data.source, epochs=epochs, init="random", lr=tr.lr,
+            shell, out, data=recipe.data.source, epochs=epochs, init="random", lr=tr.lr,
             warmup=tr.warmup_steps / per_epoch, schedule="cosine", min_lr_ratio=tr.min_lr_ratio, batch_size=bs,
             weight_decay=tr.weight_decay, grad_clip=tr.grad_clip, train_subset=per_epoch * bs, data_seed=recipe.seed,
             val_fraction=recipe.data.val_fraction, seed=recipe.seed, force=True, device="cpu",
         )
-        return {"path": str(self.work / "dense" / "last"), "steps": r["steps"], "epochs": epochs, "seconds": r["wall_s"],
+        return {"path": str(out / "last"), "steps": r["steps"], "epochs": epochs, "seconds": r["wall_s"],
                 "largest_test_acc": r["final"]["test_acc"], "val_acc": r["final"]["val_acc"], "data": r["data"]}
 
     def train_size(self, recipe) -> int:
@@ -230,9 +239,10 @@ class Bench:
         from weit_cli.finetune import finetune
 
         cfg, a = self.cfg, self.args
-        bundle = self.work / "bundle.safetensors"
-        dense = self.work / "dense" / "last"
-        models = self.work / "models"
+        bundle = self.pre / "bundle.safetensors"
+        dense = self.dense
+        models = self.pre / "models"  # initialisations depend on the pretraining only …
+        models.mkdir(exist_ok=True)
         plain = models / f"weit-{depth}x{width}"
         if not plain.exists():
             materialize(bundle, plain, depth=depth, width=width, force=True)
@@ -254,21 +264,22 @@ class Bench:
         elif method == "weit+fit":
             from weit_cli.fit import fit_scalers
 
-            scalers = models / f"scalers-{task}-{depth}x{width}.safetensors"
+            fitted = self.runs / "models"  # … except fitted scalers, which depend on the variant's fit options
+            fitted.mkdir(exist_ok=True)
+            scalers = fitted / f"scalers-{task}-{depth}x{width}.safetensors"
             fit = fit_scalers(
                 bundle, scalers, data=task, depth=depth, width=width, steps=cfg["fit_steps"], lr=a.fit_lr,
                 train_subset=subset, reset_head=transfer, distill=0.0 if transfer else a.fit_distill, seed=0,
                 device="cpu", force=True,
             )
             init_s = fit["fit_seconds"]
-            model = models / f"weit-fit-{task}-{depth}x{width}"
+            model = fitted / f"weit-fit-{task}-{depth}x{width}"
             materialize(bundle, model, depth=depth, width=width, scalers=scalers, force=True)
             extra["fit"] = {k: fit[k] for k in ("loss_first", "loss_last", "val_acc_before", "val_acc_after", "steps")}
         elif method != "weit":
             raise SystemExit(f"unknown method {method}")
-        (self.work / "ft").mkdir(exist_ok=True)
         r = finetune(
-            model, self.work / "ft" / f"{task}-{depth}x{width}-{method}", data=task, epochs=cfg["epochs"], init=init,
+            model, self.runs / f"{task}-{depth}x{width}-{method}", data=task, epochs=cfg["epochs"], init=init,
             source=source, lr=a.lr, warmup=a.warmup, schedule=a.schedule, batch_size=a.batch_size,
             train_subset=subset, reset_head=transfer and method != "weit+fit", seed=0, force=True, device="cpu",
         )
@@ -277,6 +288,12 @@ class Bench:
             "test_acc": r["test_acc_by_epoch"], "finetune_seconds": r["final"]["wall_s"], "steps": r["steps"],
             "data": r["data"], **extra,
         }
+
+
+def rcp_sha(recipe) -> str:
+    from weit_cli import recipe as rcp
+
+    return rcp.sha256(recipe)[:10]
 
 
 def grow_dense(dense: Path, out: Path, depth: int, width: int) -> dict:
