@@ -135,9 +135,10 @@ def load_scalers(path: Path, bundle: Bundle, bundle_sha: str, target: Any) -> Bu
         )
     fitted = bundle.adapter.arch_from_dict(json.loads(meta["architecture"]))
     if fitted != target:
+        size = lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)  # noqa: E731
         raise InputError(
             f"{path} holds scalers for {bundle.adapter.describe(fitted)}, not {bundle.adapter.describe(target)}",
-            f"materialize with the size it was fitted for (--depth {fitted.depth} --width {fitted.width}) or fit anew",
+            f"materialize with the size it was fitted for (--depth {size(fitted.depth)} --width {size(fitted.width)}) or fit anew",
         )
     scalers = {k[len("scalers.") :]: v for k, v in tensors.items() if k.startswith("scalers.")}
     small = {k[len("small.") :]: v for k, v in tensors.items() if k.startswith("small.")}
@@ -214,6 +215,9 @@ def materialize(
         bn_stats = f"{src}, resized (not recalibrated; pass --calibrate DATA to re-estimate them)"
         if scalers is None and target == bundle.arch:
             bn_stats = "the bundle's (same size; not recalibrated)"
+        fitted = _fitted_bn_statistics(scalers) if scalers is not None else None
+        if fitted:
+            bn_stats = f"the scalers file's, {fitted} by fit-scalers"
     provenance = {
         "command": "materialize",
         "bundle_sha256": bsha,
@@ -234,6 +238,16 @@ def materialize(
         "params": sum(_numel(sized.dense_shape(k)) for k in sized.dense_keys()),
         "bn_statistics": bn_stats,
     }
+
+
+def _fitted_bn_statistics(path: Path) -> str | None:
+    """What fit-scalers recorded about the BatchNorm statistics it stored (None: not recalibrated)."""
+    try:
+        prov = json.loads((read_header(path).get("__metadata__") or {}).get("provenance", "{}"))
+    except ValueError:
+        return None
+    value = prov.get("bn_statistics") if isinstance(prov, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _calibrate(sized: Bundle, source: str, batches: int, batch_size: int, seed: int, progress) -> tuple[Bundle, str]:
@@ -264,6 +278,7 @@ def write_model(sized: Bundle, out: Path, dtype: torch.dtype, provenance: dict[s
         "producer": f"weit {__version__}",
         "family": sized.adapter.family,
         "model_args": json.dumps(cfg["model_args"], sort_keys=True),
+        "pretrained_cfg": json.dumps(cfg["pretrained_cfg"], sort_keys=True),  # input size (CNNs are size-agnostic)
         "architecture": cfg["architecture"],
         "provenance": json.dumps(provenance, sort_keys=True),
     }

@@ -373,8 +373,8 @@ def fit_scalers_cmd(
     bundle: Annotated[Path, typer.Argument(help="Template bundle (.safetensors).")],
     output: OutOpt,
     data: Annotated[str, typer.Option(help="fashion-mnist, fashion-mnist:/folder, mnist5k, digits, or an image folder.")],
-    depth: Annotated[Optional[int], typer.Option(help="Target number of blocks (default: the bundle's).")] = None,
-    width: Annotated[Optional[int], typer.Option(help="Target embedding width (default: the bundle's).")] = None,
+    depth: Annotated[Optional[str], typer.Option(help="Target blocks (default: the bundle's). ResNet: per stage, e.g. 1,1,1,1; one number sets every stage.")] = None,
+    width: Annotated[Optional[str], typer.Option(help="ViT: embedding width. ResNet: channels per stage, or one number for stage 1 (default: the bundle's).")] = None,
     mlp_ratio: Annotated[Optional[float], typer.Option(help="Target MLP hidden width / width.")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Classifier outputs (default: the data's class count).")] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 200,
@@ -390,6 +390,7 @@ def fit_scalers_cmd(
     width_rule: Annotated[str, typer.Option(help="Initial width rule: tile | tile-nodiv.")] = "tile",
     seed: Annotated[int, typer.Option(help="Seed of the data split and order.")] = 0,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if present).")] = None,
+    calibrate_batches: Annotated[int, typer.Option(help="BatchNorm models: batches of the fitting data that re-estimate the running statistics after fitting.")] = 20,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -401,8 +402,8 @@ def fit_scalers_cmd(
         subset = int(train_subset) if train_subset is not None and train_subset > 1 else train_subset
         with _StepProgress("fit-scalers", not as_json) as progress:
             return fit_scalers(
-                bundle, output, data=data, depth=depth, width=width, mlp_ratio=mlp_ratio, num_classes=num_classes,
-                steps=steps, lr=lr, warmup=warmup, batch_size=batch_size, train_subset=subset, train_small=not no_small,
+                bundle, output, data=data, depth=_sizes(depth, "depth"), width=_sizes(width, "width"), mlp_ratio=mlp_ratio,
+                num_classes=num_classes, calibrate_batches=calibrate_batches, steps=steps, lr=lr, warmup=warmup, batch_size=batch_size, train_subset=subset, train_small=not no_small,
                 reset_head=reset_head, distill=distill, temperature=temperature, depth_rule=depth_rule, width_rule=width_rule, seed=seed,
                 device=device, force=force, on_step=progress,
             )
@@ -414,6 +415,7 @@ def fit_scalers_cmd(
             ("trained", f"{', '.join(r['trained'])} ({_human(r['params'])} values), {r['steps']} steps in {r['fit_seconds']:.1f}s"),
             ("loss", f"{r['loss_first']:.4f} → {r['loss_last']:.4f}"),
             ("val accuracy", f"{r['val_acc_before']:.4f} → {r['val_acc_after']:.4f} ({r['val_count']} images)"),
+            *([("BN statistics", r["bn_statistics"])] if r.get("bn_statistics") else []),
             ("bundle sha256", r["bundle_sha256"]),
             ("next", _materialize_hint(r)),
         ])
@@ -423,9 +425,11 @@ def fit_scalers_cmd(
 
 def _materialize_hint(r: dict[str, Any]) -> str:
     a = r["architecture"]
+    size = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731  (ResNet: per stage)
+    ratio = f"--mlp-ratio {a['mlp_ratio']:g} " if "mlp_ratio" in a else ""
     return (
-        f"weit materialize BUNDLE --scalers {r['output']} --depth {a['depth']} --width {a['width']} "
-        f"--mlp-ratio {a['mlp_ratio']:g} --num-classes {a['num_classes']} -o MODEL"
+        f"weit materialize BUNDLE --scalers {r['output']} --depth {size(a['depth'])} --width {size(a['width'])} "
+        f"{ratio}--num-classes {a['num_classes']} -o MODEL"
     )
 
 

@@ -277,6 +277,8 @@ def load_dense(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
             try:
                 conf = json.loads(cfg.read_text())
                 hints.update(conf.get("model_args") or {})
+                if isinstance(conf.get("pretrained_cfg"), dict):  # input size of size-agnostic CNNs
+                    hints["pretrained_cfg"] = conf["pretrained_cfg"]
             except (ValueError, AttributeError):
                 raise InputError(f"{cfg} is not valid JSON", "fix or remove it") from None
         for name in ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt"):
@@ -289,11 +291,14 @@ def load_dense(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         meta = read_header(path).get("__metadata__") or {}
         if meta.get("kind") in (KIND_TEMPLATES, KIND_SCALERS):
             raise InputError(f"{path} is a {meta['kind']} file, not a dense checkpoint", "pass a timm model file or folder")
-        if "model_args" in meta:
-            try:
-                hints = {**json.loads(meta["model_args"]), **hints}
-            except ValueError:
-                pass
+        for key in ("model_args", "pretrained_cfg"):
+            if key in meta:
+                try:
+                    value = json.loads(meta[key])
+                except ValueError:
+                    continue
+                if isinstance(value, dict):
+                    hints = {**value, **hints} if key == "model_args" else {key: value, **hints}
         state, _ = load_safetensors(path)
     else:
         try:

@@ -155,7 +155,8 @@ def read_model(path: Path, need_weights: bool) -> tuple[Any, Any, dict[str, Tens
             shell = timm.create_model(name, pretrained=False, **model_args)
         except Exception as e:  # timm raises many types for bad arguments
             raise InputError(f"{cfg} does not describe a timm model: {str(e).splitlines()[0][:200]}", "check model_args") from None
-        state, hints, weights = shell.state_dict(), model_args, None
+        pretrained_cfg = conf.get("pretrained_cfg") if isinstance(conf.get("pretrained_cfg"), dict) else {}
+        state, hints, weights = shell.state_dict(), {**model_args, "pretrained_cfg": pretrained_cfg}, None
     else:
         state, hints = load_dense(path)
         weights = state

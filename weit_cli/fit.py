@@ -6,6 +6,11 @@ own, largest model is a distillation teacher (KL on logits). The forward pass ru
 timm module of the target size with the composed weights (`torch.func.functional_call`), so what is
 fitted is exactly what `materialize --scalers` writes out.
 
+BatchNorm families (ResNet): during fitting each batch is normalised with its own statistics; after
+the last step the target's running statistics are re-estimated over `calibrate_batches` batches of
+the fitting data (`calibrate.recalibrate_bn`, no weight changes) and stored with the scalers, so a
+size whose statistics the bundle never observed gets them from its own activations.
+
 The output is a `weit.scalers` file: `scalers.<dense key>` and `small.<dense key>` tensors for the
 whole target model, bound to its bundle by the bundle's sha256 and to its size by the target
 architecture record; `api.load_scalers` checks both.
@@ -49,8 +54,8 @@ def fit_scalers(
     out: Path,
     *,
     data: str,
-    depth: int | None = None,
-    width: int | None = None,
+    depth: int | list[int] | None = None,
+    width: int | list[int] | None = None,
     mlp_ratio: float | None = None,
     num_classes: int | None = None,
     steps: int = DEFAULT_STEPS,
@@ -69,8 +74,10 @@ def fit_scalers(
     device: str | None = None,
     force: bool = False,
     on_step: Callable[[Any], None] | None = None,
+    calibrate_batches: int = 20,
 ) -> dict[str, Any]:
-    """Fit target-size scalers; returns what was done (losses, accuracies, time) and written."""
+    """Fit target-size scalers; returns what was done (losses, accuracies, time) and written.
+    `depth`/`width`: one number, or one per stage (ResNet)."""
     from .api import plan_target
     from .data import load_data
     from .files import sha256
@@ -86,6 +93,8 @@ def fit_scalers(
         raise WeitError(f"--distill must be in [0, 1], got {distill}", "0 turns distillation off, 0.5 weighs KL and CE equally")
     if temperature <= 0:
         raise WeitError(f"--temperature must be positive, got {temperature}", "1.0 is plain KL on the logits")
+    if calibrate_batches < 1:
+        raise WeitError(f"--calibrate-batches must be at least 1, got {calibrate_batches}", "20 batches is typical")
     warmup = max(1, steps // 10) if warmup is None else warmup
     if warmup < 0:
         raise WeitError(f"--warmup must be 0 or more steps, got {warmup}", "e.g. --warmup 20")
@@ -186,6 +195,9 @@ def fit_scalers(
             sps, eta = meter(step + 1)
             on_step(StepInfo(step + 1, steps, value, lr_now, sps, eta))
     fit_time = time.perf_counter() - t0
+    bn_stats = None
+    if bundle.adapter.batchnorm:
+        bn_stats = _recalibrate(module, sized, small, splits, calibrate_batches, batch_size, seed, dev)
     after = frozen_eval(splits.val)
 
     tensors = {f"scalers.{k}": v.detach().cpu() for k, v in scalers.items()}
@@ -211,6 +223,8 @@ def fit_scalers(
         "width_rule": width_rule,
         "seed": seed,
     }
+    if bn_stats is not None:
+        provenance["bn_statistics"] = bn_stats
     meta = base_metadata(
         KIND_SCALERS,
         architecture=target.to_dict(),
@@ -237,7 +251,23 @@ def fit_scalers(
         "val_count": after.count,
         "fit_seconds": fit_time,
         "data": splits.description,
+        "bn_statistics": bn_stats,
     }
+
+
+@torch.no_grad()
+def _recalibrate(module: nn.Module, sized: Bundle, small: dict[str, Tensor], splits, batches: int, batch_size: int, seed: int, dev) -> str:
+    """Re-estimate the fitted model's BatchNorm statistics on the fitting data; updates `small` in place."""
+    from .calibrate import STAT_SUFFIXES, recalibrate_bn
+
+    module.load_state_dict({k: v.detach() for k, v in sized.state_dict().items()}, strict=True)
+    used = recalibrate_bn(module, splits.train, batches, max(2, batch_size), seed=seed, device=dev)
+    fresh = module.state_dict()
+    for k in small:
+        if k.endswith(STAT_SUFFIXES):
+            small[k] = fresh[k].detach().clone()
+    module.train()
+    return f"recalibrated on the fitting data ({used['batches']} batches, {used['images']} images, seed {seed})"
 
 
 def _fresh_head(adapter, arch, seed: int, dev: torch.device) -> dict[str, nn.Parameter]:

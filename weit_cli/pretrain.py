@@ -6,6 +6,15 @@ size is a prefix of the largest, cut by `bundle.resize(…, "prefix", "tile")` �
 code `weit materialize` runs — and its logits come from the real timm module of that size called with
 the composed weights (`torch.func.functional_call`). What is trained is therefore exactly what
 `materialize` writes out.
+
+BatchNorm (ResNet): running statistics are buffers, not trained. Every size normalises with its own
+batch statistics during training, on throw-away copies of the stored statistics, so no size's
+forward disturbs them (and a resumed run needs none in its checkpoint). After the last step the
+largest size's statistics are re-estimated over `model.bn_calibration_batches` training batches
+(`calibrate.recalibrate_bn`) and stored in the bundle; each validated size is recalibrated the same
+way on a copy first. A smaller size materialized from the bundle gets a prefix of the largest's
+statistics, which do not describe its activations: `fit-scalers` recalibrates them for its size, and
+`materialize --calibrate DATA` does so for those who skip fitting.
 """
 
 from __future__ import annotations
@@ -14,6 +23,8 @@ import hashlib
 import math
 import random
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +35,7 @@ from torch import Tensor, nn
 from . import recipe as rcp
 from .arch import get_adapter
 from .bundle import Bundle, from_dense, resize
+from .calibrate import STAT_SUFFIXES, recalibrate_bn
 from .data import load_data
 from .errors import EXIT_INTERRUPTED, InputError, WeitError
 from .files import atomic_file, check_output, save_tensors
@@ -50,14 +62,8 @@ from .train import (
 # ---------------------------------------------------------------------------------------------- the model
 def largest_arch(recipe: rcp.Recipe, num_classes: int):
     adapter = get_adapter(recipe.model.family)
-    from .arch.vit import ViTArch
-
-    m = recipe.model
-    width, depth = max(recipe.nested.widths), max(recipe.nested.depths)
-    arch = ViTArch(
-        img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans, num_classes=num_classes,
-        depth=depth, width=width, num_heads=width // m.head_dim, mlp_ratio=m.mlp_ratio, global_pool=m.global_pool,
-    )
+    depth, width = recipe.largest()
+    arch = adapter.arch_for_recipe(recipe.model, depth=depth, width=width, num_classes=num_classes)
     adapter.target_arch(arch, template_size=recipe.template_size)  # validates the sizes once more
     return adapter, arch
 
@@ -72,12 +78,12 @@ def initial_bundle(recipe: rcp.Recipe, num_classes: int) -> Bundle:
     adapter, arch = largest_arch(recipe, num_classes)
     torch.manual_seed(recipe.seed)
     dense = {k: v.detach().float() for k, v in adapter.build(arch).state_dict().items()}
-    counts = recipe.templates.counts()
+    counts = recipe.template_counts()
     p = recipe.template_size
     if recipe.templates.init == "timm-svd":
         bundle, _ = from_dense(adapter, arch, dense, p, counts)
         for t in bundle.templates:
-            keys = [k for k in bundle.scalers if adapter.template_type_of(k) == t]
+            keys = [k for k in bundle.scalers if adapter.template_type_of(k, arch) == t]
             want = torch.cat([dense[k].reshape(-1) for k in keys]).pow(2).mean().sqrt()
             have = torch.cat([bundle.dense(k).reshape(-1) for k in keys]).pow(2).mean().sqrt()
             if have > 0:
@@ -86,14 +92,14 @@ def initial_bundle(recipe: rcp.Recipe, num_classes: int) -> Bundle:
     else:
         gen = torch.Generator().manual_seed(recipe.seed)
         types = adapter.template_types(arch, p)
-        templates = {t: torch.randn(counts[t], tt.p, tt.q, generator=gen) for t, tt in types.items()}
+        templates = {t: torch.randn(counts[t], tt.p, tt.q, *tt.kernel, generator=gen) for t, tt in types.items()}
         scalers, small = {}, {}
         for k in sorted(dense):
-            t = adapter.template_type_of(k)
+            t = adapter.template_type_of(k, arch)
             if t is None:
                 small[k] = dense[k].clone()
             else:
-                rows, cols = dense[k].shape
+                rows, cols = dense[k].shape[:2]
                 n = counts[t]
                 scalers[k] = torch.randn(n, rows // types[t].p, cols // types[t].q, generator=gen) * (0.02 / math.sqrt(n))
         bundle = Bundle(adapter, arch, templates, scalers, small)
@@ -109,17 +115,29 @@ def _dec(key: str) -> str:
     return key.replace("/", ".")
 
 
-class NestedViT(nn.Module):
+class _Buffers(nn.Module):
+    """BatchNorm running statistics under bundle-style names (buffers: never trained)."""
+
+    def __init__(self, tensors: dict[str, Tensor]):
+        super().__init__()
+        for k, v in tensors.items():
+            self.register_buffer(_enc(k), v.detach().clone())
+
+
+class NestedModel(nn.Module):
     """The trainable parameters (templates, largest-size scalers and small parameters) and a forward
-    at any nested size through the real timm module of that size."""
+    at any nested size through the real timm module of that size. BatchNorm running statistics are
+    kept apart, as buffers (see the module doc)."""
 
     def __init__(self, bundle: Bundle):
         super().__init__()
         self.adapter, self.arch, self.extra = bundle.adapter, bundle.arch, dict(bundle.extra)
+        stats = {k for k in bundle.small if self.adapter.batchnorm and k.endswith(STAT_SUFFIXES)}
         self.templates = nn.ParameterDict({t: nn.Parameter(v.detach().clone()) for t, v in bundle.templates.items()})
         self.scalers = nn.ParameterDict({_enc(k): nn.Parameter(v.detach().clone()) for k, v in bundle.scalers.items()})
-        self.small = nn.ParameterDict({_enc(k): nn.Parameter(v.detach().clone()) for k, v in bundle.small.items()})
-        self._timm: dict[tuple[int, int], nn.Module] = {}  # not submodules: their own weights are never used
+        self.small = nn.ParameterDict({_enc(k): nn.Parameter(v.detach().clone()) for k, v in bundle.small.items() if k not in stats})
+        self.stats = _Buffers({k: bundle.small[k] for k in sorted(stats)})
+        self._timm: dict[tuple, nn.Module] = {}  # not submodules: their own weights are never used
 
     def named_tensors(self) -> dict[str, Tensor]:
         """Parameters under bundle-style names (templates.qkv, scalers.blocks.0…, small.pos_embed)."""
@@ -128,47 +146,85 @@ class NestedViT(nn.Module):
         out.update({f"small.{_dec(k)}": v for k, v in self.small.items()})
         return out
 
-    def bundle(self) -> Bundle:
+    def bundle(self, stats_copy: bool = False) -> Bundle:
+        """The parameters as a Bundle; `stats_copy` gives copies of the BatchNorm statistics, for a
+        training-mode forward to update without touching the stored ones."""
+        small = {_dec(k): v for k, v in self.small.items()}
+        small.update({_dec(k): (v.clone() if stats_copy else v) for k, v in self.stats.named_buffers()})
         return Bundle(
             self.adapter, self.arch, dict(self.templates.items()),
-            {_dec(k): v for k, v in self.scalers.items()}, {_dec(k): v for k, v in self.small.items()}, dict(self.extra),
+            {_dec(k): v for k, v in self.scalers.items()}, small, dict(self.extra),
         )
 
-    def target(self, depth: int, width: int):
-        return self.adapter.target_arch(self.arch, depth=depth, width=width, template_size=self.templates["qkv"].shape[1])
+    def _device(self) -> torch.device:
+        return next(iter(self.templates.values())).device
 
-    def state_at(self, depth: int, width: int) -> dict[str, Tensor]:
+    def target(self, depth, width):
+        p = next(iter(self.templates.values())).shape[1]
+        return self.adapter.target_arch(self.arch, depth=depth, width=width, template_size=p)
+
+    def state_at(self, depth, width) -> dict[str, Tensor]:
         """The dense timm state dict of a nested size, composed differentiably (what materialize writes)."""
-        return resize(self.bundle(), self.target(depth, width), "prefix", "tile").state_dict()
+        return resize(self.bundle(stats_copy=True), self.target(depth, width), "prefix", "tile").state_dict()
 
-    def module_at(self, depth: int, width: int) -> nn.Module:
+    def module_at(self, depth, width) -> nn.Module:
         key = (depth, width)
         if key not in self._timm:
             m = self.adapter.build(self.target(depth, width))
             m.requires_grad_(False)
-            self._timm[key] = m.to(self.templates["qkv"].device)
+            self._timm[key] = m.to(self._device())
         return self._timm[key]
 
-    def forward(self, x: Tensor, depth: int, width: int) -> Tensor:
+    def forward(self, x: Tensor, depth, width) -> Tensor:
         from torch.func import functional_call
 
         return functional_call(self.module_at(depth, width), self.state_at(depth, width), (x,))
 
-    def frozen(self, depth: int, width: int):
-        """x → logits at one size with the weights composed once (for evaluation)."""
+    def frozen(self, depth, width, calibrate: Callable[[nn.Module], Any] | None = None):
+        """x → logits at one size, in eval mode, with the weights composed once. `calibrate(module)`
+        (BatchNorm families) re-estimates the size's running statistics first, on a copy."""
         from torch.func import functional_call
 
         with torch.no_grad():
-            state = {k: v.detach() for k, v in self.state_at(depth, width).items()}
+            state = {k: v.detach().clone() for k, v in self.state_at(depth, width).items()}
+        if calibrate is not None and self.adapter.batchnorm:
+            module = self.adapter.build(self.target(depth, width)).to(self._device())
+            module.load_state_dict(state, strict=True)
+            calibrate(module)
+            return module.eval()
         module = self.module_at(depth, width)
-        return lambda x: functional_call(module, state, (x,))
+
+        def run(x: Tensor) -> Tensor:
+            was = module.training
+            module.eval()
+            try:
+                return functional_call(module, state, (x,))
+            finally:
+                module.train(was)
+
+        return run
+
+    @torch.no_grad()
+    def calibrate_stats(self, calibrate: Callable[[nn.Module], Any]) -> None:
+        """Re-estimate the largest size's BatchNorm statistics (the bundle's own) with `calibrate(module)`."""
+        if not len(list(self.stats.buffers())):
+            return
+        module = self.adapter.build(self.arch).to(self._device())
+        module.load_state_dict({k: v.detach() for k, v in self.bundle().state_dict().items()}, strict=True)
+        calibrate(module)
+        fresh = module.state_dict()
+        for k, v in self.stats.named_buffers():
+            v.copy_(fresh[_dec(k)])
+
+
+NestedViT = NestedModel  # the name of the ViT-only first version
 
 
 class SandwichLoss(nn.Module):
     """One forward over all sizes of a step, so DistributedDataParallel sees one graph that uses every
     parameter (the largest size always does). sizes[0] must be the largest: it is the teacher."""
 
-    def __init__(self, net: NestedViT, distill: float, temperature: float, label_smoothing: float):
+    def __init__(self, net: NestedModel, distill: float, temperature: float, label_smoothing: float):
         super().__init__()
         self.net = net
         self.distill, self.temperature, self.label_smoothing = distill, temperature, label_smoothing
@@ -193,9 +249,11 @@ class SandwichLoss(nn.Module):
         return torch.stack(losses).mean(), torch.stack(ces)
 
 
-def sample_sizes(rng: random.Random, depths: list[int], widths: list[int], k: int) -> list[tuple[int, int]]:
-    """Largest, smallest, then k distinct random in-between sizes (fewer if the grid is small)."""
-    largest, smallest = (max(depths), max(widths)), (min(depths), min(widths))
+def sample_sizes(rng: random.Random, depths: list, widths: list[int], k: int) -> list[tuple]:
+    """Largest, smallest, then k distinct random in-between sizes (fewer if the grid is small).
+    Depths are ints, or per-stage tuples whose largest/smallest are taken stage by stage."""
+    largest = (rcp.elementwise(max, depths), max(widths))
+    smallest = (rcp.elementwise(min, depths), min(widths))
     sizes = [largest] + ([smallest] if smallest != largest else [])
     rest = [(d, w) for d in depths for w in widths if (d, w) not in sizes]
     if k and rest:
@@ -259,7 +317,13 @@ def _run(recipe, output, recipe_out, ckpt, resume, dist_info, callback, command)
     )
     recipe_sha = rcp.sha256(recipe)
     bundle = initial_bundle(recipe, splits.num_classes)
-    net = NestedViT(bundle).to(dev)
+    net = NestedModel(bundle).to(dev)
+    calib = None
+    if net.adapter.batchnorm:
+        calib = partial(
+            recalibrate_bn, dataset=splits.train, batches=m.bn_calibration_batches,
+            batch_size=min(recipe.data.batch_size, 256), seed=recipe.seed, device=dev,
+        )
     step_module: nn.Module = SandwichLoss(net, ns.distill, ns.distill_temperature, tr.label_smoothing)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -288,7 +352,8 @@ def _run(recipe, output, recipe_out, ckpt, resume, dist_info, callback, command)
         start = int(state["step"])
 
     val_small = _head(splits.val, tr.eval_samples)
-    largest, smallest = (max(ns.depths), max(ns.widths)), (min(ns.depths), min(ns.widths))
+    largest, smallest = recipe.largest(), recipe.smallest()
+    depth_options = recipe.depth_options()
     clock = Throughput(start, tr.steps)
     last_ckpt = start if resume else None
     metrics: dict[str, float] = {}
@@ -300,7 +365,7 @@ def _run(recipe, output, recipe_out, ckpt, resume, dist_info, callback, command)
             set_lr(opt, lr)
             x, y = batches.next()
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            sizes = sample_sizes(size_rng, ns.depths, ns.widths, ns.sandwich)
+            sizes = sample_sizes(size_rng, depth_options, ns.widths, ns.sandwich)
             with device_autocast(dev):
                 loss, ces = step_module(x, y, sizes)
             opt.zero_grad(set_to_none=True)
@@ -314,7 +379,7 @@ def _run(recipe, output, recipe_out, ckpt, resume, dist_info, callback, command)
             done = step + 1
             metrics = {}
             if tr.eval_every and done % tr.eval_every == 0 and done < tr.steps and len(val_small):
-                metrics = _validate(net, val_small, largest, smallest, dev)
+                metrics = _validate(net, val_small, largest, smallest, dev, calib)
             sps, eta = clock(done)
             if callback is not None and rank == 0:
                 callback(StepInfo(done, tr.steps, loss_v, lr, sps, eta, batches.epoch, metrics))
@@ -334,7 +399,9 @@ def _run(recipe, output, recipe_out, ckpt, resume, dist_info, callback, command)
             EXIT_INTERRUPTED,
         ) from None
 
-    final = _validate(net, splits.val, largest, smallest, dev) if len(splits.val) else {}
+    if calib is not None:
+        net.calibrate_stats(calib)  # the bundle's BatchNorm statistics: the largest size's, re-estimated
+    final = _validate(net, splits.val, largest, smallest, dev, calib) if len(splits.val) else {}
     bundle = net.bundle()
     cpu = Bundle(
         bundle.adapter, bundle.arch,
@@ -384,10 +451,10 @@ def _run(recipe, output, recipe_out, ckpt, resume, dist_info, callback, command)
     }
 
 
-def _validate(net: NestedViT, ds, largest, smallest, dev) -> dict[str, float]:
+def _validate(net: NestedModel, ds, largest, smallest, dev, calibrate=None) -> dict[str, float]:
     out = {}
     for name, (d, w) in (("largest", largest), ("smallest", smallest)):
-        r = evaluate(net.frozen(d, w), ds, batch_size=512, device=dev)
+        r = evaluate(net.frozen(d, w, calibrate), ds, batch_size=512, device=dev)
         out[f"val_acc_{name}"] = r.accuracy
         out[f"val_loss_{name}"] = r.loss
     return out
@@ -422,4 +489,4 @@ def _gather(digest: str, world: int) -> list[str]:
     return out
 
 
-__all__ = ["pretrain", "initial_bundle", "NestedViT", "SandwichLoss", "sample_sizes", "largest_arch"]
+__all__ = ["pretrain", "initial_bundle", "NestedModel", "NestedViT", "SandwichLoss", "sample_sizes", "largest_arch"]

@@ -10,14 +10,17 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from .errors import InputError, WeitError
 
-TYPES = ("qkv", "proj", "fc1", "fc2")
+TYPES = ("qkv", "proj", "fc1", "fc2")  # ViT
+RESNET_TYPES = ("conv3x3", "conv1x1")
+TYPES_BY_FAMILY = {"vit": TYPES, "resnet": RESNET_TYPES}
+RESNET_STEMS = {"deep": "deep", "deep_tiered": "deep_tiered", "7x7": ""}  # recipe name → timm stem_type
 
 
 class _Section(BaseModel):
@@ -40,10 +43,59 @@ class ModelSection(_Section):
         return self
 
 
+class ResNetModelSection(_Section):
+    """timm ResNet. Depth = blocks per stage, width = stage-1 channels (the other stages follow
+    `stage_ratios`). A deep stem is tied to stage 1 (its output is stage 1's width, so stage 1 has
+    no projection shortcut) and is nested with it."""
+
+    family: Literal["resnet"] = Field(description="Architecture family (timm ResNet: resnet18-style basic or resnet50-style bottleneck blocks).")
+    block: Literal["basic", "bottleneck"] = Field("basic", description="Residual block type (bottleneck: 4x expansion, 1x1-3x3-1x1 convs).")
+    img_size: int = Field(28, ge=8, description="Input image side in pixels; data is resized to it (the network itself is size-agnostic).")
+    in_chans: Literal[1, 3] = Field(1, description="Input channels: 1 (gray) or 3 (RGB); data is converted.")
+    stem_type: Literal["deep", "deep_tiered", "7x7"] = Field(
+        "deep", description="deep / deep_tiered: three 3x3 convs whose output width is tied to stage 1; 7x7: timm's fixed 64-channel stem."
+    )
+    stage_ratios: list[int] = Field([1, 2, 4, 8], description="Channels of stages 1-4 as multiples of the nested width (resnet18: 1, 2, 4, 8).")
+    avg_down: bool = Field(False, description="Average-pool shortcuts (the '-d' variants) instead of strided 1x1 projections.")
+    bn_calibration_batches: int = Field(
+        20, ge=1,
+        description=(
+            "BatchNorm statistics: after the last step the largest size's running statistics are "
+            "re-estimated over this many training batches (also before every validation of a size)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _ratios(self):
+        if len(self.stage_ratios) != 4 or any(r < 1 for r in self.stage_ratios):
+            raise ValueError(f"stage_ratios {self.stage_ratios} must be 4 positive integers (a timm ResNet has 4 stages)")
+        return self
+
+
+def _family_of(v: Any) -> str:
+    return v.get("family", "vit") if isinstance(v, dict) else getattr(v, "family", "vit")
+
+
+AnyModelSection = Annotated[
+    Union[Annotated[ModelSection, Tag("vit")], Annotated[ResNetModelSection, Tag("resnet")]],
+    Discriminator(_family_of),
+]
+
+
 class TemplatesSection(_Section):
-    size: int | None = Field(None, ge=1, description="Template block size p = q; null means head_dim. Must divide head_dim.")
+    size: int | None = Field(
+        None, ge=1,
+        description=(
+            "Template block size p = q; null means head_dim (ViT; must divide it) or the gcd of every "
+            "nested conv width, at most 16 (ResNet)."
+        ),
+    )
     count: int | dict[str, int] = Field(
-        32, description="Templates per matrix type: one number for all, or a map {qkv, proj, fc1, fc2: N}."
+        32,
+        description=(
+            "Templates per type: one number for all, or a map (ViT {qkv, proj, fc1, fc2: N}; ResNet "
+            "{conv3x3, conv1x1: N}; one number is capped at each ResNet type's full rank)."
+        ),
     )
     init: Literal["timm-svd", "random"] = Field(
         "timm-svd",
@@ -53,25 +105,32 @@ class TemplatesSection(_Section):
         ),
     )
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, types: tuple[str, ...] = TYPES) -> dict[str, int]:
         if isinstance(self.count, int):
-            return {t: self.count for t in TYPES}
-        return {t: self.count[t] for t in TYPES}
+            return {t: self.count for t in types}
+        return {t: self.count[t] for t in types}
 
     @model_validator(mode="after")
     def _count_keys(self):
-        if isinstance(self.count, dict):
-            missing, extra = set(TYPES) - set(self.count), set(self.count) - set(TYPES)
-            if missing or extra:
-                raise ValueError(f"count map needs exactly the keys {', '.join(TYPES)}")
-        if any(n < 1 for n in self.counts().values()):
+        values = [self.count] if isinstance(self.count, int) else list(self.count.values())
+        if any(n < 1 for n in values):
             raise ValueError("template counts must be at least 1")
         return self
 
 
 class NestedSection(_Section):
-    depths: list[int] = Field(description="Depths trained as prefixes of the largest (number of blocks).")
-    widths: list[int] = Field(description="Widths trained as head-aligned prefixes of the largest (multiples of head_dim).")
+    depths: list[int | list[int]] = Field(
+        description=(
+            "Depths trained as prefixes of the largest: blocks (ViT); blocks per stage (ResNet: one "
+            "number for every stage, or a list of 4)."
+        )
+    )
+    widths: list[int] = Field(
+        description=(
+            "Widths trained as prefixes of the largest: embedding width, a multiple of head_dim (ViT); "
+            "stage-1 channels, the others by model.stage_ratios (ResNet)."
+        )
+    )
     sandwich: int = Field(2, ge=0, description="Random in-between sizes per step, besides the largest and the smallest.")
     distill: float = Field(
         0.0, ge=0, le=1, description="In-place distillation: weight of KL(largest ‖ size) in the loss of every smaller size."
@@ -84,9 +143,14 @@ class NestedSection(_Section):
             v = getattr(self, name)
             if not v:
                 raise ValueError(f"{name} must list at least one size")
-            if any(x < 1 for x in v):
+            flat = [y for x in v for y in (x if isinstance(x, list) else [x])]
+            if any(x < 1 for x in flat) or any(isinstance(x, list) and not x for x in v):
                 raise ValueError(f"{name} must be positive")
-            setattr(self, name, sorted(set(v)))
+            if all(isinstance(x, int) for x in v):
+                setattr(self, name, sorted(set(v)))
+            else:  # per-stage lists (ResNet): deduplicated, ordered by total then stage by stage
+                keyed = {(x,) if isinstance(x, int) else tuple(x): x for x in v}
+                setattr(self, name, [keyed[k] for k in sorted(keyed, key=lambda k: (len(k) > 1, sum(k), k))])
         return self
 
 
@@ -112,7 +176,7 @@ class TrainSection(_Section):
 
 
 class Recipe(_Section):
-    model: ModelSection = Field(default_factory=ModelSection, description="Architecture family and fixed settings.")
+    model: AnyModelSection = Field(default_factory=ModelSection, description="Architecture family and fixed settings.")
     templates: TemplatesSection = Field(default_factory=TemplatesSection, description="Template size, count and initialisation.")
     nested: NestedSection = Field(description="Sizes trained together (sandwich rule).")
     data: DataSection = Field(default_factory=DataSection, description="Training data and batch size.")
@@ -120,11 +184,52 @@ class Recipe(_Section):
     seed: int = Field(0, ge=0, description="Seed of initialisation, data split, data order and size sampling.")
 
     @property
+    def family(self) -> str:
+        return self.model.family
+
+    @property
     def template_size(self) -> int:
-        return self.templates.size or self.model.head_dim
+        if self.templates.size:
+            return self.templates.size
+        if self.family == "resnet":
+            g = 16
+            for w in self.nested.widths:
+                g = math.gcd(g, *(w * r for r in self.model.stage_ratios))
+            return g
+        return self.model.head_dim
+
+    def template_counts(self) -> dict[str, int]:
+        """Templates per type of this recipe's family; one ResNet number is capped at each type's full rank."""
+        counts = self.templates.counts(TYPES_BY_FAMILY[self.family])
+        if self.family == "resnet" and isinstance(self.templates.count, int):
+            p = self.template_size
+            counts = {t: min(n, p * p * (9 if t == "conv3x3" else 1)) for t, n in counts.items()}
+        return counts
+
+    def depth_options(self) -> list:
+        """The nested depths as the adapter takes them: ints (ViT), 4-tuples of blocks per stage (ResNet)."""
+        if self.family == "vit":
+            return list(self.nested.depths)
+        return [tuple(d) if isinstance(d, list) else (d,) * 4 for d in self.nested.depths]
+
+    def largest(self) -> tuple[Any, int]:
+        """(depth, width) of the largest nested size (per stage, the most blocks of any listed depth)."""
+        return elementwise(max, self.depth_options()), max(self.nested.widths)
+
+    def smallest(self) -> tuple[Any, int]:
+        return elementwise(min, self.depth_options()), min(self.nested.widths)
 
     @model_validator(mode="after")
     def _sizes(self):
+        types = TYPES_BY_FAMILY[self.family]
+        if isinstance(self.templates.count, dict):
+            missing, extra = set(types) - set(self.templates.count), set(self.templates.count) - set(types)
+            if missing or extra:
+                raise ValueError(f"templates.count map needs exactly the keys {', '.join(types)}")
+        if self.family == "resnet":
+            return self._resnet_sizes()
+        if any(isinstance(d, list) for d in self.nested.depths):
+            raise ValueError("nested.depths: per-stage lists are for ResNets; a ViT depth is one number")
         hd, p = self.model.head_dim, self.template_size
         if hd % p:
             raise ValueError(f"templates.size {p} must divide model.head_dim {hd}")
@@ -141,6 +246,45 @@ class Recipe(_Section):
         if over:
             raise ValueError(f"templates.count {over} exceeds {limit} = size² (the most {p}×{p} templates can span)")
         return self
+
+    def _resnet_sizes(self):
+        """Every nested size must be a valid prefix of the largest: checked by the ResNet adapter itself."""
+        from .arch import get_adapter
+
+        if any(isinstance(d, list) and len(d) != 4 for d in self.nested.depths):
+            raise ValueError("nested.depths: a per-stage depth lists 4 numbers (a timm ResNet has 4 stages)")
+        p = self.template_size
+        largest, smallest = self.largest(), self.smallest()
+        for name, (d, _) in (("largest", largest), ("smallest", smallest)):
+            if d not in self.depth_options():
+                raise ValueError(
+                    f"nested.depths: the per-stage {name} {list(d)} must be listed (every stage's "
+                    f"{'most' if name == 'largest' else 'fewest'} blocks)"
+                )
+        adapter = get_adapter("resnet")
+        try:
+            arch = adapter.arch_for_recipe(self.model, depth=largest[0], width=largest[1], num_classes=10)
+            adapter.template_types(arch, p)
+            for d in self.depth_options():
+                for w in self.nested.widths:
+                    adapter.target_arch(arch, depth=d, width=w, template_size=p)
+        except WeitError as e:
+            raise ValueError(f"nested sizes: {e.message}") from None
+        limits = {"conv3x3": 9 * p * p, "conv1x1": p * p}
+        counts = self.templates.counts(RESNET_TYPES)
+        if isinstance(self.templates.count, int):
+            over = {t: n for t, n in counts.items() if n > max(limits.values())}
+        else:
+            over = {t: n for t, n in counts.items() if n > limits[t]}
+        if over:
+            raise ValueError(f"templates.count {over} exceeds the full rank of {p}×{p} templates (conv3x3 {limits['conv3x3']}, conv1x1 {limits['conv1x1']})")
+        return self
+
+
+def elementwise(fn, values: list) -> Any:
+    if values and isinstance(values[0], tuple):
+        return tuple(fn(v[s] for v in values) for s in range(len(values[0])))
+    return fn(values)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -210,7 +354,10 @@ def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
 def _one_line(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"] if not (isinstance(x, str) and x.startswith(("function-", "constrained-"))))
+        where = [x for x in err["loc"] if not (isinstance(x, str) and x.startswith(("function-", "constrained-")))]
+        if len(where) > 1 and where[0] == "model" and where[1] in TYPES_BY_FAMILY:
+            del where[1]  # the family tag of the model-section union
+        loc = ".".join(str(x) for x in where)
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key '{loc}'")
         elif err["type"] == "missing":

@@ -60,6 +60,10 @@ class Adapter:
         """A new architecture of the same family; raises WeitError on impossible sizes."""
         raise NotImplementedError
 
+    def arch_for_recipe(self, model, *, depth, width, num_classes: int):
+        """The architecture a pretraining recipe's `model` section describes at one nested size."""
+        raise NotImplementedError
+
     def build(self, arch) -> nn.Module:
         raise NotImplementedError
 

@@ -229,6 +229,26 @@ class ResNetAdapter(Adapter):
             raise WeitError(f"ResNet {_fmt(new_depth)} × {_fmt(new_width)} would have {n / 1e9:.0f}B parameters", "pick a smaller size")
         return new
 
+    def arch_for_recipe(self, model, *, depth, width: int, num_classes: int) -> ResNetArch:
+        """A recipe's ResNet (ResNetModelSection) at one size: `depth` blocks per stage (one number or
+        4), stage s with `width`·stage_ratios[s] channels. A deep stem's output is tied to stage 1."""
+        from ..recipe import RESNET_STEMS
+
+        depth = (depth,) * STAGES if isinstance(depth, int) else tuple(depth)
+        widths = tuple(width * r for r in model.stage_ratios)
+        stem_type = RESNET_STEMS[model.stem_type]
+        arch = ResNetArch(
+            block=model.block, depth=depth, width=widths, in_chans=model.in_chans, num_classes=num_classes,
+            img_size=model.img_size, stem_type=stem_type, avg_down=model.avg_down,
+        )
+        if stem_type:
+            out0 = arch.out(0)
+            if out0 % 2:
+                raise WeitError(f"stage-1 output width {out0} is odd; a deep stem is 2× a whole width", "pick even widths")
+            arch = replace(arch, stem_width=out0 // 2)
+        self._check_supported(arch)
+        return arch
+
     def _stem_for(self, arch: ResNetArch, new: ResNetArch, p: int) -> ResNetArch:
         """Keep the stem, or resize it with stage 1 when the two are tied (see the module doc)."""
         if new.width[0] == arch.width[0]:

@@ -186,6 +186,13 @@ class ViTAdapter(Adapter):
             raise WeitError(f"depth {depth} × width {width} would have {n / 1e9:.0f}B parameters", "pick a smaller size")
         return new
 
+    def arch_for_recipe(self, model, *, depth: int, width: int, num_classes: int) -> ViTArch:
+        return ViTArch(
+            img_size=model.img_size, patch_size=model.patch_size, in_chans=model.in_chans, num_classes=num_classes,
+            depth=depth, width=width, num_heads=width // model.head_dim, mlp_ratio=model.mlp_ratio,
+            global_pool=model.global_pool,
+        )
+
     def param_count(self, a: ViTArch) -> int:
         d, h = a.width, a.hidden
         block = 3 * d * d + 3 * d + d * d + d + 2 * h * d + h + d + 4 * d
