@@ -46,15 +46,15 @@ BUDGETS = {
     "tiny": dict(
         recipe="recipes/vit-fashion-small.yaml",
         overrides=["train.steps=40", "train.warmup_steps=5", "train.eval_every=0", "train.checkpoint_every=0", "data.train_subset=5120"],
-        targets=[(2, 64), (1, 32), (4, 128)], epochs=1, fit_steps=10, subset=0.02, transfer_subset=500,
+        targets=[(1, 32), (2, 64), (4, 128)], epochs=1, fit_steps=10, subset=0.02, transfer_subset=500,
     ),
     "small": dict(
         recipe="recipes/vit-fashion-small.yaml", overrides=["train.eval_every=0", "train.checkpoint_every=0"],
-        targets=[(2, 64), (1, 32), (4, 128)], epochs=3, fit_steps=100, subset=0.1, transfer_subset=None,
+        targets=[(1, 32), (2, 64), (4, 128)], epochs=3, fit_steps=100, subset=0.1, transfer_subset=None,
     ),
     "full": dict(
         recipe="recipes/vit-fashion.yaml", overrides=["train.eval_every=0", "train.checkpoint_every=0"],
-        targets=[(4, 128), (2, 64), (8, 256)], epochs=5, fit_steps=200, subset=0.1, transfer_subset=None,
+        targets=[(2, 64), (4, 128), (8, 256)], epochs=5, fit_steps=200, subset=0.1, transfer_subset=None,
     ),
 }
 
