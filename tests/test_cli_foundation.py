@@ -264,3 +264,15 @@ def test_bfloat16_output_is_the_composition_cast(tiny_bundle, tmp_path):
         ref = ref.state_dict()
     assert got.keys() == ref.keys()
     assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], ref[k].to(torch.bfloat16)) for k in ref)
+
+
+def test_materialize_restores_the_callers_thread_count(tiny_bundle, tmp_path):
+    from weit_cli.api import materialize
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        materialize(tiny_bundle, tmp_path / "m.safetensors", width=64)  # composes on one thread inside
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -23,6 +23,7 @@ from .files import (
     check_output,
     load_dense,
     load_weit,
+    one_thread,
     read_header,
     save_tensors,
     sha256,
@@ -205,7 +206,7 @@ def materialize(
     if scalers is not None:
         sized = load_scalers(scalers, bundle, bsha, target)
     else:
-        with torch.no_grad():
+        with torch.no_grad(), one_thread():
             sized = resize(bundle, target, depth_rule, width_rule)
     bn_stats = None
     if calibrate is not None:
@@ -289,10 +290,10 @@ def write_model(sized: Bundle, out: Path, dtype: torch.dtype, provenance: dict[s
     dense = _Streamer(sized)
     spec_list = [(k, sized.dense_shape(k), dtype_of(k), (lambda k=k: dense(k, dtype_of(k)))) for k in sized.dense_keys()]
     if out.suffix == ".safetensors":
-        with atomic_file(out) as tmp:
+        with atomic_file(out) as tmp, one_thread():
             write_safetensors(tmp, spec_list, meta)
         return [str(out)]
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force) as tmp, one_thread():
         write_safetensors(tmp / "model.safetensors", spec_list, meta)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return [str(out / "model.safetensors"), str(out / "config.json")]
