@@ -244,3 +244,47 @@ def test_per_stage_depths_sort_and_vit_refuses_them():
     assert r.depth_options() == [(1, 1, 1, 1), (1, 1, 2, 1), (2, 2, 2, 2)] and r.largest() == ((2, 2, 2, 2), 16)
     with pytest.raises(WeitError, match="per-stage lists are for ResNets"):
         validate({"model": {"head_dim": 32}, "nested": {"depths": [[1, 1, 1, 1]], "widths": [32]}})
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+def test_resnet_weight_selection_hand_checked(tmp_path):
+    """First-N blocks per stage, evenly spaced channels shared by every tensor on an axis (convs,
+    BatchNorm statistics, classifier input); then finetune --init weight-selection runs on it."""
+    from conftest import make_tiny_resnet, save_timm_dir, tiny_resnet_args
+
+    from weit_cli.arch import get_adapter
+    from weit_cli.arch.resnet import ResNetArch
+    from weit_cli.baselines import random_init, weight_selection
+
+    ad = get_adapter("resnet")
+    src_model = make_tiny_resnet("basic")  # blocks 2,2,2,2, channels 8,16,16,32, deep stem 4 (tied to stage 1)
+    src = ad.infer_arch(src_model.state_dict(), {"img_size": 16})
+    dst = ResNetArch(block="basic", depth=(1, 1, 2, 1), width=(4, 8, 16, 16), in_chans=3, num_classes=5, img_size=16,
+                     stem_type="deep", stem_width=2)
+    state = weight_selection(src_model.state_dict(), src, dst, random_init(ad, dst, 0))
+    s = src_model.state_dict()
+    half8, half16, half32 = [0, 2, 4, 6], [0, 2, 4, 6, 8, 10, 12, 14], list(range(0, 32, 2))
+    torch.testing.assert_close(state["layer2.0.conv1.weight"], s["layer2.0.conv1.weight"][half16][:, half8])
+    torch.testing.assert_close(state["layer3.1.conv2.weight"], s["layer3.1.conv2.weight"])  # stage 3 unchanged
+    torch.testing.assert_close(state["layer4.0.bn2.running_var"], s["layer4.0.bn2.running_var"][half32])
+    torch.testing.assert_close(state["fc.weight"], s["fc.weight"][:, half32])
+    torch.testing.assert_close(state["conv1.0.weight"], s["conv1.0.weight"][[0, 2]])  # the tied stem, 4 → 2
+    assert "layer1.1.conv1.weight" not in state  # first-N blocks
+    import timm
+
+    model = timm.create_model("resnet18", **dst.model_args())
+    model.load_state_dict(state)  # strict: exactly the target's keys and shapes
+    with pytest.raises(WeitError, match="only initialises smaller models: target stage 1 depth 3 > 2"):
+        weight_selection(s, src, ResNetArch(**{**dst.to_dict(), "depth": (3, 1, 1, 1)}), random_init(ad, dst, 0))
+
+    from weit_cli.api import write_model
+    from weit_cli.bundle import Bundle
+
+    big = save_timm_dir(src_model, tmp_path / "big", {**tiny_resnet_args("basic"), "in_chans": 3})
+    shell = tmp_path / "small"
+    write_model(Bundle(ad, dst, {}, {}, random_init(ad, dst, 1)), shell, torch.float32, {"command": "test"}, force=False)
+    r = weit("finetune", shell, "-o", tmp_path / "ft", "--init", "weight-selection", "--from", big, "--data", "digits",
+             "--epochs", "1", "--train-subset", "128", "--batch-size", "32", "--json")
+    ft = json.loads(r.stdout)
+    assert ft["init"]["init"] == "weight-selection" and ft["new_head"]  # digits has 10 classes, the source 5
+    assert all(0 <= a <= 1 for a in ft["test_acc_by_epoch"])

@@ -24,6 +24,13 @@ Weight selection, exactly as implemented here (ViT, timm naming):
 * **Unchanged axes**: tokens (patch grid), input channels and the patch kernel must match; the
   classifier's rows are kept when the class count matches, otherwise the head is timm's fresh
   initialisation.
+
+ResNets (timm naming; the paper's rule for its ConvNets): per stage, first-N blocks (target block b
+takes source block b, so the stage's first, downsampling block stays first); every channel axis (the
+stem's, each stage's inner and output widths) takes evenly spaced channels, one index list per axis
+shared by every tensor on it (convs' output and input channels, BatchNorm scale, shift and running
+statistics, the classifier's input); conv kernels are kept whole. Block type, stem type and shortcut
+type must match.
 """
 
 from __future__ import annotations
@@ -109,8 +116,10 @@ def weight_selection(source: dict[str, Tensor], src_arch: Any, dst_arch: Any, fr
     count changed, which comes from `fresh` (the target model's own initialisation)."""
     from .arch.base import Adapter
 
+    if getattr(src_arch, "family", None) == "resnet" and getattr(dst_arch, "family", None) == "resnet":
+        return _resnet_selection(source, src_arch, dst_arch, fresh)
     if getattr(src_arch, "family", None) != "vit" or getattr(dst_arch, "family", None) != "vit":
-        raise WeitError("weight selection is implemented for ViTs only", "use --init random for other families")
+        raise WeitError("weight selection is implemented for ViTs and ResNets", "use --init random for other families")
     idx = selection_indices(src_arch, dst_arch)
     out: dict[str, Tensor] = {}
     for key, ref in fresh.items():
@@ -123,6 +132,47 @@ def weight_selection(source: dict[str, Tensor], src_arch: Any, dst_arch: Any, fr
         x = source[key]
         for dim, kind in axes.items():
             x = x.index_select(dim, idx[kind])
+        if tuple(x.shape) != tuple(ref.shape):
+            raise WeitError(
+                f"selected '{key}' has shape {tuple(x.shape)}, the target needs {tuple(ref.shape)}",
+                "the source checkpoint does not match its stated architecture",
+            )
+        out[key] = x.to(ref.dtype).contiguous().clone()
+    return out
+
+
+def _resnet_selection(source: dict[str, Tensor], src: Any, dst: Any, fresh: dict[str, Tensor]) -> dict[str, Tensor]:
+    from .arch import get_adapter
+
+    ad = get_adapter("resnet")
+    for name in ("block", "stem_type", "avg_down", "down_kernel_size", "in_chans"):
+        if getattr(src, name) != getattr(dst, name):
+            raise WeitError(
+                f"weight selection needs the same {name.replace('_', ' ')} (source {getattr(src, name)!r}, target {getattr(dst, name)!r})",
+                "select from a ResNet of the same block, stem and shortcut type",
+            )
+    old, new = ad.sizes(src), ad.sizes(dst)
+    problems = [f"stage {s + 1} depth {d} > {e}" for s, (d, e) in enumerate(zip(dst.depth, src.depth)) if d > e]
+    problems += [f"{n} width {new[n]} > {old[n]}" for n in new if new[n] > old[n]]
+    if problems:
+        raise WeitError(
+            "weight selection only initialises smaller models: target " + ", ".join(problems),
+            "select from a larger checkpoint, or grow with 'weit extract-templates' + 'weit materialize'",
+        )
+    idx = {n: evenly_spaced(old[n], new[n]) for n in new if new[n] > 0}
+    out: dict[str, Tensor] = {}
+    for key, ref in fresh.items():
+        if key in ad.classifier and dst.num_classes != src.num_classes:
+            out[key] = ref.clone()
+            continue
+        if key not in source:
+            raise WeitError(
+                f"weight selection has no source tensor for '{key}'",
+                "the target has a shortcut or stem layer the source lacks; pick stage widths with the source's structure",
+            )
+        x = source[key]
+        for ax in ad.axes(key, dst):
+            x = x.index_select(ax.dim, idx[ax.name])
         if tuple(x.shape) != tuple(ref.shape):
             raise WeitError(
                 f"selected '{key}' has shape {tuple(x.shape)}, the target needs {tuple(ref.shape)}",
