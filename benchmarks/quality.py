@@ -21,6 +21,13 @@ is finetuned for E epochs on a fixed 10 % subset of the training split, and the 
 every epoch is recorded (epoch 0 = the initialisation itself), with the time spent on fitting. Then
 the same on mnist5k (transfer: a fresh classifier for every method; weit+fit fits on mnist5k).
 
+The ResNet budgets (`--budget resnet-small`, recipes/resnet-fashion.yaml) run the same protocol with the same
+baselines for timm ResNets (weight selection: first-N blocks per stage, evenly spaced channels; sizes
+are blocks in every stage × stage-1 channels). BatchNorm statistics: `weit` materializes with
+`--calibrate` on the task's training split (20 label-free batches of 64; the bundle only holds the
+largest size's statistics), `weit+fit` recalibrates inside `fit-scalers`; random and weight-selection
+start from their own statistics (timm's 0/1, the selected channels'), as those methods define.
+
 Seeds and splits are fixed (seed 0; data splits from weit_cli.data). Every stage's result is cached
 in the work folder, so an interrupted run continues where it stopped; --fresh starts over.
 Outputs: docs/quality-<budget>.{json,md,png} (raw numbers, markdown table, accuracy-vs-epoch plot).
@@ -55,6 +62,19 @@ BUDGETS = {
     "full": dict(
         recipe="recipes/vit-fashion.yaml", overrides=["train.eval_every=0", "train.checkpoint_every=0"],
         targets=[(2, 64), (4, 128), (8, 256)], epochs=5, fit_steps=200, subset=0.1, transfer_subset=None,
+    ),
+    # ResNets (recipes/resnet-fashion.yaml): targets are (blocks in every stage, stage-1 channels).
+    "resnet-tiny": dict(
+        recipe="recipes/resnet-fashion.yaml",
+        overrides=["train.steps=20", "train.warmup_steps=5", "train.eval_every=0", "train.checkpoint_every=0",
+                   "data.train_subset=2560", "model.bn_calibration_batches=5"],
+        targets=[(1, 16), (2, 32), (3, 48)], epochs=1, fit_steps=10, subset=0.01, transfer_subset=300,
+    ),
+    # ~15 min on 2 shared cores; evaluation (6000 val + 10000 test images per epoch) dominates.
+    "resnet-small": dict(
+        recipe="recipes/resnet-fashion.yaml",
+        overrides=["train.steps=150", "train.warmup_steps=15", "train.eval_every=0", "train.checkpoint_every=0"],
+        targets=[(1, 16), (2, 32), (3, 48)], epochs=1, fit_steps=30, subset=0.02, transfer_subset=1000,
     ),
 }
 
@@ -144,7 +164,9 @@ class Bench:
         dense_recipe = rcp.load_recipe(ROOT / cfg["recipe"], shared)
         dense = self.cached(self.work / f"dense-{rcp.sha256(dense_recipe)[:10]}", lambda: self.pretrain_dense(dense_recipe))
         self.dense = Path(dense["path"])
-        largest = (max(recipe.nested.depths), max(recipe.nested.widths))
+        largest = recipe.largest()
+        if isinstance(largest[0], tuple) and len(set(largest[0])) == 1:  # ResNet: the same depth in every stage
+            largest = (largest[0][0], largest[1])
         sizes = [tuple(t) for t in cfg["targets"]]
         runs = []
         for task in a.tasks.split(","):
@@ -158,7 +180,7 @@ class Bench:
             "tag": a.tag,
             "command": "benchmarks/quality.py " + " ".join(sys.argv[1:]),
             "settings": {
-                "recipe": cfg["recipe"], "recipe_overrides": cfg["overrides"] + a.overrides, "recipe_sha256": rcp.sha256(recipe),
+                "recipe": cfg["recipe"], "family": recipe.family, "recipe_overrides": cfg["overrides"] + a.overrides, "recipe_sha256": rcp.sha256(recipe),
                 "targets": sizes, "largest": largest, "epochs": cfg["epochs"], "finetune_subset": cfg["subset"],
                 "finetune": {"lr": a.lr, "warmup_epochs": a.warmup, "schedule": a.schedule, "batch_size": a.batch_size,
                              "weight_decay": 0.05, "grad_clip": 1.0, "seed": 0, "data_seed": 0},
@@ -168,6 +190,12 @@ class Bench:
             "pretrain": {"bundle": pre, "dense": dense},
             "runs": runs,
         }
+
+    def batchnorm(self) -> bool:
+        """Whether the budget's family has BatchNorm statistics (ResNet)."""
+        from weit_cli import recipe as rcp
+
+        return rcp.load_recipe(ROOT / self.cfg["recipe"]).family == "resnet"
 
     def pretrain_bundle(self, overrides: list[str]) -> dict:
         from weit_cli.pretrain import pretrain
@@ -192,8 +220,10 @@ class Bench:
         from weit_cli.train import evaluate
 
         net = timm.create_model(f"local-dir:{model}", pretrained=True)
-        cfg = json.loads((model / "config.json").read_text())["model_args"]
-        splits = load_data(data, img_size=cfg["img_size"], in_chans=cfg["in_chans"], seed=0)
+        conf = json.loads((model / "config.json").read_text())
+        cfg = conf["model_args"]
+        img_size = cfg.get("img_size") or conf["pretrained_cfg"]["input_size"][-1]  # CNNs: the data's size
+        splits = load_data(data, img_size=img_size, in_chans=cfg["in_chans"], seed=0)
         return evaluate(net, splits.test).accuracy
 
     def pretrain_dense(self, recipe) -> dict:
@@ -244,8 +274,12 @@ class Bench:
         models = self.pre / "models"  # initialisations depend on the pretraining only …
         models.mkdir(exist_ok=True)
         plain = models / f"weit-{depth}x{width}"
+        calibrate = None
+        if self.batchnorm():  # the bundle holds the largest size's statistics only: recalibrate, label-free
+            calibrate = task
+            plain = models / f"weit-{depth}x{width}-calibrated-{task}"
         if not plain.exists():
-            materialize(bundle, plain, depth=depth, width=width, force=True)
+            materialize(bundle, plain, depth=depth, width=width, calibrate=calibrate, force=True)
         transfer = task != "fashion-mnist"
         subset = cfg["subset"] if not transfer else cfg["transfer_subset"]
         init_s, label, source, model, init = 0.0, method, None, plain, "weit"
@@ -309,9 +343,13 @@ def grow_dense(dense: Path, out: Path, depth: int, width: int) -> dict:
     state, hints = load_dense(dense)
     adapter = detect_family(state.keys())
     arch = adapter.infer_arch(state, hints)
-    p = arch.head_dim
-    blocks = max(arch.depth * (r // p) * (c // p) for r, c in ((3 * arch.width, arch.width), (arch.hidden, arch.width)))
-    bundle, errors = from_dense(adapter, arch, state, p, min(p * p, blocks))
+    if adapter.family == "resnet":  # full rank of the 3×3 templates (the 1×1 set is capped at its own)
+        p = adapter.default_template_size(arch)
+        bundle, errors = from_dense(adapter, arch, state, p, 9 * p * p)
+    else:
+        p = arch.head_dim
+        blocks = max(arch.depth * (r // p) * (c // p) for r, c in ((3 * arch.width, arch.width), (arch.hidden, arch.width)))
+        bundle, errors = from_dense(adapter, arch, state, p, min(p * p, blocks))
     target = adapter.target_arch(arch, depth=depth, width=width)
     with torch.no_grad():
         sized = resize(bundle, target, "interp", "tile")
@@ -329,7 +367,7 @@ def table(res: dict) -> str:
         "",
         f"Pretraining ({pre['bundle']['steps']} optimiser steps each, recipe `{s['recipe']}`): test accuracy at the "
         f"largest size {tuple(s['largest'])[0]}×{tuple(s['largest'])[1]}: weit bundle **{100 * pre['bundle']['largest_test_acc']:.2f}%** "
-        f"({pre['bundle']['seconds'] / 60:.1f} min), dense ViT **{100 * pre['dense']['largest_test_acc']:.2f}%** "
+        f"({pre['bundle']['seconds'] / 60:.1f} min), dense {s.get('family', 'vit')} **{100 * pre['dense']['largest_test_acc']:.2f}%** "
         f"({pre['dense']['seconds'] / 60:.1f} min).",
         "",
         f"Finetuning: {s['epochs']} epochs, AdamW lr {s['finetune']['lr']:g}, warmup {s['finetune']['warmup_epochs']:g} "
