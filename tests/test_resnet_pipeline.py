@@ -97,7 +97,8 @@ def test_bundle_statistics_are_the_largest_sizes_recalibrated(pretrained, tmp_pa
     from weit_cli.calibrate import recalibrate_bn
     from weit_cli.data import load_data
 
-    materialize(pretrained.bundle, tmp_path / "largest")
+    r = materialize(pretrained.bundle, tmp_path / "largest")
+    assert r["bn_statistics"] == "the bundle's (same size; re-estimated at the end of pretraining)"
     model = timm_model(tmp_path / "largest")
     again = timm_model(tmp_path / "largest")
     train = load_data("digits", img_size=16, in_chans=1, seed=0).train
@@ -121,6 +122,7 @@ def test_trained_function_is_what_materialize_writes(pretrained, tmp_path):
     for depth, width in [((1, 1, 1, 1), 8), ((2, 2, 2, 2), 16), ((1, 1, 1, 1), 16)]:
         folder = tmp_path / f"m{sum(depth)}x{width}"
         r = materialize(pretrained.bundle, folder, depth=list(depth), width=width)
+        assert ("not recalibrated" in r["bn_statistics"]) == ((depth, width) != ((2, 2, 2, 2), 16))
         model = timm_model(folder)
         assert [len(getattr(model, f"layer{s}")) for s in range(1, 5)] == list(depth)
         assert r["architecture"]["width"] == [width, width, 2 * width, 2 * width]

@@ -216,6 +216,8 @@ def materialize(
         bn_stats = f"{src}, resized (not recalibrated; pass --calibrate DATA to re-estimate them)"
         if scalers is None and target == bundle.arch:
             bn_stats = "the bundle's (same size; not recalibrated)"
+            if str(bundle.extra.get("provenance", {}).get("command", "")).startswith("weit pretrain"):
+                bn_stats = "the bundle's (same size; re-estimated at the end of pretraining)"
         fitted = _fitted_bn_statistics(scalers) if scalers is not None else None
         if fitted:
             bn_stats = f"the scalers file's, {fitted} by fit-scalers"
