@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+THREADS = 1
 
 
 def weit(*args: str) -> float:
@@ -31,7 +32,7 @@ def weit(*args: str) -> float:
     cmd = [sys.executable, "-m", "weit_cli.cli", *args]
     print("$ weit " + " ".join(str(a) for a in args), flush=True)
     t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(THREADS)})
     if proc.returncode:
         sys.exit(proc.returncode)
     return time.perf_counter() - t
@@ -52,7 +53,13 @@ def main() -> None:
     ap.add_argument("--skip-pretrain", action="store_true", help="reuse OUT/bundle.safetensors")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override for pretrain")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
+    # One thread by default: on a busy 2-core machine two torch threads per process were 5× slower
+    # than one (OpenMP threads waiting on each other); on an idle machine 2 gains little at this size.
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+                    help="torch threads for training and evaluation (default: $OMP_NUM_THREADS or 1)")
     args = ap.parse_args()
+    global THREADS
+    THREADS = args.threads
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(ROOT))
@@ -70,13 +77,13 @@ def main() -> None:
         t_pretrain = weit("pretrain", rel(recipe_path), "-o", rel(bundle), "--force", *sets)
 
     depths, widths = recipe.nested.depths, recipe.nested.widths
-    beyond = (max(depths) + 1, 2 * max(widths), "beyond: deeper and wider than anything trained (interp depth, tiled width)")
+    beyond = (max(depths) + 1, 2 * max(widths), "beyond the trained range (interp depth, tiled width)")
     if args.grid:
         sizes = [(d, w, "in range") for d in depths for w in widths] + [beyond]
     else:
         mid_d, mid_w = depths[(len(depths) - 1) // 2], widths[(len(widths) - 1) // 2]
-        sizes = [(mid_d, mid_w, "in range: a smaller prefix of the trained family"),
-                 (max(depths), max(widths), "the largest trained size"), beyond]
+        sizes = [(mid_d, mid_w, "in range (a prefix)"),
+                 (max(depths), max(widths), "largest trained"), beyond]
     folders = []
     for depth, width, _ in sizes:
         folder = out / f"vit-d{depth}-w{width}"
@@ -86,6 +93,8 @@ def main() -> None:
     import timm
     import torch
     from rich.console import Console
+
+    torch.set_num_threads(THREADS)
     from rich.table import Table
 
     from weit_cli.data import load_data
