@@ -121,6 +121,25 @@ def test_fit_scalers_no_small_distill_and_determinism(bundles, tmp_path):
     assert len(moved) == len(init.scalers)  # … the scalers were
 
 
+def test_materialize_refuses_damaged_scalers(bundles, tmp_path):
+    """Right bundle and size in the metadata, but a tensor missing or of the wrong shape: refused."""
+    from weit_cli.files import load_weit
+    from weit_cli.fit import fit_scalers
+
+    good = tmp_path / "s.safetensors"
+    fit_scalers(bundles[16], good, data="digits", depth=1, width=16, steps=2)
+    tensors, meta = load_weit(good, "weit.scalers")
+    missing = dict(tensors)
+    del missing["scalers.blocks.0.mlp.fc1.weight"]
+    wrong = {**tensors, "small.norm.weight": torch.ones(7)}
+    for name, t in (("missing", missing), ("wrong", wrong)):
+        save_tensors(tmp_path / f"{name}.safetensors", t, meta)
+        out = tmp_path / f"m-{name}"
+        r = weit("materialize", bundles[16], "--scalers", tmp_path / f"{name}.safetensors", "--depth", "1", "--width", "16", "-o", out)
+        assert r.exit_code == EXIT_INPUT and "complete set of scalers" in r.stderr, r.output
+        assert not out.exists()
+
+
 def test_fit_scalers_refusals(bundles, tmp_path):
     out = tmp_path / "s.safetensors"
     r = weit("fit-scalers", bundles[16], "--data", "digits", "--width", "20", "-o", out)

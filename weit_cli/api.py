@@ -12,7 +12,7 @@ import torch
 
 from . import __version__, kron
 from .arch import detect_family, get_adapter
-from .bundle import Bundle, from_dense, load_bundle, resize
+from .bundle import Bundle, _check_consistent, check_state, from_dense, load_bundle, resize
 from .errors import InputError, WeitError
 from .resize import DEPTH_RULES, WIDTH_RULES
 from .files import (
@@ -143,7 +143,17 @@ def load_scalers(path: Path, bundle: Bundle, bundle_sha: str, target: Any) -> Bu
         )
     scalers = {k[len("scalers.") :]: v for k, v in tensors.items() if k.startswith("scalers.")}
     small = {k[len("small.") :]: v for k, v in tensors.items() if k.startswith("small.")}
-    return Bundle(bundle.adapter, target, bundle.templates, scalers, small, dict(bundle.extra))
+    sized = Bundle(bundle.adapter, target, bundle.templates, scalers, small, dict(bundle.extra))
+    # The metadata can be right while the tensors are not (a damaged or hand-edited file): check the
+    # tensors against the target model too, so a bad file fails here and not in the written model.
+    try:
+        _check_consistent(sized, str(path))
+        shapes = {k: torch.empty(sized.dense_shape(k), device="meta") for k in sized.dense_keys()}
+        check_state(sized.adapter, target, shapes)
+    except (InputError, KeyError, ValueError) as e:
+        detail = e.message if isinstance(e, InputError) else f"unexpected tensor {e}"
+        raise InputError(f"{path} does not hold a complete set of scalers for this size: {detail}", "the file is damaged; fit anew") from None
+    return sized
 
 
 def plan_target(bundle: Bundle, **sizes: Any) -> Any:
