@@ -137,6 +137,8 @@ def test_baseline_inits(models, tmp_path):
     assert r.exit_code == 2 and "only initialises smaller models" in r.stderr
     r = weit("finetune", models["small"], "--data", "digits", "--epochs", "1", "--init", "weight-selection", "-o", tmp_path / "z")
     assert r.exit_code == 2 and "--from" in r.stderr
+    r = weit("finetune", models["small"], "--data", "digits", "--epochs", str(10**19), "-o", tmp_path / "z")
+    assert r.exit_code == 2 and "--epochs must be in" in r.stderr
     assert not any((tmp_path / n).exists() for n in "xyz")
 
 

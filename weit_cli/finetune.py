@@ -32,6 +32,7 @@ from .errors import EXIT_INTERRUPTED, InputError, OutputError, WeitError
 
 INITS = ("weit", "random", "weight-selection")
 SCHEDULES = ("cosine", "constant")
+MAX_EPOCHS = 100_000  # beyond this a typo, not a plan (the schedule and metrics are per epoch)
 STATE = "state.safetensors"
 #: Options that define a run; `--resume` refuses to continue a run made with other values.
 RUN_KEYS = (
@@ -98,7 +99,7 @@ def _check_options(epochs, init, source, lr, warmup, schedule, min_lr_ratio, bat
     if schedule not in SCHEDULES:
         raise WeitError(f"unknown --schedule '{schedule}'", f"choose one of: {', '.join(SCHEDULES)}")
     checks = [
-        (epochs >= 1, f"--epochs must be at least 1, got {epochs}"),
+        (1 <= epochs <= MAX_EPOCHS, f"--epochs must be in 1..{MAX_EPOCHS}, got {epochs}"),
         (lr > 0 and math.isfinite(lr), f"--lr must be positive, got {lr}"),
         (warmup >= 0, f"--warmup must be 0 or more epochs, got {warmup}"),
         (0 <= min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {min_lr_ratio}"),
