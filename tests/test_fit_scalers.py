@@ -146,6 +146,8 @@ def test_fit_scalers_refusals(bundles, tmp_path):
     assert r.exit_code != 0 and "nearest valid widths" in r.stderr
     r = weit("fit-scalers", bundles[16], "--data", "digits", "--num-classes", "5", "-o", out)
     assert r.exit_code != 0 and "the data has 10 classes" in r.stderr
+    r = weit("fit-scalers", bundles[16], "--data", "digits", "--steps", str(10**19), "-o", out)
+    assert r.exit_code == 2 and "--steps must be in" in r.stderr
     assert not out.exists()
     out.write_text("keep me")
     r = weit("fit-scalers", bundles[16], "--data", "digits", "--steps", "1", "-o", out)

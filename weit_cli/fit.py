@@ -85,8 +85,8 @@ def fit_scalers(
 
     out = Path(out)
     check_output(out, force)
-    if steps < 1:
-        raise WeitError(f"--steps must be at least 1, got {steps}", "a few hundred steps is typical")
+    if not 1 <= steps <= 10_000_000:
+        raise WeitError(f"--steps must be in 1..10000000, got {steps}", "a few hundred steps is typical")
     if lr <= 0 or batch_size < 1:
         raise WeitError("--lr must be positive and --batch-size at least 1", "e.g. --lr 1e-3 --batch-size 64")
     if not 0.0 <= distill <= 1.0:
