@@ -248,11 +248,9 @@ def pretrain(
     def go():
         from .pretrain import pretrain as pt
 
-        if as_json or rank != 0:
-            return pt(recipe, output, data=data, overrides=overrides, resume=resume, force=force, device=device, command=command)
-        with _TrainProgress("pretrain") as bar:
+        with _StepProgress("pretrain", not as_json and rank == 0) as progress:
             return pt(recipe, output, data=data, overrides=overrides, resume=resume, force=force, device=device,
-                      command=command, callback=bar.update)
+                      command=command, callback=progress)
 
     def render(r):
         v = r.get("val") or {}
@@ -271,40 +269,6 @@ def pretrain(
         run(go, False, lambda r: None)
     else:
         run(go, as_json, render)
-
-
-class _TrainProgress:
-    """A rich progress bar fed by a training loop's StepInfo callback (stderr, so --json stays clean)."""
-
-    def __init__(self, title: str):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-        self.progress = Progress(
-            TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} steps/s"),
-            TextColumn("ETA {task.fields[eta]}"), TextColumn("{task.fields[val]}"),
-            console=_err_console(), transient=False,
-        )
-        self.task = None
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
-
-    def update(self, info) -> None:
-        eta = "?" if info.eta_s == float("inf") else f"{int(info.eta_s) // 60}:{int(info.eta_s) % 60:02d}"
-        fields = {"loss": f"{info.loss:.4f}", "speed": f"{info.steps_per_sec:.2f}", "eta": eta}
-        if info.metrics:
-            fields["val"] = "val " + " ".join(
-                f"{k.removeprefix('val_acc_')} {100 * v:.1f}%" for k, v in info.metrics.items() if k.startswith("val_acc_")
-            )
-        if self.task is None:
-            self.task = self.progress.add_task("", total=info.total_steps, completed=info.step, val="", **fields)
-        else:
-            self.progress.update(self.task, completed=info.step, **fields)
 
 
 @app.command()
