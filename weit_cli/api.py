@@ -62,6 +62,14 @@ def extract_templates(
         distill_lr = DEFAULT_LR if distill_lr is None else distill_lr
         batch_size = DEFAULT_BATCH if batch_size is None else batch_size
         check_options(distill_steps, distill_lr, batch_size, temperature)
+        from .train import check_seed, resolve_device
+
+        check_seed(seed)
+        resolve_device(device)
+    if template_size is not None and template_size < 1:
+        raise WeitError(f"--template-size must be at least 1, got {template_size}", "leave it out for the default (ViT: head_dim)")
+    if num_heads is not None and num_heads < 1:
+        raise WeitError(f"--num-heads must be at least 1, got {num_heads}", "leave it out to read it from the checkpoint")
     state, hints = load_dense(checkpoint)
     if num_heads is not None:
         hints["num_heads"] = num_heads

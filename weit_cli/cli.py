@@ -62,8 +62,15 @@ def _err_console():
 
 def run(fn: Callable[[], dict[str, Any]], as_json: bool, render: Callable[[dict[str, Any]], None]) -> None:
     """Call a library function; map failures to a one-line message and an exit code."""
+    import signal
+    import threading
+
     from .errors import EXIT_INTERRUPTED, WeitError
 
+    # SIGTERM (a CI timeout, `kill`, torchrun stopping its workers) takes the Ctrl-C path: temp files
+    # are removed and the one-line message says what was kept, instead of dying mid-write.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main else None
     try:
         result = fn()
     except WeitError as e:
@@ -75,10 +82,17 @@ def run(fn: Callable[[], dict[str, Any]], as_json: bool, render: Callable[[dict[
             raise
         msg = f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         _fail(msg, "re-run with WEIT_DEBUG=1 for a traceback and report it", 1, as_json)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     if as_json:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
     else:
         render(result)
+
+
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _fail(message: str, hint: str, code: int, as_json: bool) -> None:

@@ -84,14 +84,37 @@ def load_data(
         raise WeitError(f"in_chans must be 1 (gray) or 3 (RGB), got {in_chans}", "set model.in_chans to 1 or 3")
     if not 0.0 <= val_fraction < 1.0:
         raise WeitError(f"validation fraction must be in [0, 1), got {val_fraction}", "e.g. 0.1")
+    from .train import check_seed
+
+    check_seed(seed)
     key = (_canonical(source), img_size, in_chans, seed, float(val_fraction), train_subset)
     if key in _SPLIT_CACHE:
         _SPLIT_CACHE.move_to_end(key)
         return _SPLIT_CACHE[key]
     raw = _load_raw(source)
+    _check_memory(raw, img_size, in_chans)
     out = _split(raw, img_size=img_size, in_chans=in_chans, seed=seed, val_fraction=val_fraction, train_subset=train_subset)
     _remember(_SPLIT_CACHE, key, out)
     return out
+
+
+def _check_memory(raw: _Raw, img_size: int, in_chans: int) -> None:
+    """Refuse an image size whose prepared float32 copy of the data could not fit in memory, before
+    allocating it (an absurd `img_size` would otherwise end in the kernel's OOM killer)."""
+    import os
+
+    n = len(raw.train_x) + (len(raw.test_x) if raw.test_x is not None else 0)
+    need = n * in_chans * img_size * img_size * 4
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have // 2:
+        raise WeitError(
+            f"{n} images at {img_size}×{img_size} px × {in_chans} channel(s) would need {need / 1e9:.1f} GB of memory "
+            f"(this machine has {have / 1e9:.0f} GB)",
+            "use a smaller image size (model.img_size, or the model's)",
+        )
 
 
 def clear_cache() -> None:
@@ -218,7 +241,7 @@ def _image_folder(root: Path, source: str) -> _Raw:
     if (root / "train").is_dir() and (root / "test").is_dir():
         classes = _class_names(root / "train")
         tx, ty = _read_images(root / "train", classes)
-        vx, vy = _read_images(root / "test", classes)
+        vx, vy = _read_images(root / "test", classes, require_every_class=False)  # a small test set may miss a class
         return _Raw(tx, ty, vx, vy, classes, f"image folder {root} (train/ and test/)")
     classes = _class_names(root)
     x, y = _read_images(root, classes)
@@ -232,7 +255,7 @@ def _class_names(root: Path) -> list[str]:
     return classes
 
 
-def _read_images(root: Path, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_images(root: Path, classes: list[str], require_every_class: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     from PIL import Image, UnidentifiedImageError
 
     xs, ys = [], []
@@ -240,18 +263,16 @@ def _read_images(root: Path, classes: list[str]) -> tuple[torch.Tensor, torch.Te
         folder = root / name
         if not folder.is_dir():
             raise InputError(f"{root} has no folder for class '{name}'", "train/ and test/ must hold the same class folders")
+        before = len(xs)
         for f in sorted(folder.rglob("*")):
             if f.suffix.lower() not in IMAGE_SUFFIXES or not f.is_file():
                 continue
-            try:
-                with Image.open(f) as im:
-                    im = im.convert("RGB") if im.mode not in ("L", "1", "I;16", "I") else im.convert("L")
-                    arr = np.asarray(im, dtype=np.float32) / 255.0
-            except (UnidentifiedImageError, OSError) as e:
-                raise InputError(f"{f} is not a readable image: {e}", "remove or replace it") from None
-            t = torch.from_numpy(arr)
+            t = torch.from_numpy(_read_image(f, Image, UnidentifiedImageError))
             xs.append(t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1))
             ys.append(label)
+        if len(xs) == before and require_every_class and xs:
+            # A class without images would still get a logit that nothing ever trains: a layout mistake.
+            raise InputError(f"class folder {folder} holds no images", "add images to it or remove the folder")
     if not xs:
         raise InputError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})", "lay the images out as FOLDER/class_name/xxx.png")
     chans = max(x.shape[0] for x in xs)
@@ -260,6 +281,26 @@ def _read_images(root: Path, classes: list[str]) -> tuple[torch.Tensor, torch.Te
     # Mixed sizes and modes: bring every image to a common square size and channel count first.
     xs = [_to_channels(_resize(x.unsqueeze(0), size), chans)[0] if tuple(x.shape[1:]) != (size, size) or x.shape[0] != chans else x for x in xs]
     return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+
+
+def _read_image(f: Path, Image, UnidentifiedImageError) -> np.ndarray:
+    """One image as float32 in [0, 1]: (H, W) for gray modes, (H, W, 3) for everything else (RGBA,
+    palette, CMYK, LA … are converted to RGB; alpha is dropped). 16-bit gray is scaled by 65535."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(f) as im:
+                if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+                    return np.clip(np.asarray(im, dtype=np.float32) / 65535.0, 0.0, 1.0)
+                im = im.convert("L") if im.mode in ("L", "1") else im.convert("RGB")
+                return np.asarray(im, dtype=np.float32) / 255.0
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"{f} is too large to read safely: {str(e).split(',')[0]}", "remove or shrink it") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        # Pillow reports damaged files with all of these, depending on the format and the damage.
+        raise InputError(f"{f} is not a readable image: {str(e).splitlines()[0] if str(e) else type(e).__name__}", "remove or replace it") from None
 
 
 # ---------------------------------------------------------------------------------------------- splits

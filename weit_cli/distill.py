@@ -45,11 +45,11 @@ def kd_loss(logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature:
 def check_options(steps: int, lr: float, batch_size: int, temperature: float) -> None:
     if steps < 1:
         raise WeitError(f"--distill-steps must be at least 1, got {steps}", "a few hundred steps is typical")
-    if not lr > 0:
+    if not (lr > 0 and math.isfinite(lr)):
         raise WeitError(f"--distill-lr must be positive, got {lr}", f"e.g. --distill-lr {DEFAULT_LR:g}")
     if batch_size < 2:
         raise WeitError(f"--batch-size must be at least 2, got {batch_size}", f"e.g. --batch-size {DEFAULT_BATCH}")
-    if not temperature > 0:
+    if not (temperature > 0 and math.isfinite(temperature)):
         raise WeitError(f"--temperature must be positive, got {temperature}", "1.0 is plain KL on the logits")
 
 
@@ -71,7 +71,7 @@ def distill(
     (a data.DataSplits); returns the distilled bundle and what happened (held-out accuracies before and
     after, teacher accuracy, losses, time)."""
     from .fit import composed_forward
-    from .train import Batches, StepInfo, Throughput, adamw, clip_grad, device_autocast, evaluate, lr_at, seed_everything, set_lr
+    from .train import Batches, StepInfo, Throughput, adamw, clip_grad, device_autocast, evaluate, lr_at, resolve_device, seed_everything, set_lr
 
     check_options(steps, lr, batch_size, temperature)
     ad, arch = bundle.adapter, bundle.arch
@@ -80,7 +80,7 @@ def distill(
             f"the data has {splits.num_classes} classes, the checkpoint's classifier {arch.num_classes}",
             "distil on data with the classes the checkpoint was trained for",
         )
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     seed_everything(seed)
 
     teacher = ad.build(arch).to(dev)

@@ -72,8 +72,15 @@ def finetune(
     """Train MODEL's architecture on `data` for `epochs`; returns a summary. Every rank calls this."""
     from .train import cleanup_distributed, setup_distributed
 
+    from .train import check_seed
+
     model, out_dir = Path(model), Path(out_dir)
     _check_options(epochs, init, source, lr, warmup, schedule, min_lr_ratio, batch_size, weight_decay, grad_clip, label_smoothing)
+    check_seed(seed)
+    check_seed(data_seed, "data_seed")
+    for what, path in (("MODEL", model), ("--from", source)):
+        if path is not None and not Path(path).exists():
+            raise InputError(f"{what} {path} does not exist", "check the path")
     _check_run_dir(out_dir, resume, force)
     options = dict(
         model=model, out_dir=out_dir, data=data, epochs=epochs, init=init, source=source, lr=lr, warmup=warmup,

@@ -81,24 +81,30 @@ def fit_scalers(
     from .api import plan_target
     from .data import load_data
     from .files import sha256
-    from .train import StepInfo, Throughput, adamw, clip_grad, device_autocast, evaluate, lr_at, seed_everything, set_lr, Batches
+    from .train import StepInfo, Throughput, adamw, clip_grad, device_autocast, evaluate, lr_at, resolve_device, seed_everything, set_lr, Batches
 
     out = Path(out)
     check_output(out, force)
     if not 1 <= steps <= 10_000_000:
         raise WeitError(f"--steps must be in 1..10000000, got {steps}", "a few hundred steps is typical")
-    if lr <= 0 or batch_size < 1:
-        raise WeitError("--lr must be positive and --batch-size at least 1", "e.g. --lr 1e-3 --batch-size 64")
+    if not (lr > 0 and math.isfinite(lr)) or batch_size < 1:
+        raise WeitError(f"--lr must be positive and finite and --batch-size at least 1, got {lr:g} and {batch_size}", "e.g. --lr 1e-3 --batch-size 64")
     if not 0.0 <= distill <= 1.0:
         raise WeitError(f"--distill must be in [0, 1], got {distill}", "0 turns distillation off, 0.5 weighs KL and CE equally")
-    if temperature <= 0:
+    if not (temperature > 0 and math.isfinite(temperature)):
         raise WeitError(f"--temperature must be positive, got {temperature}", "1.0 is plain KL on the logits")
+    from .resize import DEPTH_RULES, WIDTH_RULES
+
+    if depth_rule not in DEPTH_RULES:
+        raise WeitError(f"unknown depth rule '{depth_rule}'", f"choose one of: {', '.join(DEPTH_RULES)}")
+    if width_rule not in WIDTH_RULES:
+        raise WeitError(f"unknown width rule '{width_rule}'", f"choose one of: {', '.join(WIDTH_RULES)}")
     if calibrate_batches < 1:
         raise WeitError(f"--calibrate-batches must be at least 1, got {calibrate_batches}", "20 batches is typical")
     warmup = max(1, steps // 10) if warmup is None else warmup
     if warmup < 0:
         raise WeitError(f"--warmup must be 0 or more steps, got {warmup}", "e.g. --warmup 20")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
 
     bundle, bsha = load_bundle(bundle_path)
     arch0 = bundle.arch

@@ -13,18 +13,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from .errors import InputError, WeitError
 
 TYPES = ("qkv", "proj", "fc1", "fc2")  # ViT
 RESNET_TYPES = ("conv3x3", "conv1x1")
 TYPES_BY_FAMILY = {"vit": TYPES, "resnet": RESNET_TYPES}
+MAX_SEED = 2**63 - 1  # torch, numpy (mod 2**32) and random all take it
 RESNET_STEMS = {"deep": "deep", "deep_tiered": "deep_tiered", "7x7": ""}  # recipe name → timm stem_type
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # NaN and ±inf are never meant (`lr: .inf` would train straight into NaN): refuse them everywhere.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -158,6 +160,13 @@ class DataSection(_Section):
     source: str = Field("fashion-mnist", description="fashion-mnist, fashion-mnist:/folder, mnist5k, digits, or an image-folder path.")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of the training images held out for validation (seeded).")
     train_subset: float | int | None = Field(None, description="Train on a seeded part only: a fraction in (0, 1] or an image count.")
+
+    @field_validator("train_subset", mode="before")
+    @classmethod
+    def _not_bool(cls, v):
+        if isinstance(v, bool):  # YAML `true` would otherwise become 1.0, "all of it"
+            raise ValueError("must be a fraction in (0, 1] or an image count, not a boolean")
+        return v
     batch_size: int = Field(128, ge=1, description="Images per step over all processes (split evenly across DDP ranks).")
 
 
@@ -167,7 +176,9 @@ class TrainSection(_Section):
     min_lr_ratio: float = Field(0.01, ge=0, le=1, description="Final learning rate as a fraction of the peak (cosine).")
     warmup_steps: int = Field(50, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on vectors, pos_embed or cls_token).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="AdamW betas, each in [0, 1)."
+    )
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: off).")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the task loss.")
     eval_every: int = Field(200, ge=0, description="Validate the largest and smallest sizes every N steps (0: only at the end).")
@@ -181,7 +192,7 @@ class Recipe(_Section):
     nested: NestedSection = Field(description="Sizes trained together (sandwich rule).")
     data: DataSection = Field(default_factory=DataSection, description="Training data and batch size.")
     train: TrainSection = Field(default_factory=TrainSection, description="Optimiser, schedule, validation and checkpoints.")
-    seed: int = Field(0, ge=0, description="Seed of initialisation, data split, data order and size sampling.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of initialisation, data split, data order and size sampling.")
 
     @property
     def family(self) -> str:
@@ -294,11 +305,19 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise InputError(f"recipe {path} does not exist", "see recipes/ for examples")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"recipe {path} is not UTF-8 text", "a recipe is a YAML text file; see recipes/*.yaml") from None
+    except OSError as e:
+        raise InputError(f"recipe {path} cannot be read: {e.strerror}", "check the path and its permissions") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
         raise InputError(f"recipe {path} is not valid YAML{at}", "fix the syntax") from None
+    except RecursionError:
+        raise InputError(f"recipe {path} is nested too deeply to be a recipe", "see recipes/*.yaml for the layout") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -318,6 +337,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    except RecursionError:
+        raise WeitError(f"override '{item[:60]}': the value is nested too deeply", "e.g. --set nested.depths=[2,4]") from None
     if isinstance(value, str):
         value = _number(value)
     node = raw

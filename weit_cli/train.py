@@ -53,12 +53,8 @@ def setup_distributed(device: str | None = None) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise WeitError("CUDA was requested but no GPU is visible", "leave the device unset to use the CPU")
         if dev.index is None:
             dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
         torch.cuda.set_device(dev)
@@ -92,7 +88,35 @@ def device_autocast(device: torch.device | str):
     return nullcontext()
 
 
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: int, name: str = "seed") -> None:
+    """Seeds are integers in [0, 2**63): torch refuses larger ones with an overflow, not an error."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise WeitError(f"--{name.replace('_', '-')} must be an integer in 0..{MAX_SEED}, got {seed}", "e.g. 0")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'cpu', 'cuda', 'cuda:1' … (None: CUDA when present); a bad or absent device is a WeitError."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise WeitError(f"unknown device '{device}'", "use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise WeitError(f"device '{device}' is not supported", "use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise WeitError("CUDA was requested but no GPU is visible", "leave the device unset to use the CPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise WeitError(f"device {device}: only {torch.cuda.device_count()} GPU(s) visible", "use cuda:0 … or leave it unset")
+    return dev
+
+
 def seed_everything(seed: int) -> None:
+    check_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

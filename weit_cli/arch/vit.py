@@ -108,6 +108,11 @@ class ViTAdapter(Adapter):
         class_token = "cls_token" in state
         tokens = state["pos_embed"].shape[1] - (1 if class_token else 0) if "pos_embed" in state else None
         img_size = _square(hints.get("img_size"), "img_size")
+        if img_size is not None and tokens is not None and (img_size // patch) ** 2 != tokens:
+            raise InputError(
+                f"img_size {img_size} with patch size {patch} gives {(img_size // patch) ** 2} patches, but pos_embed holds {tokens}",
+                f"pass --img-size {math.isqrt(tokens) * patch}" if math.isqrt(tokens) ** 2 == tokens else "check the checkpoint",
+            )
         if img_size is None:
             grid = math.isqrt(tokens) if tokens else 0
             if not tokens or grid * grid != tokens:
