@@ -21,6 +21,7 @@ from .files import (
     atomic_dir,
     atomic_file,
     check_output,
+    checkpoint_sha256,
     load_dense,
     load_weit,
     one_thread,
@@ -80,7 +81,7 @@ def extract_templates(
     bundle, errors = from_dense(adapter, arch, state, template_size, num_templates)
     provenance = {
         "command": "extract-templates",
-        "source_sha256": _sha(checkpoint),
+        "source_sha256": checkpoint_sha256(checkpoint),
         "template_size": template_size,
         "num_templates": num_templates,
         "reconstruction_error": {k: round(v, 8) for k, v in errors.items()},
@@ -122,16 +123,6 @@ def _relative_errors(bundle: Bundle, state: dict[str, torch.Tensor]) -> dict[str
         t: relative_error([state[k].float() for k in keys], [bundle.scalers[k] for k in keys], bundle.templates[t])
         for t, keys in by_type.items()
     }
-
-
-def _sha(path: Path) -> str:
-    path = Path(path)
-    if path.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt"):
-            if (path / name).is_file():
-                return sha256(path / name)
-        return ""
-    return sha256(path)
 
 
 def load_scalers(path: Path, bundle: Bundle, bundle_sha: str, target: Any) -> Bundle:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .bundle import Bundle
 from .errors import WeitError
+from .train import kl_to_teacher
 
 DEFAULT_STEPS = 200
 DEFAULT_LR = 1e-3
@@ -31,15 +32,7 @@ DEFAULT_BATCH = 64
 
 def kd_loss(logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
     """CE on the labels + T²·KL(teacher ‖ student) on temperature-softened logits (Hinton et al.)."""
-    ce = nn.functional.cross_entropy(logits, labels)
-    t = temperature
-    kl = nn.functional.kl_div(
-        nn.functional.log_softmax(logits / t, -1),
-        nn.functional.log_softmax(teacher_logits / t, -1),
-        log_target=True,
-        reduction="batchmean",
-    )
-    return ce + kl * t * t
+    return nn.functional.cross_entropy(logits, labels) + kl_to_teacher(logits, teacher_logits, temperature)
 
 
 def check_options(steps: int, lr: float, batch_size: int, temperature: float) -> None:

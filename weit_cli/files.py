@@ -287,6 +287,23 @@ def base_metadata(kind: str, **fields: Any) -> dict[str, str]:
     return meta
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
+
+
+def weights_file(folder: Path) -> Path | None:
+    """The weights file of a timm model folder, in timm's order of preference."""
+    return next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """Digest of a checkpoint for provenance: its weights file (or, weightless, its config.json)."""
+    path = Path(path)
+    if path.is_dir():
+        found = weights_file(path) or (path / "config.json")
+        return sha256(found) if found.is_file() else ""
+    return sha256(path)
+
+
 def load_dense(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """A dense checkpoint: timm local-dir folder, bare safetensors, or a torch file (weights only).
 
@@ -306,12 +323,10 @@ def load_dense(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
                     hints["pretrained_cfg"] = conf["pretrained_cfg"]
             except (ValueError, AttributeError):
                 raise InputError(f"{cfg} is not valid JSON", "fix or remove it") from None
-        for name in ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt"):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
+        found = weights_file(path)
+        if found is None:
             raise InputError(f"{path} holds no model.safetensors or pytorch_model.bin", "point to a timm model folder or file")
+        path = found
     if path.suffix == ".safetensors":
         meta = read_header(path).get("__metadata__") or {}
         if meta.get("kind") in (KIND_TEMPLATES, KIND_SCALERS):

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import EXIT_INTERRUPTED, InputError, OutputError, WeitError
+from .files import checkpoint_sha256
 
 INITS = ("weit", "random", "weight-selection")
 SCHEDULES = ("cosine", "constant")
@@ -143,11 +144,11 @@ def read_model(path: Path, need_weights: bool) -> tuple[Any, Any, dict[str, Tens
     """(adapter, architecture, weights) of MODEL. A folder with only config.json (timm's `model_args`)
     is enough when the weights are not used (`--init random` / `weight-selection`)."""
     from .arch import detect_family
-    from .files import load_dense
+    from .files import load_dense, weights_file
 
     path = Path(path)
     cfg = path / "config.json"
-    weightless = path.is_dir() and cfg.is_file() and not any((path / n).is_file() for n in ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt"))
+    weightless = path.is_dir() and cfg.is_file() and weights_file(path) is None
     if weightless:
         if need_weights:
             raise InputError(f"{path} holds a config.json but no weights", "--init weit needs a materialized model; or use --init random")
@@ -192,19 +193,7 @@ def initial_state(adapter, arch, init: str, weights, source: Path | None, seed: 
     if src_adapter.family != adapter.family:
         raise InputError(f"--from {source} is a {src_adapter.family}, MODEL is a {adapter.family}", "select from a model of the same family")
     state = weight_selection(src_state, src_arch, arch, fresh)
-    return state, {"init": "weight-selection", "source": src_adapter.describe(src_arch), "source_sha256": _sha(source)}
-
-
-def _sha(path: Path) -> str:
-    from .files import sha256
-
-    path = Path(path)
-    if path.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt"):
-            if (path / name).is_file():
-                return sha256(path / name)
-        return sha256(path / "config.json") if (path / "config.json").is_file() else ""
-    return sha256(path)
+    return state, {"init": "weight-selection", "source": src_adapter.describe(src_arch), "source_sha256": checkpoint_sha256(source)}
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -230,8 +219,8 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
             weights = {k: v for k, v in weights.items() if k not in adapter.classifier}
             weights.update({k: v for k, v in _fresh(adapter, arch, seed).items() if k in adapter.classifier})
     args = {
-        "model": str(model), "model_sha256": _sha(model), "init": init, "source": str(source) if source else None,
-        "source_sha256": _sha(source) if source else None, "data": data, "data_description": splits.description,
+        "model": str(model), "model_sha256": checkpoint_sha256(model), "init": init, "source": str(source) if source else None,
+        "source_sha256": checkpoint_sha256(source) if source else None, "data": data, "data_description": splits.description,
         "epochs": epochs, "lr": lr, "warmup": warmup, "schedule": schedule, "min_lr_ratio": min_lr_ratio,
         "batch_size": batch_size, "weight_decay": weight_decay, "grad_clip": grad_clip, "label_smoothing": label_smoothing,
         "train_subset": train_subset, "data_seed": data_seed, "val_fraction": val_fraction, "reset_head": reset_head,

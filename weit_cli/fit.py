@@ -81,7 +81,7 @@ def fit_scalers(
     from .api import plan_target
     from .data import load_data
     from .files import sha256
-    from .train import StepInfo, Throughput, adamw, clip_grad, device_autocast, evaluate, lr_at, resolve_device, seed_everything, set_lr, Batches
+    from .train import StepInfo, Throughput, adamw, clip_grad, device_autocast, evaluate, lr_at, resolve_device, seed_everything, set_lr, Batches, kl_to_teacher
 
     out = Path(out)
     check_output(out, force)
@@ -182,12 +182,7 @@ def fit_scalers(
             if teacher is not None:
                 with torch.no_grad():
                     t_logits = teacher(x).float()
-                kl = nn.functional.kl_div(
-                    nn.functional.log_softmax(logits / temperature, -1),
-                    nn.functional.log_softmax(t_logits / temperature, -1),
-                    log_target=True,
-                    reduction="batchmean",
-                ) * temperature**2
+                kl = kl_to_teacher(logits, t_logits, temperature)
                 loss = (1 - distill) * loss + distill * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -40,6 +40,7 @@ from .data import load_data
 from .errors import EXIT_INTERRUPTED, InputError, WeitError
 from .files import atomic_file, check_output, save_tensors
 from .train import (
+    kl_to_teacher,
     Batches,
     StepCallback,
     StepInfo,
@@ -239,10 +240,7 @@ class SandwichLoss(nn.Module):
             if i == 0:
                 teacher = logits.detach()
             elif self.distill > 0:
-                t = self.temperature
-                kl = F.kl_div(
-                    F.log_softmax(logits / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="batchmean"
-                ) * (t * t)
+                kl = kl_to_teacher(logits, teacher, self.temperature)
                 loss = (1 - self.distill) * ce + self.distill * kl
             losses.append(loss)
             ces.append(ce.detach())

@@ -405,3 +405,15 @@ def load_checkpoint(
     if restore_rng:
         set_rng_state(tensors, side["rng"])
     return params, side["state"]
+
+
+def kl_to_teacher(logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """T²·KL(teacher ‖ student) on temperature-softened logits (Hinton et al.); batch mean."""
+    t = temperature
+    kl = torch.nn.functional.kl_div(
+        torch.nn.functional.log_softmax(logits / t, -1),
+        torch.nn.functional.log_softmax(teacher_logits / t, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    return kl * (t * t)
