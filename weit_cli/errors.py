@@ -13,6 +13,7 @@ class WeitError(Exception):
     """A problem the user can fix: `message` says what is wrong, `hint` what to do next."""
 
     def __init__(self, message: str, hint: str = "", exit_code: int = EXIT_USAGE):
+        message, hint = one_line(message), one_line(hint)
         super().__init__(message)
         self.message = message
         self.hint = hint
@@ -20,6 +21,12 @@ class WeitError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+def one_line(text: str) -> str:
+    """Control characters escaped (a newline in a file name, a recipe key or an override), so that
+    every error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 class InputError(WeitError):

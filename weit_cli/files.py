@@ -106,6 +106,21 @@ def atomic_dir(path: Path, force: bool):
         raise
 
 
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temp files and folders (`.NAME.*.tmp`, `.NAME.*.old`) that a killed writer of
+    `path` left beside it. Only for a path this process owns (e.g. resuming its own run): a live
+    writer's temp file would be removed too."""
+    import glob
+
+    path = Path(path)
+    gone = []
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if p.suffix in (".tmp", ".old"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -123,7 +123,7 @@ def _check_options(epochs, init, source, lr, warmup, schedule, min_lr_ratio, bat
 
 def _check_run_dir(out_dir: Path, resume: bool, force: bool) -> None:
     if resume:
-        if not (out_dir / "args.json").is_file() or not (out_dir / (STATE + ".json")).is_file():
+        if not (out_dir / "args.json").is_file() or not (out_dir / STATE).is_file():
             raise InputError(
                 f"--resume: {out_dir} holds no resumable finetune run (none started, already finished, or stopped before its first epoch ended)",
                 "start it (again) without --resume, with --force if the folder exists",
@@ -268,6 +268,8 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
                 current[k].copy_(v.to(dev))
         batches.load_state(st["data"])
         metrics, best, start_epoch, wall = st["metrics"], st["best"], int(st["epoch"]), float(st["wall_s"])
+        if rank == 0:
+            _complete_run_folder(out_dir, adapter, arch, net, origin, args, metrics, best, start_epoch)
     elif rank == 0:
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -379,6 +381,29 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
         "wall_s": round(time.perf_counter() - t_begin, 2),
         "files": [str(out_dir / n) for n in ("metrics.json", "last", "best", "args.json")],
     }
+
+
+def _complete_run_folder(out_dir: Path, adapter, arch, net: nn.Module, origin, args, metrics, best, epoch: int) -> None:
+    """On --resume: an epoch writes its checkpoint first, then last/, best/ and metrics.json; a kill in
+    between leaves those one epoch behind. Write them again from the checkpoint (the very bytes the
+    epoch would have written), and remove temp files a killed writer left."""
+    from .files import read_header, remove_stale_temps
+
+    for name in (STATE, STATE + ".json", "args.json", "metrics.json", "last", "best"):
+        remove_stale_temps(out_dir / name)
+
+    def epoch_of(folder: Path) -> int | None:
+        try:
+            return json.loads((read_header(folder / "model.safetensors").get("__metadata__") or {})["provenance"]).get("epoch")
+        except (WeitError, KeyError, ValueError, AttributeError):
+            return None
+
+    cpu = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    if epoch_of(out_dir / "last") != epoch:
+        _write_model(adapter, arch, cpu, out_dir / "last", {**origin, "epoch": epoch})
+    if best is not None and best["epoch"] == epoch and epoch_of(out_dir / "best") != epoch:
+        _write_model(adapter, arch, cpu, out_dir / "best", {**origin, "epoch": epoch})
+    _write_json(out_dir / "metrics.json", _metrics_doc(args, origin, metrics, best))
 
 
 def _fresh(adapter, arch, seed: int) -> dict[str, Tensor]:

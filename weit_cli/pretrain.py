@@ -38,7 +38,7 @@ from .bundle import Bundle, from_dense, resize
 from .calibrate import STAT_SUFFIXES, recalibrate_bn
 from .data import load_data
 from .errors import EXIT_INTERRUPTED, InputError, WeitError
-from .files import atomic_file, check_output, save_tensors
+from .files import atomic_file, check_output, remove_stale_temps, save_tensors
 from .train import (
     kl_to_teacher,
     Batches,
@@ -47,6 +47,7 @@ from .train import (
     Throughput,
     adamw,
     barrier,
+    checkpoint_exists,
     checkpoint_paths,
     cleanup_distributed,
     clip_grad,
@@ -284,9 +285,9 @@ def pretrain(
     ckpt = output.with_name(recipe_out.name.removesuffix(".recipe.yaml") + ".ckpt.safetensors")
     check_output(output, force)
     check_output(recipe_out, force or resume)  # a resumed run wrote nothing final yet, only its checkpoint
-    if resume and not checkpoint_paths(ckpt)[1].exists():
-        raise InputError(f"--resume: no checkpoint {ckpt} (+ .json) to continue", "run without --resume to start afresh")
-    if not resume and not force and checkpoint_paths(ckpt)[1].exists():
+    if resume and not checkpoint_exists(ckpt):
+        raise InputError(f"--resume: no checkpoint {ckpt} to continue", "run without --resume to start afresh")
+    if not resume and not force and checkpoint_exists(ckpt):
         raise InputError(
             f"a checkpoint of an unfinished run exists: {ckpt}",
             "pass --resume to continue it, or --force to start over",
@@ -333,6 +334,9 @@ def _run(recipe, output, recipe_out, ckpt, resume, dist_info, callback, command)
     size_rng = random.Random(recipe.seed)
     start = 0
     if resume:
+        if rank == 0:  # what a killed writer left half-written (hidden temp files) goes first
+            for p in (output, recipe_out, *checkpoint_paths(ckpt)):
+                remove_stale_temps(p)
         params, state = load_checkpoint(ckpt, optimizer=opt)
         if state.get("recipe_sha256") != recipe_sha:
             raise InputError(

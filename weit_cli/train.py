@@ -338,9 +338,12 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
 ) -> None:
-    """Write a resumable checkpoint: `params` and the optimizer's tensors in safetensors, the
-    JSON-able `state` (step, data position, recipe, …), optimizer hyper-parameters and RNG states in
-    a sidecar that names the tensors file's sha256. Both are written to temp files and renamed."""
+    """Write a resumable checkpoint: `params`, the optimizer's tensors and the RNG states in one
+    safetensors file whose metadata also holds the JSON-able `state` (step, data position, …), the
+    optimizer hyper-parameters and the Python/numpy RNG states. That file, renamed into place, *is*
+    the checkpoint: a kill at any moment leaves the previous checkpoint or this one, whole. The
+    `.json` sidecar written after it is a readable copy (it names the tensors file's sha256); a kill
+    between the two renames leaves an older sidecar, which loading ignores."""
     from .files import atomic_file, sha256, write_safetensors
 
     tpath, jpath = checkpoint_paths(path)
@@ -354,13 +357,18 @@ def save_checkpoint(
         groups = sd["param_groups"]
     rng_t, rng_m = rng_state()
     tensors.update(rng_t)
+    side = {"format": CHECKPOINT_FORMAT, "state": state, "optimizer_groups": groups, "rng": rng_m}
     specs = [(k, tuple(v.shape), v.dtype, (lambda v=v: v)) for k, v in sorted(tensors.items())]
     with atomic_file(tpath) as tmp:
-        write_safetensors(tmp, specs, {"format": "pt", "kind": CHECKPOINT_FORMAT})
+        write_safetensors(tmp, specs, {"format": "pt", "kind": CHECKPOINT_FORMAT, "checkpoint": json.dumps(side, sort_keys=True)})
         digest = sha256(tmp)
-        side = {"format": CHECKPOINT_FORMAT, "tensors_sha256": digest, "state": state, "optimizer_groups": groups, "rng": rng_m}
-        with atomic_file(jpath) as jtmp:
-            jtmp.write_text(json.dumps(side, sort_keys=True) + "\n")
+    with atomic_file(jpath) as jtmp:
+        jtmp.write_text(json.dumps({**side, "tensors_sha256": digest}, sort_keys=True) + "\n")
+
+
+def checkpoint_exists(path: Path) -> bool:
+    """Whether a resumable checkpoint is at `path` (its tensors file; the sidecar may lag behind)."""
+    return checkpoint_paths(path)[0].is_file()
 
 
 def load_checkpoint(
@@ -374,17 +382,23 @@ def load_checkpoint(
     from .files import load_safetensors, sha256
 
     tpath, jpath = checkpoint_paths(path)
-    if not tpath.is_file() or not jpath.is_file():
-        raise InputError(f"no checkpoint at {tpath} (+ .json)", "start without --resume, or point to the run's output")
-    try:
-        side = json.loads(jpath.read_text())
-    except ValueError:
-        raise InputError(f"{jpath} is not valid JSON", "the checkpoint is corrupt; start without --resume") from None
-    if side.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{jpath} is not a weit checkpoint ({side.get('format')!r})", "start without --resume")
-    if sha256(tpath) != side.get("tensors_sha256"):
-        raise InputError(f"{tpath} does not match its sidecar {jpath.name}", "the checkpoint is corrupt; start without --resume")
-    tensors, _ = load_safetensors(tpath)
+    if not tpath.is_file():
+        raise InputError(f"no checkpoint at {tpath}", "start without --resume, or point to the run's output")
+    tensors, meta = load_safetensors(tpath)
+    if "checkpoint" in meta:  # self-describing (see save_checkpoint); the sidecar is only a copy
+        try:
+            side = json.loads(meta["checkpoint"])
+        except ValueError:
+            raise InputError(f"{tpath} holds an unreadable checkpoint record", "the checkpoint is corrupt; start without --resume") from None
+    else:  # an older checkpoint: the state lives in the sidecar only
+        try:
+            side = json.loads(jpath.read_text())
+        except (OSError, ValueError):
+            raise InputError(f"{jpath} is missing or not valid JSON", "the checkpoint is corrupt; start without --resume") from None
+        if sha256(tpath) != side.get("tensors_sha256"):
+            raise InputError(f"{tpath} does not match its sidecar {jpath.name}", "the checkpoint is corrupt; start without --resume")
+    if not isinstance(side, dict) or side.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{tpath} is not a weit checkpoint", "start without --resume")
     params = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
     if optimizer is not None:
         groups = side.get("optimizer_groups")

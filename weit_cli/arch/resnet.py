@@ -286,12 +286,15 @@ class ResNetAdapter(Adapter):
         total = 0
         for s in range(STAGES):
             cin, mid, out = (a.stem_out if s == 0 else a.out(s - 1)), a.mid(s), a.out(s)
-            for b in range(a.depth[s]):
-                i = cin if b == 0 else out
+
+            def block(i: int) -> int:
                 if a.block == "basic":
-                    total += 9 * i * mid + 9 * mid * out + 4 * (mid + out)
-                else:
-                    total += i * mid + 9 * mid * mid + mid * out + 4 * (2 * mid + out)
+                    return 9 * i * mid + 9 * mid * out + 4 * (mid + out)
+                return i * mid + 9 * mid * mid + mid * out + 4 * (2 * mid + out)
+
+            # closed form, not a loop over blocks: an absurd --depth must be refused, not counted
+            if a.depth[s] >= 1:
+                total += block(cin) + (a.depth[s] - 1) * block(out)
             if a.has_downsample(s):
                 total += a.down_kernel_size**2 * cin * out + 4 * out
         c0, c1, c2 = a.stem_chs
