@@ -711,3 +711,157 @@ def test_finetune_sigkill_then_resume_is_byte_identical(tmp_path, ws, finetune_r
     got, want = _without_times(run), _without_times(finetune_reference)
     assert got.keys() == want.keys(), (where, sorted(got), sorted(want))
     assert [k for k in want if got[k] != want[k]] == [], f"{where}: resumed run differs from the uninterrupted one"
+
+
+def test_absurd_resnet_depth_is_refused_not_counted():
+    """The ResNet parameter count once looped over every block: depth 10**18 hung instead of failing."""
+    from weit_cli.recipe import validate
+
+    raw = yaml.safe_load(RESNET_RECIPE)
+    raw["nested"]["depths"] = [1, 10**18]
+    with pytest.raises(WeitError, match="parameters"):
+        validate(raw)
+
+
+# ---------------------------------------------------------------------------------------------- 4. writers
+def _check_model_folder(folder: Path) -> int:
+    """A complete timm folder whose config and weights come from the same writer; returns its depth."""
+    import timm
+
+    cfg = json.loads((folder / "config.json").read_text())
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert len(model.blocks) == cfg["model_args"]["depth"]
+    return cfg["model_args"]["depth"]
+
+
+RACER = r"""
+import os, sys, time
+out, gate, args = os.path.abspath(sys.argv[1]), sys.argv[2], sys.argv[3:]
+waited = [False]
+
+def at_gate():
+    # Both writers wait here, right before their first rename/link onto the output, then go together:
+    # the worst interleaving of the exists-check, the set-aside and the final rename.
+    if waited[0]:
+        return
+    waited[0] = True
+    open(os.path.join(gate, str(os.getpid())), "w").close()
+    deadline = time.time() + 60
+    while len(os.listdir(gate)) < 2 and time.time() < deadline:
+        time.sleep(0.005)
+
+for name in ("replace", "link"):
+    real = getattr(os, name)
+    def patched(src, dst, *a, _real=real, **k):
+        if out in (os.path.abspath(str(src)), os.path.abspath(str(dst))):
+            at_gate()
+        return _real(src, dst, *a, **k)
+    setattr(os, name, patched)
+
+from weit_cli.cli import app
+sys.argv = ["weit", *args]
+app()
+"""
+
+
+def _race(ws, tmp_path: Path, out: Path, force: bool) -> list[tuple[int, str]]:
+    gate = tmp_path.parent / f"{tmp_path.name}-gate-{random.random()}"
+    gate.mkdir()
+    procs = [
+        subprocess.Popen([sys.executable, "-c", RACER, str(out), str(gate), "materialize", str(ws["bundle"]), "--depth", str(depth),
+                          "--width", "64", "-o", str(out), *(["--force"] if force else [])],
+                         cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for depth in (6, 7)
+    ]
+    out_ = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    shutil.rmtree(gate)
+    return out_
+
+
+def _written_depth(out: Path) -> int:
+    if out.is_dir():
+        return _check_model_folder(out)
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        depth = json.loads(f.metadata()["model_args"])["depth"]
+        assert sum(k.endswith("attn.qkv.weight") for k in f.keys()) == depth
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+    return depth
+
+
+@pytest.mark.parametrize("out_name", ["model.safetensors", "model_dir"])
+def test_concurrent_materialize_to_one_path(ws, tmp_path, out_name):
+    """Two processes write different sizes to one path, forced to rename at the same moment: with
+    --force (onto nothing, then onto a previous result) both succeed and one writer's whole model is
+    left (its config.json and weights agree); without --force exactly one wins and the other says
+    the output exists. Never a temp file or a set-aside folder left behind."""
+    out = tmp_path / out_name
+    files = [out_name] if out_name.endswith(".safetensors") else [out_name, f"{out_name}/config.json", f"{out_name}/model.safetensors"]
+    for round_ in range(2):
+        results = _race(ws, tmp_path, out, force=True)
+        assert [code for code, _ in results] == [0, 0], (round_, results)
+        assert listing(tmp_path) == files and _written_depth(out) in (6, 7)
+    shutil.rmtree(out) if out.is_dir() else out.unlink()
+    results = _race(ws, tmp_path, out, force=False)
+    assert sorted(code for code, _ in results) == [0, EXIT_OUTPUT], results
+    loser = next(err for code, err in results if code)
+    assert "already exists" in loser and "Traceback" not in loser
+    assert listing(tmp_path) == files and _written_depth(out) in (6, 7)
+
+
+def _mount(args: list[str]) -> bool:
+    return subprocess.run(["mount", *args], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def mounts(tmp_path):
+    """A read-only tmpfs (root ignores chmod, not a read-only mount), a read-only bind mount holding
+    an existing model, and a full 64 KiB tmpfs. Skipped where mount is not allowed."""
+    ro, bind_src, bind, full = (tmp_path / n for n in ("ro", "bind_src", "bind", "full"))
+    for p in (ro, bind_src, bind, full):
+        p.mkdir()
+    (bind_src / "m.safetensors").write_bytes(b"previous model")
+    done = []
+    try:
+        for args, target in ((["-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], ro),
+                             (["--bind", str(bind_src), str(bind)], bind),
+                             (["-o", "remount,ro,bind", str(bind)], None),
+                             (["-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], full)):
+            if not _mount(args):
+                pytest.skip(f"cannot mount here (needs root and mount): mount {' '.join(args)}")
+            if target is not None:
+                done.append(target)
+        yield {"ro": ro, "bind": bind, "full": full}
+    finally:
+        for p in reversed(done):
+            subprocess.run(["umount", str(p)], capture_output=True)
+
+
+def test_read_only_and_full_output_folders(ws, tmp_path, mounts):
+    (tmp_path / "r.yaml").write_text(TINY_RECIPE)
+    ro, bind, full = mounts["ro"], mounts["bind"], mounts["full"]
+    commands = {
+        "materialize file": ["materialize", ws["bundle"], "--depth", "4", "--width", "64", "-o"],
+        "materialize folder": ["materialize", ws["bundle"], "--depth", "4", "--width", "64", "-o"],
+        "extract-templates": ["extract-templates", ws["model"], "-o"],
+        "fit-scalers": ["fit-scalers", ws["bundle"], "--data", "digits", "--steps", "1", "--train-subset", "64", "-o"],
+        "pretrain": ["pretrain", "r.yaml", "-o"],
+        "finetune": ["finetune", ws["small"], "--data", "digits", "--epochs", "1", "--train-subset", "64", "-o"],
+    }
+    name = {"materialize folder": "m", "finetune": "run"}
+    for what, args in commands.items():
+        out = name.get(what, "m.safetensors")
+        # read-only: refused up front, before any work, nothing written
+        r = weit(*args, ro / out, cwd=tmp_path)
+        assert_clean_failure(r, EXIT_OUTPUT, names="not writable")
+        assert listing(ro) == [], what
+        # read-only bind mount over an existing output, with --force: refused, the old file untouched
+        r = weit(*args, bind / "m.safetensors", "--force", cwd=tmp_path)
+        assert r.returncode == EXIT_OUTPUT and "not writable" in r.stderr, (what, r.stderr)
+        assert (bind / "m.safetensors").read_bytes() == b"previous model" and listing(bind) == ["m.safetensors"]
+    # full disk (64 KiB; every model here is bigger): a clear error and no temp file left
+    for what in ("materialize file", "materialize folder", "extract-templates"):
+        r = weit(*commands[what], full / name.get(what, "m.safetensors"), cwd=tmp_path)
+        assert_clean_failure(r, EXIT_OUTPUT, names="No space left")
+        assert listing(full) == [], what

@@ -301,7 +301,7 @@ def write_model(sized: Bundle, out: Path, dtype: torch.dtype, provenance: dict[s
     dense = _Streamer(sized)
     spec_list = [(k, sized.dense_shape(k), dtype_of(k), (lambda k=k: dense(k, dtype_of(k)))) for k in sized.dense_keys()]
     if out.suffix == ".safetensors":
-        with atomic_file(out) as tmp, one_thread():
+        with atomic_file(out, replace=force) as tmp, one_thread():
             write_safetensors(tmp, spec_list, meta)
         return [str(out)]
     with atomic_dir(out, force) as tmp, one_thread():

@@ -7,6 +7,7 @@ Reads check the header size before parsing and never unpickle.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -56,8 +57,11 @@ def check_output(path: Path, force: bool) -> None:
 
 
 @contextmanager
-def atomic_file(path: Path):
-    """Yield a temp path beside `path`; rename it into place only if the block succeeds."""
+def atomic_file(path: Path, replace: bool = True):
+    """Yield a temp path beside `path`; move it into place only if the block succeeds.
+
+    `replace=False` (no --force) never clobbers: the temp file is hard-linked to `path`, which fails
+    if another process created `path` since `check_output` looked, instead of silently overwriting it."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -67,13 +71,31 @@ def atomic_file(path: Path):
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_new(Path(tmp), path)
     except OSError as e:
         _unlink(tmp)
         raise OutputError(f"cannot write {path}: {e.strerror}", "check free disk space and permissions") from None
     except BaseException:
         _unlink(tmp)
         raise
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputError(f"{path} already exists (another process wrote it meanwhile)", "pass --force to replace it, or choose another -o") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            raise
+        if os.path.lexists(path):  # a filesystem without hard links: check, then rename (racy, as before)
+            raise OutputError(f"{path} already exists", "pass --force to replace it, or choose another -o") from None
+        os.replace(tmp, path)
+        return
+    _unlink(tmp)
 
 
 @contextmanager
@@ -89,21 +111,45 @@ def atomic_dir(path: Path, force: bool):
         os.chmod(tmp, 0o777 & ~_umask())
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~_umask())
-        old = None
-        if path.exists():
-            if not force:
-                raise OutputError(f"{path} already exists", "pass --force to replace it")
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-            os.replace(path, old / "x")
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _move_dir_into_place(tmp, path, force)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(f"cannot write {path}: {e.strerror}", "check free disk space and permissions") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _move_dir_into_place(tmp: Path, path: Path, force: bool) -> None:
+    """A folder cannot be renamed over a non-empty one: set the old one aside first. Other writers
+    may do the same at the same moment (the old one is gone when we move it, or a new one appears
+    before our rename), so retry; with --force the last rename wins, without it the first."""
+    exists = OutputError(f"{path} already exists", "pass --force to replace it")
+    for _ in range(50):
+        old = None
+        if os.path.lexists(path):
+            if not force:
+                raise exists
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            try:
+                os.replace(path, old / "x")
+            except FileNotFoundError:
+                pass  # another writer set it aside first
+        try:
+            os.replace(tmp, path)
+            return
+        except BaseException as e:
+            if old is not None and (old / "x").exists() and not os.path.lexists(path):
+                os.replace(old / "x", path)  # put the previous result back
+            if isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                if not force:
+                    raise exists from None
+                continue  # another writer's folder landed in between: set it aside and try again
+            raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+    raise OutputError(f"{path} kept being replaced by other writers", "write to another path")
 
 
 def remove_stale_temps(path: Path) -> list[Path]:
@@ -173,7 +219,7 @@ def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
     path = Path(path)
     check_output(path, force)
     specs = [(k, tuple(v.shape), v.dtype, (lambda v=v: v)) for k, v in sorted(tensors.items())]
-    with atomic_file(path) as tmp:
+    with atomic_file(path, replace=force) as tmp:
         write_safetensors(tmp, specs, metadata)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -128,10 +129,14 @@ def _check_run_dir(out_dir: Path, resume: bool, force: bool) -> None:
                 f"--resume: {out_dir} holds no resumable finetune run (none started, already finished, or stopped before its first epoch ended)",
                 "start it (again) without --resume, with --force if the folder exists",
             )
+        if not os.access(out_dir, os.W_OK):
+            raise OutputError(f"run folder {out_dir} is not writable", "make it writable to continue the run there")
         return
     parent = out_dir.parent if str(out_dir.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"output folder {parent} does not exist", f"create it first: mkdir -p {parent}")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output folder {parent} is not writable", "choose another -o")
     if out_dir.exists():
         if not force:
             raise OutputError(f"{out_dir} already exists", "pass --resume to continue it, --force to start over, or choose another -o")
@@ -271,9 +276,12 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
         if rank == 0:
             _complete_run_folder(out_dir, adapter, arch, net, origin, args, metrics, best, start_epoch)
     elif rank == 0:
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.mkdir()
+        try:
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            out_dir.mkdir()
+        except OSError as e:
+            raise OutputError(f"cannot create the run folder {out_dir}: {e.strerror}", "check free disk space and permissions") from None
         _write_json(out_dir / "args.json", args)
     barrier()
 
