@@ -579,7 +579,8 @@ mode, at, args = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 import weit_cli.finetune as finetune, weit_cli.pretrain as pretrain, weit_cli.train as train
 
 def die():
-    os.kill(os.getpid(), signal.SIGKILL)  # no handler, no cleanup: what a power cut or the OOM killer does
+    # SIGKILL: no handler, no cleanup (a power cut, the OOM killer); SIGTERM: a CI timeout, `kill`
+    os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL")))
 
 if mode == "step":  # during optimiser step `at` (1-based), after the backward pass
     real, calls = train.clip_grad, [0]
@@ -599,6 +600,20 @@ elif mode == "between-checkpoint-files":  # checkpoint number `at`: after its fi
                 die()
         return out
     os.replace = replace
+elif mode == "write":  # while the at-th tensor of an output file is being produced
+    import weit_cli.api as api
+    real = api.write_safetensors
+    def write(path, specs, metadata):
+        specs, made = list(specs), [0]
+        def wrap(make):
+            def inner():
+                made[0] += 1
+                if made[0] == at:
+                    die()
+                return make()
+            return inner
+        return real(path, [(n, sh, dt, wrap(mk)) for n, sh, dt, mk in specs], metadata)
+    api.write_safetensors = write
 else:  # "before-best" / "before-last": before the at-th write of that model folder (after its checkpoint)
     real, seen = finetune._write_model, [0]
     def write(adapter, arch, state, out, provenance):
@@ -621,9 +636,10 @@ PRETRAIN_ARGS = ["pretrain", "tiny.yaml", "-o", "bundle.safetensors"]
 PRETRAIN_COMMAND = "weit " + " ".join(PRETRAIN_ARGS)  # what the CLI records in provenance
 
 
-def _killed(mode: str, at: int, args: list, cwd: Path) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-c", KILLER, mode, str(at), *map(str, args)], cwd=cwd, capture_output=True, text=True, env=ENV, timeout=300)
-    assert p.returncode == -signal.SIGKILL, f"{mode} {at}: expected a SIGKILL, got {p.returncode}: {p.stderr[-2000:]}"
+def _killed(mode: str, at: int, args: list, cwd: Path, sig: str = "SIGKILL", code: int = -signal.SIGKILL) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-c", KILLER, mode, str(at), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                       env={**ENV, "KILL_SIGNAL": sig}, timeout=300)
+    assert p.returncode == code, f"{sig} {mode} {at}: expected exit {code}, got {p.returncode}: {p.stderr[-2000:]}"
     return p
 
 
@@ -671,6 +687,23 @@ def test_pretrain_sigkill_then_resume_is_byte_identical(tmp_path, pretrain_refer
     expected_from = 2 * ((at - 1) // 2) if mode == "step" else 4
     assert r["resumed_from"] in (expected_from, expected_from - 2), (where, r["resumed_from"])
     assert _files(tmp_path) == pretrain_reference, f"{where}: resumed run differs from the uninterrupted one"
+
+
+def test_sigterm_during_pretrain_keeps_the_checkpoint_and_resumes(tmp_path, pretrain_reference):
+    """SIGTERM (a CI timeout) takes the Ctrl-C path: exit 130, one line naming the kept checkpoint."""
+    (tmp_path / "tiny.yaml").write_text(KILL_RECIPE)
+    p = _killed("step", 6, PRETRAIN_ARGS, tmp_path, sig="SIGTERM", code=EXIT_INTERRUPTED)
+    assert_clean_failure(p, EXIT_INTERRUPTED, names="checkpoint at step 4 is kept")
+    assert "--resume" in p.stderr
+    assert _resume_pretrain(tmp_path)["resumed_from"] == 4
+    assert _files(tmp_path) == pretrain_reference
+
+
+@pytest.mark.parametrize("out_name", ["m.safetensors", "m"])
+def test_sigterm_during_materialize_leaves_nothing(ws, tmp_path, out_name):
+    p = _killed("write", 5, ["materialize", ws["bundle"], "--depth", "3", "-o", out_name], tmp_path, sig="SIGTERM", code=EXIT_INTERRUPTED)
+    assert_clean_failure(p, EXIT_INTERRUPTED, names="interrupted")
+    assert listing(tmp_path) == []
 
 
 FT_OPTS = ["--data", "digits", "--epochs", "3", "--train-subset", "160", "--batch-size", "32", "--lr", "2e-3"]
@@ -798,7 +831,7 @@ def test_concurrent_materialize_to_one_path(ws, tmp_path, out_name):
     the output exists. Never a temp file or a set-aside folder left behind."""
     out = tmp_path / out_name
     files = [out_name] if out_name.endswith(".safetensors") else [out_name, f"{out_name}/config.json", f"{out_name}/model.safetensors"]
-    for round_ in range(2):
+    for round_ in range(2 if out_name == "model_dir" else 1):  # a folder: onto nothing, then onto the result
         results = _race(ws, tmp_path, out, force=True)
         assert [code for code, _ in results] == [0, 0], (round_, results)
         assert listing(tmp_path) == files and _written_depth(out) in (6, 7)
@@ -865,3 +898,156 @@ def test_read_only_and_full_output_folders(ws, tmp_path, mounts):
         r = weit(*commands[what], full / name.get(what, "m.safetensors"), cwd=tmp_path)
         assert_clean_failure(r, EXIT_OUTPUT, names="No space left")
         assert listing(full) == [], what
+
+
+# ---------------------------------------------------------------------------------------------- 5. untrusted files
+class _Payload:
+    """Unpickling this runs code: it creates `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+@pytest.fixture
+def pickles(tmp_path) -> dict[str, Path]:
+    import pickle
+
+    marker = tmp_path / "PWNED"
+    d = tmp_path / "evil"
+    d.mkdir()
+    with open(d / "raw.pth", "wb") as f:  # a plain pickle, the old torch format
+        pickle.dump({"state_dict": {"w": torch.zeros(2)}, "x": _Payload(marker)}, f)
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "x": _Payload(marker)}, d / "zip.pt")  # torch's zip format
+    shutil.copy(d / "raw.pth", d / "disguised.safetensors")
+    (d / "folder").mkdir()
+    shutil.copy(d / "zip.pt", d / "folder" / "pytorch_model.bin")
+    return {"marker": marker, **{p.stem if p.is_file() else p.name: p for p in d.iterdir()}}
+
+
+def test_malicious_pickles_are_refused_and_never_run(ws, tmp_path, pickles):
+    marker = pickles["marker"]
+    cases = [  # (args, exit code)
+        (["extract-templates", pickles["raw"], "-o", "b.safetensors"], EXIT_INPUT),
+        (["extract-templates", pickles["zip"], "-o", "b.safetensors"], EXIT_INPUT),
+        (["extract-templates", pickles["folder"], "-o", "b.safetensors"], EXIT_INPUT),
+        (["extract-templates", pickles["disguised"], "-o", "b.safetensors"], EXIT_INPUT),
+        (["finetune", pickles["zip"], "--data", "digits", "--epochs", "1", "-o", "run"], EXIT_INPUT),
+        (["finetune", ws["small"], "--init", "weight-selection", "--from", pickles["raw"], "--data", "digits", "--epochs", "1", "-o", "run"], EXIT_INPUT),
+        (["finetune", ws["small"], "--init", "weight-selection", "--from", pickles["folder"], "--data", "digits", "--epochs", "1", "-o", "run"], EXIT_INPUT),
+        (["inspect", pickles["zip"]], EXIT_INPUT),
+        (["inspect", pickles["raw"]], EXIT_INPUT),
+        (["materialize", pickles["zip"], "-o", "m"], EXIT_INPUT),
+        (["fit-scalers", pickles["raw"], "--data", "digits", "-o", "s.safetensors"], EXIT_INPUT),
+    ]
+    for args, code in cases:
+        before = listing(tmp_path)
+        r = weit(*args, cwd=tmp_path)
+        assert_clean_failure(r, code, before=before, cwd=tmp_path)
+        if args[0] in ("extract-templates", "finetune", "inspect") and "disguised" not in str(args[1]):
+            assert "pickled Python objects" in r.stderr, r.stderr
+        assert not marker.exists(), f"{args}: the payload ran"
+    # A plain tensor state dict in a .pt is fine (loaded with weights_only=True).
+    from weit_cli.files import load_dense
+
+    torch.save(load_dense(ws["model"])[0], tmp_path / "benign.pt")
+    r = weit("inspect", tmp_path / "benign.pt", "--json", cwd=tmp_path)
+    assert r.returncode == 0 and json.loads(r.stdout)["kind"] == "dense", r.stdout + r.stderr
+    # Positive control: the payloads are live — an unsafe load runs them (in a throw-away process).
+    control = textwrap.dedent(f"""
+        import pickle, torch
+        torch.load({str(pickles['zip'])!r}, weights_only=False)
+        print('zip ran' if __import__('os').path.exists({str(marker)!r}) else 'zip inert')
+        __import__('os').remove({str(marker)!r})
+        pickle.load(open({str(pickles['raw'])!r}, 'rb'))
+        print('raw ran' if __import__('os').path.exists({str(marker)!r}) else 'raw inert')
+    """)
+    p = subprocess.run([sys.executable, "-c", control], capture_output=True, text=True, env=ENV, timeout=120)
+    assert p.stdout.split() == ["zip", "ran", "raw", "ran"], p.stdout + p.stderr
+
+
+# ---------------------------------------------------------------------------------------------- 6. pipelines
+def _one_json_object(r) -> dict:
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1, f"stdout must be exactly one JSON line:\n{r.stdout}"
+    obj = json.loads(lines[0])
+    assert isinstance(obj, dict)
+    assert not any(ln.lstrip().startswith("{") for ln in r.stderr.splitlines()), r.stderr
+    return obj
+
+
+def test_json_success_is_one_object_for_every_command(ws, tmp_path):
+    (tmp_path / "r.yaml").write_text(TINY_RECIPE.replace("steps: 2,", "steps: 1,"))
+    runs = {
+        "list-archs": ["list-archs"],
+        "inspect bundle": ["inspect", ws["bundle"]],
+        "inspect scalers": ["inspect", ws["scalers"]],
+        "inspect model": ["inspect", ws["model"]],
+        "extract-templates": ["extract-templates", ws["model"], "-o", "b.safetensors", "--data", "digits", "--distill-steps", "1"],
+        "materialize": ["materialize", ws["bundle"], "--depth", "1", "-o", "m"],
+        "fit-scalers": ["fit-scalers", ws["bundle"], "--data", "digits", "--steps", "2", "--train-subset", "64", "-o", "s.safetensors"],
+        "pretrain": ["pretrain", "r.yaml", "-o", "p.safetensors"],
+        "finetune": ["finetune", ws["small"], "--data", "digits", "--epochs", "1", "--train-subset", "64", "-o", "run"],
+    }
+    for what, args in runs.items():
+        r = weit(*args, "--json", cwd=tmp_path)
+        assert r.returncode == 0, (what, r.stdout, r.stderr)
+        obj = _one_json_object(r)
+        assert "error" not in obj, what
+        if "-o" in args:
+            assert (tmp_path / obj["output"]).exists(), what
+    assert sorted(_one_json_object(weit("list-archs", "--json", cwd=tmp_path))["families"]) == ["resnet", "vit"]
+
+
+ERROR_RUNS = {
+    "inspect": (["inspect", "nope.safetensors"], EXIT_INPUT),
+    "extract-templates": (["extract-templates", "nope", "-o", "b.safetensors"], EXIT_INPUT),
+    "materialize": (["materialize", "@bundle", "--width", "33", "-o", "m"], EXIT_USAGE),
+    "fit-scalers": (["fit-scalers", "@bundle", "--data", "@empty_class", "-o", "s.safetensors"], EXIT_INPUT),
+    "pretrain": (["pretrain", "r.yaml", "-o", "p.safetensors", "--set", "train.nope=1"], EXIT_USAGE),
+    "finetune": (["finetune", "@small", "--data", "digits", "--epochs", "1", "-o", "@bind_missing/run"], EXIT_OUTPUT),
+}
+
+
+@pytest.mark.parametrize("what", sorted(ERROR_RUNS))
+def test_json_errors_are_one_object_for_every_command(ws, tmp_path, what):
+    (tmp_path / "r.yaml").write_text(TINY_RECIPE)
+    args, code = ERROR_RUNS[what]
+    args = [str(tmp_path / "missing" / a.split("/", 1)[1]) if a.startswith("@bind_missing") else ws[a[1:]] if a.startswith("@") else a for a in args]
+    before = listing(tmp_path)
+    r = weit(*args, "--json", cwd=tmp_path)
+    obj = _one_json_object(r)
+    assert r.returncode == code and obj["exit_code"] == code and obj["error"] and obj["hint"], (what, obj)
+    assert r.stderr.strip() == "" and listing(tmp_path) == before, (what, r.stderr)
+
+
+def test_real_shell_pipeline(ws, tmp_path):
+    """extract-templates --json | read .output | materialize --json | read .output | inspect --json,
+    through real pipes; then a failing step: its JSON error is read from the pipe, its exit code kept."""
+    py, weit_ = sys.executable, f"{sys.executable} -m weit_cli.cli"
+    get = lambda expr: f"{py} -c 'import json,sys; d=json.load(sys.stdin); print({expr})'"  # noqa: E731
+    script = f"""
+        set -euo pipefail
+        bundle=$({weit_} extract-templates {ws['model']} -o b.safetensors --json | {get('d["output"]')})
+        {weit_} materialize "$bundle" --depth 1 --width 16 -o m --json | {get('d["output"]')} \\
+            | xargs -I{{}} {weit_} inspect {{}} --json | {get('d["kind"], d["architecture"]["depth"], d["architecture"]["width"]')}
+        set +e
+        {weit_} materialize nope.safetensors -o x --json | {get('d["exit_code"], d["error"]')}
+        echo "status ${{PIPESTATUS[0]}}"
+    """
+    p = subprocess.run(["bash", "-c", textwrap.dedent(script)], cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=300)
+    lines = p.stdout.splitlines()
+    assert p.returncode == 0 and lines[0] == "dense 1 16", p.stdout + p.stderr
+    assert lines[1].startswith("3 ") and "does not exist" in lines[1] and lines[2] == f"status {EXIT_INPUT}", p.stdout
+    assert sorted(os.listdir(tmp_path)) == ["b.safetensors", "m"]
+
+
+def test_json_usage_errors_in_a_real_process(ws, tmp_path):
+    """click's own usage errors (missing option, not a number) are one JSON object too."""
+    for args in (["fit-scalers", ws["bundle"], "-o", "s.safetensors"], ["materialize", ws["bundle"], "--depth", "x", "-o", "m"]):
+        p = weit_process(*args, "--json", cwd=tmp_path)
+        obj = _one_json_object(p)
+        assert p.returncode == EXIT_USAGE == obj["exit_code"] and obj["error"], obj
+    assert os.listdir(tmp_path) == []

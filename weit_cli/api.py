@@ -338,7 +338,7 @@ class _Streamer:
 
 def inspect(path: Path) -> dict[str, Any]:
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or (path.suffix != ".safetensors" and path.exists()):  # a timm folder, a torch file
         return _inspect_dense(path)
     header = read_header(path)
     meta = dict(header.get("__metadata__") or {})

@@ -95,13 +95,10 @@ def _terminated(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _one_line(text: str) -> str:
-    """Control characters (a newline in a file name or a recipe key) escaped: an error stays one line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def _fail(message: str, hint: str, code: int, as_json: bool) -> None:
-    message, hint = _one_line(message), _one_line(hint)
+    from .errors import one_line
+
+    message, hint = one_line(message), one_line(hint)  # internal errors too
     if as_json:
         sys.stdout.write(json.dumps({"error": message, "hint": hint, "exit_code": code}) + "\n")
     else:
