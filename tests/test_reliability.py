@@ -600,6 +600,8 @@ elif mode == "between-checkpoint-files":  # checkpoint number `at`: after its fi
                 die()
         return out
     os.replace = replace
+elif mode == "after-bundle":  # pretrain wrote its bundle, not yet its recipe, and still has its checkpoint
+    pretrain.atomic_file = lambda *a, **k: die()
 elif mode == "write":  # while the at-th tensor of an output file is being produced
     import weit_cli.api as api
     real = api.write_safetensors
@@ -673,18 +675,19 @@ def _resume_pretrain(run: Path) -> dict:
         os.chdir(old)
 
 
-@pytest.mark.parametrize("mode", ["step", "between-checkpoint-files"])
+@pytest.mark.parametrize("mode", ["step", "between-checkpoint-files", "after-bundle"])
 def test_pretrain_sigkill_then_resume_is_byte_identical(tmp_path, pretrain_reference, mode):
-    """SIGKILL at a seeded random step (≥ 1 checkpoint written), or between the two files of the
-    second checkpoint; --resume then writes exactly the uninterrupted run's bytes (bundle + recipe)."""
+    """SIGKILL at a seeded random step (≥ 1 checkpoint written), between the two files of the second
+    checkpoint, or after the bundle but before the recipe and the checkpoint's removal; --resume then
+    writes exactly the uninterrupted run's bytes (bundle + recipe) and leaves nothing else."""
     at = random.Random(5).randint(3, 8) if mode == "step" else 2  # step 3..8 of 8: a checkpoint every 2 steps
     where = f"SIGKILL {mode} {at}"
     (tmp_path / "tiny.yaml").write_text(KILL_RECIPE)
     _killed(mode, at, PRETRAIN_ARGS, tmp_path)
-    assert not (tmp_path / "bundle.safetensors").exists(), where
+    assert (tmp_path / "bundle.safetensors").exists() == (mode == "after-bundle"), where
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == [], where  # killed between writes
     r = _resume_pretrain(tmp_path)
-    expected_from = 2 * ((at - 1) // 2) if mode == "step" else 4
+    expected_from = {"step": 2 * ((at - 1) // 2), "between-checkpoint-files": 4, "after-bundle": 6}[mode]
     assert r["resumed_from"] in (expected_from, expected_from - 2), (where, r["resumed_from"])
     assert _files(tmp_path) == pretrain_reference, f"{where}: resumed run differs from the uninterrupted one"
 

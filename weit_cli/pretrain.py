@@ -283,8 +283,10 @@ def pretrain(
     output = Path(output)
     recipe_out = rcp.recipe_path_for(output)
     ckpt = output.with_name(recipe_out.name.removesuffix(".recipe.yaml") + ".ckpt.safetensors")
-    check_output(output, force)
-    check_output(recipe_out, force or resume)  # a resumed run wrote nothing final yet, only its checkpoint
+    # A resumed run may replace what it wrote itself: killed after writing the bundle, before
+    # removing its checkpoint, it has an output (and still a checkpoint, checked below).
+    check_output(output, force or resume)
+    check_output(recipe_out, force or resume)
     if resume and not checkpoint_exists(ckpt):
         raise InputError(f"--resume: no checkpoint {ckpt} to continue", "run without --resume to start afresh")
     if not resume and not force and checkpoint_exists(ckpt):
