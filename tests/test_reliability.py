@@ -98,6 +98,7 @@ def assert_clean_failure(r, code: int, *, names: str | None = None, before: list
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.lstrip().startswith(("warnings.warn", "/"))]
     errors = [ln for ln in lines if ln.startswith("error:")]
     assert len(errors) == 1 and "—" in errors[0], what
+    assert lines == errors, f"stderr holds more than the error line (Python warnings aside):\n{what}"
     if names is not None:
         assert names.lower() in errors[0].lower(), what
     if cwd is not None and before is not None:
@@ -176,7 +177,6 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     (d / "huge.safetensors").write_bytes(struct.pack("<Q", 2**60) + b"{}")
     good = f["bundle"].read_bytes()
     (d / "truncated.safetensors").write_bytes(good[: len(good) // 2])
-    t = Bundle.__new__(Bundle)  # noqa: F841  (keeps the import used in type checkers)
     from weit_cli.files import load_weit
 
     tensors, meta = load_weit(f["bundle"], "weit.templates")
