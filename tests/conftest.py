@@ -145,3 +145,16 @@ def resnet_input():
     """A fixed batch of four images for the tiny ResNets."""
     g = torch.Generator().manual_seed(4321)
     return torch.randn(4, TINY_RESNET_COMMON["in_chans"], TINY_RESNET_IMG, TINY_RESNET_IMG, generator=g)
+
+
+def weit(*args, expect: int | None = 0):
+    """Run the CLI in-process; a crash (anything but a clean exit) fails the test."""
+    from typer.testing import CliRunner
+
+    from weit_cli.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    if expect is not None:
+        assert r.exit_code == expect, (r.exit_code, r.stdout, r.stderr)
+    return r

@@ -16,20 +16,9 @@ import torch
 from weit_cli.errors import EXIT_INPUT, EXIT_OUTPUT, EXIT_USAGE
 from weit_cli.files import read_header, sha256
 
+from conftest import weit
+
 TIMM_VIT = "vit_base_patch16_224"
-
-
-def weit(*args, expect: int | None = 0):
-    """Run the CLI in-process; a crash (anything but a clean exit) fails the test."""
-    from typer.testing import CliRunner
-
-    from weit_cli.cli import app
-
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    if expect is not None:
-        assert r.exit_code == expect, (r.exit_code, r.stdout, r.stderr)
-    return r
 
 
 def one_json(text: str) -> dict:

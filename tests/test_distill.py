@@ -14,6 +14,8 @@ from conftest import save_timm_dir
 
 from weit_cli.errors import EXIT_USAGE
 
+from conftest import weit
+
 pytest.importorskip("sklearn")
 
 TEACHERS = {
@@ -25,18 +27,6 @@ TEACHERS = {
         {"template_size": 8, "img_size": 16},
     ),
 }
-
-
-def weit(*args, expect: int | None = 0):
-    from typer.testing import CliRunner
-
-    from weit_cli.cli import app
-
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    if expect is not None:
-        assert r.exit_code == expect, (r.exit_code, r.stdout, r.stderr)
-    return r
 
 
 @pytest.fixture(scope="module", params=sorted(TEACHERS))

@@ -20,20 +20,10 @@ from conftest import (
 
 from weit_cli.errors import EXIT_INPUT, EXIT_USAGE, WeitError
 
+from conftest import weit
+
 FULL_RANK = TINY_RESNET_P**2 * 9  # 3×3 templates; the 1×1 set is capped at its own full rank (64)
 BLOCKS = ("basic", "bottleneck")
-
-
-def weit(*args, expect: int | None = 0):
-    from typer.testing import CliRunner
-
-    from weit_cli.cli import app
-
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    if expect is not None:
-        assert r.exit_code == expect, (r.exit_code, r.stdout, r.stderr)
-    return r
 
 
 @pytest.fixture(scope="module", params=BLOCKS)
