@@ -132,12 +132,7 @@ def weight_selection(source: dict[str, Tensor], src_arch: Any, dst_arch: Any, fr
         x = source[key]
         for dim, kind in axes.items():
             x = x.index_select(dim, idx[kind])
-        if tuple(x.shape) != tuple(ref.shape):
-            raise WeitError(
-                f"selected '{key}' has shape {tuple(x.shape)}, the target needs {tuple(ref.shape)}",
-                "the source checkpoint does not match its stated architecture",
-            )
-        out[key] = x.to(ref.dtype).contiguous().clone()
+        out[key] = _fitted(key, x, ref)
     return out
 
 
@@ -173,13 +168,17 @@ def _resnet_selection(source: dict[str, Tensor], src: Any, dst: Any, fresh: dict
         x = source[key]
         for ax in ad.axes(key, dst):
             x = x.index_select(ax.dim, idx[ax.name])
-        if tuple(x.shape) != tuple(ref.shape):
-            raise WeitError(
-                f"selected '{key}' has shape {tuple(x.shape)}, the target needs {tuple(ref.shape)}",
-                "the source checkpoint does not match its stated architecture",
-            )
-        out[key] = x.to(ref.dtype).contiguous().clone()
+        out[key] = _fitted(key, x, ref)
     return out
+
+
+def _fitted(key: str, x: Tensor, ref: Tensor) -> Tensor:
+    if tuple(x.shape) != tuple(ref.shape):
+        raise WeitError(
+            f"selected '{key}' has shape {tuple(x.shape)}, the target needs {tuple(ref.shape)}",
+            "the source checkpoint does not match its stated architecture",
+        )
+    return x.to(ref.dtype).contiguous().clone()
 
 
 def random_init(adapter, arch: Any, seed: int) -> dict[str, Tensor]:

@@ -64,7 +64,7 @@ def distill(
     (a data.DataSplits); returns the distilled bundle and what happened (held-out accuracies before and
     after, teacher accuracy, losses, time)."""
     from .fit import composed_forward
-    from .train import Batches, StepInfo, Throughput, adamw, clip_grad, device_autocast, evaluate, lr_at, resolve_device, seed_everything, set_lr
+    from .train import Batches, StepInfo, Throughput, adamw, device_autocast, evaluate, lr_at, optimizer_step, resolve_device, seed_everything, set_lr
 
     check_options(steps, lr, batch_size, temperature)
     ad, arch = bundle.adapter, bundle.arch
@@ -126,13 +126,7 @@ def distill(
             with torch.no_grad():
                 t_logits = teacher(x).float()
             loss = kd_loss(forward(x).float(), t_logits, y, temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_grad(trainable.values(), 1.0)
-        opt.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise WeitError(f"the distillation loss became {value} at step {step + 1}", "lower --distill-lr")
+        value = optimizer_step(opt, loss, trainable.values(), step=step, max_norm=1.0, hint="lower --distill-lr")
         losses.append(value)
         if on_step is not None:
             sps, eta = meter(step + 1)

@@ -81,7 +81,7 @@ def fit_scalers(
     from .api import plan_target
     from .data import load_data
     from .files import sha256
-    from .train import StepInfo, Throughput, adamw, clip_grad, device_autocast, evaluate, lr_at, resolve_device, seed_everything, set_lr, Batches, kl_to_teacher
+    from .train import StepInfo, Throughput, adamw, device_autocast, evaluate, lr_at, resolve_device, seed_everything, set_lr, Batches, kl_to_teacher, optimizer_step
 
     out = Path(out)
     check_output(out, force)
@@ -184,13 +184,7 @@ def fit_scalers(
                     t_logits = teacher(x).float()
                 kl = kl_to_teacher(logits, t_logits, temperature)
                 loss = (1 - distill) * loss + distill * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_grad(trainable.values(), 1.0)
-        opt.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise WeitError(f"the loss became {value} at step {step + 1}", "lower --lr")
+        value = optimizer_step(opt, loss, trainable.values(), step=step, max_norm=1.0, hint="lower --lr")
         losses.append(value)
         if on_step is not None:
             sps, eta = meter(step + 1)

@@ -431,3 +431,17 @@ def kl_to_teacher(logits: Tensor, teacher_logits: Tensor, temperature: float) ->
         reduction="batchmean",
     )
     return kl * (t * t)
+
+
+def optimizer_step(optimizer, loss: Tensor, params, *, step: int, max_norm: float, hint: str) -> float:
+    """zero_grad → backward → clip → step; returns the loss, refusing a non-finite one with `hint`."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip_grad(params, max_norm)
+    optimizer.step()
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        from .errors import WeitError
+
+        raise WeitError(f"the loss became {value} at step {step + 1}", hint)
+    return value
