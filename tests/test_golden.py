@@ -1,0 +1,172 @@
+"""Golden outputs: a fixed set of commands on tiny ViTs and ResNets gives the same bytes as it did
+before the family/task/export redesign (issue 9). The hashes were recorded at commit 0c4b593 with
+
+    WEIT_RECORD_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden.py -q -s
+
+which prints the table to paste below. A change that alters any output on purpose (a new default,
+a new metadata field) records the table anew and says so in CHANGELOG.md.
+
+Every command runs in-process through the real CLI, in a fresh folder, with relative paths (the
+command line is part of some provenance records).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_VIT_ARGS, make_tiny_resnet, make_tiny_vit, save_timm_dir, tiny_resnet_args, weit
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="scikit-learn (digits) not installed")
+
+VIT_RECIPE = """\
+model: {img_size: 8, patch_size: 2, in_chans: 1, head_dim: 16}
+templates: {count: 8}
+nested: {depths: [1, 2], widths: [16, 32], sandwich: 1, distill: 0.5}
+data: {source: digits, batch_size: 32}
+train: {steps: 3, warmup_steps: 1, eval_every: 2, eval_samples: 64, checkpoint_every: 0}
+"""
+
+RESNET_RECIPE = """\
+model: {family: resnet, block: basic, img_size: 16, in_chans: 1, stage_ratios: [1, 1, 2, 2], bn_calibration_batches: 2}
+templates: {size: 8, count: {conv3x3: 16, conv1x1: 8}}
+nested: {depths: [1, 2], widths: [8, 16], sandwich: 1}
+data: {source: digits, batch_size: 32}
+train: {steps: 2, warmup_steps: 1, eval_every: 0, checkpoint_every: 0}
+"""
+
+# Every command of the golden run, in order (relative paths; run in an empty folder).
+COMMANDS: list[list[str]] = [
+    # ViT: data-free extraction (full rank and truncated), materialize at several sizes and rules
+    ["extract-templates", "vit", "-o", "vit-full.safetensors", "-n", "64"],
+    ["extract-templates", "vit", "-o", "vit-n16.safetensors", "-n", "16"],
+    ["extract-templates", "vit", "-o", "vit-p4.safetensors", "-p", "4", "-n", "8"],
+    ["materialize", "vit-full.safetensors", "--depth", "4", "--width", "64", "-o", "vit-grow"],
+    ["materialize", "vit-full.safetensors", "--depth", "1", "--width", "16", "-o", "vit-shrink.safetensors"],
+    ["materialize", "vit-n16.safetensors", "--depth", "3", "--width", "48", "--width-rule", "tile-nodiv",
+     "--depth-rule", "interp", "-o", "vit-odd"],
+    ["materialize", "vit-n16.safetensors", "--depth", "5", "--depth-rule", "interleave", "--dtype", "bfloat16",
+     "--num-classes", "3", "-o", "vit-bf16.safetensors"],
+    ["materialize", "vit-p4.safetensors", "--depth", "3", "--depth-rule", "stack", "--width", "40", "-o", "vit-p4-grow"],
+    # ViT: distillation in extract-templates
+    ["extract-templates", "vit", "-o", "vit-distilled.safetensors", "-n", "4", "--data", "digits", "--img-size", "16",
+     "--distill-steps", "3", "--batch-size", "16"],
+    # ViT: pretrain, fit-scalers, materialize --scalers, finetune from weit / random / weight selection
+    ["pretrain", "vit.yaml", "-o", "vit-pre.safetensors"],
+    ["fit-scalers", "vit-pre.safetensors", "--data", "digits", "--depth", "1", "--width", "16", "--steps", "3",
+     "--batch-size", "16", "--train-subset", "96", "-o", "vit-fit.safetensors"],
+    ["fit-scalers", "vit-pre.safetensors", "--data", "digits", "--depth", "2", "--width", "32", "--steps", "2",
+     "--batch-size", "16", "--distill", "0.5", "--no-small", "-o", "vit-fit-kd.safetensors"],
+    ["materialize", "vit-pre.safetensors", "--scalers", "vit-fit.safetensors", "--depth", "1", "--width", "16", "-o", "vit-fitted"],
+    ["materialize", "vit-pre.safetensors", "--depth", "3", "--width", "48", "-o", "vit-pre-grow"],
+    ["finetune", "vit-fitted", "--data", "digits", "--epochs", "1", "--train-subset", "96", "--batch-size", "32",
+     "-o", "vit-ft"],
+    ["finetune", "vit-fitted", "--data", "digits", "--epochs", "1", "--train-subset", "96", "--batch-size", "32",
+     "--init", "random", "-o", "vit-ft-random"],
+    ["finetune", "vit-fitted", "--data", "digits", "--epochs", "1", "--train-subset", "96", "--batch-size", "32",
+     "--init", "weight-selection", "--from", "vit-pre-grow", "-o", "vit-ft-ws"],
+    # ResNet: extraction, materialize, pretrain, fit-scalers, calibrate, finetune
+    ["extract-templates", "resnet", "-o", "rn.safetensors", "-n", "32"],
+    ["materialize", "rn.safetensors", "--depth", "1,2,1,2", "--width", "16,16,32,32", "-o", "rn-mixed"],
+    ["materialize", "rn.safetensors", "--depth", "3", "-o", "rn-deep.safetensors"],
+    ["pretrain", "resnet.yaml", "-o", "rn-pre.safetensors"],
+    ["fit-scalers", "rn-pre.safetensors", "--data", "digits", "--depth", "1", "--width", "8", "--steps", "2",
+     "--batch-size", "16", "--train-subset", "64", "--calibrate-batches", "2", "-o", "rn-fit.safetensors"],
+    ["materialize", "rn-pre.safetensors", "--scalers", "rn-fit.safetensors", "--depth", "1", "--width", "8", "-o", "rn-fitted"],
+    ["materialize", "rn-pre.safetensors", "--depth", "1", "--width", "8", "--calibrate", "digits",
+     "--calibrate-batches", "2", "-o", "rn-calibrated"],
+    ["finetune", "rn-fitted", "--data", "digits", "--epochs", "1", "--train-subset", "64", "--batch-size", "32",
+     "-o", "rn-ft"],
+]
+
+GOLDEN: dict[str, str] = {
+    "rn-calibrated/config.json": "695c8a074a24524a2674626773fba7c492abac41c2dd761da93a724253aa575d",
+    "rn-calibrated/model.safetensors": "4db5346c8cc40a1cf920d9431bf9d482b16fe3eda7fc083e426c5f2d64614e89",
+    "rn-deep.safetensors": "f9990d0d1655926d97e45056fcb5d3530e3523d363249a6352278c167176dc2c",
+    "rn-fit.safetensors": "af9dca682fbf4cb7c5eca93f043b2ea4ecf545c2eea21c2bd2d07a5ee0d01ed7",
+    "rn-fitted/config.json": "695c8a074a24524a2674626773fba7c492abac41c2dd761da93a724253aa575d",
+    "rn-fitted/model.safetensors": "6d970208246dcf33dc76da343c6949534e53dab6f7088a019d86c9b1ab4d3684",
+    "rn-ft/best/config.json": "695c8a074a24524a2674626773fba7c492abac41c2dd761da93a724253aa575d",
+    "rn-ft/best/model.safetensors": "3d3cc132b80f0da901cea07db383f6fe7d619646064a13106eadd9fce2a0b9b5",
+    "rn-ft/last/config.json": "695c8a074a24524a2674626773fba7c492abac41c2dd761da93a724253aa575d",
+    "rn-ft/last/model.safetensors": "3d3cc132b80f0da901cea07db383f6fe7d619646064a13106eadd9fce2a0b9b5",
+    "rn-mixed/config.json": "7de6a83c03b08a87d4b2ede5bf5abdecdacec0b4ddc99eee0f6168fff45524d1",
+    "rn-mixed/model.safetensors": "409a46c5005d937ddd8a60f2d5aa6f163f11dd900eae5df149e6c5dbdb4e5b64",
+    "rn-pre.recipe.yaml": "3e89f3d9beabd76a5294fda0f6c4c0c9a1300adbe8b1a12a0622d17d6aed7386",
+    "rn-pre.safetensors": "703c1544a08a7d3bb1ac76f96968ae9d0271de59be4e08d1772ac5c50478ca72",
+    "rn.safetensors": "f3eeede9213156ab80458b0ef1cacad191f7d199e2d9326555a43031d5f85795",
+    "vit-bf16.safetensors": "7131b9fa413faefc524f2f5534004e5146bab76ea6148bcd66753b177dacfe83",
+    "vit-distilled.safetensors": "47f4426c23ffba006df04fe8e0eca72af3c6a79e7dd5b3776367fd96bf9f17f9",
+    "vit-fit-kd.safetensors": "0037d1c7da281a4898eb0af8a58bcc95a5e64db4ef3ae7693718d7f5eebf42b8",
+    "vit-fit.safetensors": "707103e3fa53b032d6efd4e898aff6967bf7261605c77378c53be4ea8cc45a94",
+    "vit-fitted/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
+    "vit-fitted/model.safetensors": "14a91e252f95bcfea32b766ab27fe1d5f3cc11a406dea6e87dd3328792574d18",
+    "vit-ft-random/best/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
+    "vit-ft-random/best/model.safetensors": "cb2b1c2785e3d4cba329f07e030b5ff2658f5f62f226ca8cafe202cdd7da3998",
+    "vit-ft-random/last/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
+    "vit-ft-random/last/model.safetensors": "cb2b1c2785e3d4cba329f07e030b5ff2658f5f62f226ca8cafe202cdd7da3998",
+    "vit-ft-ws/best/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
+    "vit-ft-ws/best/model.safetensors": "a5f6dac87faac2476b36ae7ea19eb2cafebc7a1c29275cb0f6d3d55b19752daa",
+    "vit-ft-ws/last/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
+    "vit-ft-ws/last/model.safetensors": "a5f6dac87faac2476b36ae7ea19eb2cafebc7a1c29275cb0f6d3d55b19752daa",
+    "vit-ft/best/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
+    "vit-ft/best/model.safetensors": "7bd16b68a7475c4afd1345b93f3c218ce9477abde7e225ce532d7eb4469a7c4e",
+    "vit-ft/last/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
+    "vit-ft/last/model.safetensors": "7bd16b68a7475c4afd1345b93f3c218ce9477abde7e225ce532d7eb4469a7c4e",
+    "vit-full.safetensors": "ef9cc7e70b5bca0c6d3e77e508e19131a9ed83dac88fb4b7ad2cd513c3bcd224",
+    "vit-grow/config.json": "e2a0e7d78f142485c7ef71b28aef0d89225803486fcb4379fec6f6e154cd76b4",
+    "vit-grow/model.safetensors": "ef07dbe64bfcfb691161c226bc7318568266889d883b1151fd41fee75e44b312",
+    "vit-n16.safetensors": "c91f3e5d3405b3cc029936ddd46a5d854f11c4a4dc53c40423c9d64b3eeb8c99",
+    "vit-odd/config.json": "024415d87a8018985a1173e2326fd5d72fa9dd854541fabea54e7b9b0b4db00a",
+    "vit-odd/model.safetensors": "bdcce332f643d011cdc92eaf7de6b43ed3d7bb875e582680ab585fb0d6e61e30",
+    "vit-p4-grow/config.json": "baeaa9803a4220da9e5f37273d16e4d5b0d37a7873dfa3e1aa68474db2de4ef9",
+    "vit-p4-grow/model.safetensors": "91e5030ee471c7ff3b142aa83ccf6bf5680446a28f497923d261adc0426b103f",
+    "vit-p4.safetensors": "344913747a8f0b00f3651494d0adb143de14ed5fef8676d883b5cbd002221f2f",
+    "vit-pre-grow/config.json": "98f74722a03c660cc961a348f543f209b727c5d2f19fe238549df1f400ff5571",
+    "vit-pre-grow/model.safetensors": "7c6f6187417cede19dc15d1ba7a6028f8161c55f824dcdc41cc2973ac17fa8bc",
+    "vit-pre.recipe.yaml": "20af2e02f830574bb98dedfc934394c36b09b132b439749b310ed700dbd3ff0a",
+    "vit-pre.safetensors": "22906579f92f91ebffe53c4e05b6d69de069ad1d90773c3089855cce79960d8c",
+    "vit-shrink.safetensors": "4ed0452b7111a7077e9c0b0b2be7aa824de35dd2bc259151da30c8e65d704aa3"
+}
+
+
+def _setup(folder: Path) -> None:
+    save_timm_dir(make_tiny_vit(0, img_size=16, in_chans=1, num_classes=10), folder / "vit",
+                  {**TINY_VIT_ARGS, "img_size": 16, "in_chans": 1, "num_classes": 10})
+    save_timm_dir(make_tiny_resnet("basic", 0), folder / "resnet", tiny_resnet_args("basic"))
+    (folder / "vit.yaml").write_text(VIT_RECIPE)
+    (folder / "resnet.yaml").write_text(RESNET_RECIPE)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """sha256 of every weights file, config and resolved recipe written (metrics hold timings: skipped)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if not p.is_file() or rel.split("/")[0] in ("vit", "resnet", "vit.yaml", "resnet.yaml"):
+            continue
+        if p.suffix in (".safetensors", ".yaml") or p.name == "config.json":
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def test_golden_outputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _setup(tmp_path)
+    for cmd in COMMANDS:
+        monkeypatch.setattr(sys, "argv", ["weit", *cmd])  # pretrain records its command line
+        r = weit(*cmd, expect=None)
+        assert r.exit_code == 0, (cmd, r.output)
+    got = _digests(tmp_path)
+    if os.environ.get("WEIT_RECORD_GOLDEN"):
+        print("\nGOLDEN = " + json.dumps(got, indent=4, sort_keys=True))
+        return
+    assert got.keys() == GOLDEN.keys()
+    changed = sorted(k for k in got if got[k] != GOLDEN[k])
+    assert not changed, f"outputs changed: {changed}"
