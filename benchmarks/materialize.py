@@ -61,11 +61,11 @@ def child(variant: str, bundle: Path, out: Path) -> dict:
     import timm
     from safetensors.torch import save_file
 
-    from weit_cli.api import materialize
+    from weit_cli.commands.materialize import materialize
 
     tensors = None
     if variant.startswith("write"):
-        from weit_cli.bundle import load_bundle
+        from weit_cli.core.bundle import load_bundle
 
         b, _ = load_bundle(bundle)
         with torch.no_grad():
@@ -102,9 +102,9 @@ def build_bundle(path: Path, num_templates: int, seed: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from weit_cli.arch import get_adapter
-    from weit_cli.bundle import Bundle
-    from weit_cli.files import save_tensors
+    from weit_cli.arch._registry import get_adapter
+    from weit_cli.core.bundle import Bundle
+    from weit_cli.io.files import save_tensors
 
     adapter = get_adapter("vit")
     arch = adapter.arch_from_dict(VIT_B)

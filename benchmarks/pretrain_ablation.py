@@ -27,11 +27,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from weit_cli.bundle import load_bundle  # noqa: E402
-from weit_cli.data import load_data  # noqa: E402
-from weit_cli.pretrain import NestedViT, largest_arch, pretrain  # noqa: E402
-from weit_cli.recipe import load_recipe  # noqa: E402
-from weit_cli.train import Batches, adamw, clip_grad, evaluate, lr_at, set_lr  # noqa: E402
+from weit_cli.core.bundle import load_bundle
+from weit_cli.data.images import load_data
+from weit_cli.training.nested import NestedModel, largest_arch
+from weit_cli.commands.pretrain import pretrain
+from weit_cli.recipe import load_recipe
+from weit_cli.training.batches import Batches
+from weit_cli.training.optim import adamw, clip_grad, lr_at, set_lr
+from weit_cli.tasks.classification import evaluate
 
 RECIPE = ROOT / "recipes" / "vit-fashion-small.yaml"
 
@@ -64,7 +67,7 @@ def main() -> None:
             out = Path(tmp) / "bundle.safetensors"
             pretrain(RECIPE, out, overrides=sets)
             bundle, _ = load_bundle(out)
-        net = NestedViT(bundle)
+        net = NestedModel(bundle)
         val = {f"{d}x{w}": round(evaluate(net.frozen(d, w), data.val).accuracy, 4)
                for d in rec.nested.depths for w in rec.nested.widths}
     print(json.dumps({"name": name, "sets": sets, "wall_s": round(time.time() - t), "val": val}), flush=True)

@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from weit_cli.pretrain import NestedViT, SandwichLoss, initial_bundle, sample_sizes  # noqa: E402
-from weit_cli.recipe import load_recipe  # noqa: E402
-from weit_cli.train import adamw, device_autocast  # noqa: E402
+from weit_cli.training.nested import NestedModel, SandwichLoss, initial_bundle, sample_sizes
+from weit_cli.recipe import load_recipe
+from weit_cli.training.optim import adamw
+from weit_cli.training.dist import device_autocast
 
 
 def main() -> None:
@@ -51,7 +52,7 @@ def main() -> None:
     batch = args.batch or recipe.data.batch_size
     ns = recipe.nested
     bundle = initial_bundle(recipe, 10)
-    net = NestedViT(bundle).to(dev)
+    net = NestedModel(bundle).to(dev)
     loss_mod = SandwichLoss(net, ns.distill, ns.distill_temperature, 0.0)
     opt = adamw(net.named_tensors(), lr=1e-4, weight_decay=0.05)
     g = torch.Generator().manual_seed(0)

@@ -210,7 +210,7 @@ class Bench:
         return rcp.load_recipe(ROOT / self.cfg["recipe"]).family == "resnet"
 
     def pretrain_bundle(self, overrides: list[str]) -> dict:
-        from weit_cli.pretrain import pretrain
+        from weit_cli.commands.pretrain import pretrain
 
         out = self.pre / "bundle.safetensors"
         r = pretrain(ROOT / self.cfg["recipe"], out, overrides=overrides, force=True, device="cpu")
@@ -219,7 +219,7 @@ class Bench:
 
     def evaluate_bundle(self, bundle: Path) -> float:
         """Test accuracy of the bundle's own (largest) model, as materialize writes it."""
-        from weit_cli.api import materialize
+        from weit_cli.commands.materialize import materialize
 
         out = self.pre / "bundle-largest"
         materialize(bundle, out, force=True)
@@ -228,8 +228,8 @@ class Bench:
     def test_acc(self, model: Path, data: str) -> float:
         import timm
 
-        from weit_cli.data import load_data
-        from weit_cli.train import evaluate
+        from weit_cli.data.images import load_data
+        from weit_cli.tasks.classification import evaluate
 
         net = timm.create_model(f"local-dir:{model}", pretrained=True)
         conf = json.loads((model / "config.json").read_text())
@@ -242,8 +242,8 @@ class Bench:
         """The dense ViT of the largest size, trained from timm's init with the bundle's optimiser
         steps, batch and schedule. finetune counts in epochs, so the training subset is sized to give
         exactly `steps` = epochs × batches."""
-        from weit_cli.finetune import finetune
-        from weit_cli.pretrain import largest_arch
+        from weit_cli.commands.finetune import finetune
+        from weit_cli.training.nested import largest_arch
 
         tr, bs = recipe.train, recipe.data.batch_size
         n_train = self.train_size(recipe)
@@ -263,7 +263,7 @@ class Bench:
                 "largest_test_acc": r["final"]["test_acc"], "val_acc": r["final"]["val_acc"], "data": r["data"]}
 
     def train_size(self, recipe) -> int:
-        from weit_cli.data import load_data
+        from weit_cli.data.images import load_data
 
         m = recipe.model
         s = load_data(recipe.data.source, img_size=m.img_size, in_chans=m.in_chans, seed=recipe.seed, val_fraction=recipe.data.val_fraction)
@@ -277,8 +277,8 @@ class Bench:
 
     def one(self, task: str, depth: int, width: int, method: str, largest) -> dict:
         """Initialise one target size by one method, then finetune it on `task`."""
-        from weit_cli.api import materialize
-        from weit_cli.finetune import finetune
+        from weit_cli.commands.materialize import materialize
+        from weit_cli.commands.finetune import finetune
 
         cfg, a = self.cfg, self.args
         bundle = self.pre / "bundle.safetensors"
@@ -308,7 +308,7 @@ class Bench:
                 extra["reconstruction_error"] = grow_dense(dense, model, depth, width)
                 init_s = time.perf_counter() - t
         elif method == "weit+fit":
-            from weit_cli.fit import fit_scalers
+            from weit_cli.commands.fit_scalers import fit_scalers
 
             fitted = self.runs / "models"  # … except fitted scalers, which depend on the variant's fit options
             fitted.mkdir(exist_ok=True)
@@ -347,10 +347,10 @@ def grow_dense(dense: Path, out: Path, depth: int, width: int) -> dict:
     (enough templates to span every layer), then depth interp + Net2Net width tiling."""
     import torch
 
-    from weit_cli.api import write_model
-    from weit_cli.arch import detect_family
-    from weit_cli.bundle import from_dense, resize
-    from weit_cli.files import load_dense
+    from weit_cli.io.export import write_model
+    from weit_cli.arch._registry import detect_family
+    from weit_cli.core.bundle import from_dense, resize
+    from weit_cli.io.files import load_dense
 
     state, hints = load_dense(dense)
     adapter = detect_family(state.keys())

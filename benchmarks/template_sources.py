@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(work: Path, cfg: dict, qcfg: dict, quality, args) -> dict:
     from weit_cli import recipe as rcp
-    from weit_cli.api import extract_templates, materialize
-    from weit_cli.fit import fit_scalers
+    from weit_cli.commands.extract import extract_templates
+    from weit_cli.commands.materialize import materialize
+    from weit_cli.commands.fit_scalers import fit_scalers
 
     # The pretrained bundle and the dense model: quality.py's stages, cached in the same folder.
     bench = quality.Bench(work, qcfg, SimpleNamespace(overrides=[], tag=""))

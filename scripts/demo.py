@@ -97,8 +97,8 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     from rich.table import Table
 
-    from weit_cli.data import load_data
-    from weit_cli.train import evaluate
+    from weit_cli.data.images import load_data
+    from weit_cli.tasks.classification import evaluate
 
     data = load_data(recipe.data.source, img_size=recipe.model.img_size, in_chans=recipe.model.in_chans,
                      seed=recipe.seed, val_fraction=recipe.data.val_fraction)

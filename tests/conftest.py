@@ -89,7 +89,7 @@ def tiny_vit_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_vit_dir, tmp_path_factory) -> Path:
     """A full-rank (exact) template bundle extracted from `tiny_vit_dir`. Do not modify."""
-    from weit_cli.api import extract_templates
+    from weit_cli.commands.extract import extract_templates
 
     path = tmp_path_factory.mktemp("bundle") / "tiny.safetensors"
     extract_templates(tiny_vit_dir, path, num_templates=TINY_HEAD_DIM**2)

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from weit_cli.arch import get_adapter
+from weit_cli.arch._registry import get_adapter
 from weit_cli.arch.vit import ViTArch
-from weit_cli.bundle import from_dense
+from weit_cli.core.bundle import from_dense
 from weit_cli.errors import EXIT_INPUT, EXIT_OUTPUT, EXIT_USAGE
-from weit_cli.files import save_tensors
+from weit_cli.io.files import save_tensors
 
 
 def weit(*args: str, cwd: Path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weit_cli.arch import get_adapter
+from weit_cli.arch._registry import get_adapter
 from weit_cli.arch.vit import ViTArch
-from weit_cli.baselines import evenly_spaced, random_init, weight_selection
+from weit_cli.core.selection import evenly_spaced, random_init, weight_selection
 from weit_cli.errors import WeitError
 
 VIT = get_adapter("vit")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from weit_cli.errors import EXIT_INPUT, EXIT_OUTPUT, EXIT_USAGE
-from weit_cli.files import read_header, sha256
+from weit_cli.io.files import read_header, sha256
 
 from conftest import weit
 
@@ -39,8 +39,8 @@ def umask() -> int:
 @torch.no_grad()
 def in_memory_logits(bundle_path: Path, x, depth_rule="auto", width_rule="tile", **sizes):
     """What the files should hold: the bundle resized and composed in memory."""
-    from weit_cli.api import plan_target
-    from weit_cli.bundle import load_bundle, resize
+    from weit_cli.core.bundle import plan_target
+    from weit_cli.core.bundle import load_bundle, resize
 
     bundle, _ = load_bundle(bundle_path)
     target = plan_target(bundle, **sizes)
@@ -244,7 +244,7 @@ def test_installed_entry_point_json(tiny_bundle, tmp_path):
 def test_bfloat16_output_is_the_composition_cast(tiny_bundle, tmp_path):
     from safetensors.torch import load_file
 
-    from weit_cli.bundle import load_bundle
+    from weit_cli.core.bundle import load_bundle
 
     weit("materialize", tiny_bundle, "-o", tmp_path / "half.safetensors", "--dtype", "bfloat16")
     got = load_file(str(tmp_path / "half.safetensors"))
@@ -256,7 +256,7 @@ def test_bfloat16_output_is_the_composition_cast(tiny_bundle, tmp_path):
 
 
 def test_materialize_restores_the_callers_thread_count(tiny_bundle, tmp_path):
-    from weit_cli.api import materialize
+    from weit_cli.commands.materialize import materialize
 
     before = torch.get_num_threads()
     try:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from weit_cli import data as data_mod
-from weit_cli.data import FASHION_MNIST_DIR, load_data
+import weit_cli.data.images as data_mod
+from weit_cli.data.images import FASHION_MNIST_DIR, load_data
 from weit_cli.errors import InputError
 
 HAS_FASHION = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists()

@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from weit_cli.files import load_weit
+from weit_cli.io.files import load_weit
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="scikit-learn (digits) not installed")
 
@@ -53,7 +52,7 @@ def test_two_process_ddp_gives_identical_templates(tmp_path):
     tensors, meta = load_weit(out, "weit.templates")
     assert json.loads(meta["provenance"])["world_size"] == 2
     # Training moved the parameters away from their (seeded) start.
-    from weit_cli.pretrain import initial_bundle
+    from weit_cli.training.nested import initial_bundle
     from weit_cli.recipe import load_recipe
 
     start = initial_bundle(load_recipe(recipe), 10).to_tensors()

@@ -34,8 +34,8 @@ def teacher(request, tmp_path_factory):
     """A dense timm model trained briefly on digits (16 px, gray; seed 0), saved as a timm folder."""
     import timm
 
-    from weit_cli.data import load_data
-    from weit_cli.train import evaluate
+    from weit_cli.data.images import load_data
+    from weit_cli.tasks.classification import evaluate
 
     name, args, steps, extract_kw = TEACHERS[request.param]
     data = load_data("digits", img_size=16, in_chans=1, seed=0)
@@ -60,8 +60,9 @@ def test_distillation_beats_the_data_free_student(teacher):
     """4 templates per type: the SVD student is far from its teacher; 60 distillation steps recover it."""
     import timm
 
-    from weit_cli.api import extract_templates, materialize
-    from weit_cli.train import evaluate
+    from weit_cli.commands.extract import extract_templates
+    from weit_cli.commands.materialize import materialize
+    from weit_cli.tasks.classification import evaluate
 
     assert teacher.acc > 0.8
     out = teacher.root / "distilled.safetensors"
@@ -79,14 +80,14 @@ def test_distillation_beats_the_data_free_student(teacher):
     m = materialize(out, teacher.root / "student")
     student = timm.create_model(f"local-dir:{m['output']}", pretrained=True)
     assert evaluate(student, teacher.data.test).accuracy == pytest.approx(d["student_acc_after"])
-    from weit_cli.api import inspect
+    from weit_cli.commands.inspect import inspect
 
     prov = inspect(out)["provenance"]
     assert prov["distillation"]["steps"] == 60 and "seconds" not in prov["distillation"]
 
 
 def test_cli_distillation_is_reproducible(tmp_path):
-    from weit_cli.files import sha256
+    from weit_cli.io.files import sha256
 
     args = dict(TEACHERS["vit"][1])
     import timm

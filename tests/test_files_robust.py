@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from weit_cli.errors import InputError, OutputError
-from weit_cli.files import KIND_TEMPLATES, base_metadata, load_weit, read_header, save_tensors
+from weit_cli.io.files import KIND_TEMPLATES, base_metadata, load_weit, read_header, save_tensors
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -113,7 +113,7 @@ def test_full_disk_leaves_nothing(tiny_fs):
 
 WRITER = r"""
 import sys, torch
-from weit_cli.files import save_tensors
+from weit_cli.io.files import save_tensors
 i = int(sys.argv[2])
 save_tensors(sys.argv[1], {"x": torch.full((2_000_000,), float(i))}, {"writer": str(i)}, force=True)
 """

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from weit_cli.arch import get_adapter
+from weit_cli.arch._registry import get_adapter
 from weit_cli.arch.vit import ViTArch
 from weit_cli.errors import EXIT_INTERRUPTED, WeitError
-from weit_cli.files import sha256
+from weit_cli.io.files import sha256
 
 SMALL = ViTArch(img_size=16, patch_size=8, in_chans=1, num_classes=10, depth=1, width=16, num_heads=2)
 LARGE = ViTArch(img_size=16, patch_size=8, in_chans=1, num_classes=10, depth=2, width=32, num_heads=4)
@@ -36,8 +36,8 @@ def weit(*args):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """A small materialized-style model (timm folder with weit metadata) and a larger dense one."""
-    from weit_cli.api import write_model
-    from weit_cli.bundle import Bundle
+    from weit_cli.io.export import write_model
+    from weit_cli.core.bundle import Bundle
 
     d = tmp_path_factory.mktemp("ft")
     ad = get_adapter("vit")
@@ -67,8 +67,8 @@ def test_finetune_cli_writes_metrics_and_checkpoints(models, tmp_path):
     assert not (run / "state.safetensors").exists()  # finished: no resumable state left behind
     import timm
 
-    from weit_cli.data import load_data
-    from weit_cli.train import evaluate
+    from weit_cli.data.images import load_data
+    from weit_cli.tasks.classification import evaluate
 
     last = timm.create_model(f"local-dir:{run / 'last'}", pretrained=True)
     test = load_data("digits", img_size=16, in_chans=1, seed=0, train_subset=320).test
@@ -83,7 +83,7 @@ def test_finetune_cli_writes_metrics_and_checkpoints(models, tmp_path):
 
 
 def test_resume_equals_uninterrupted(models, tmp_path):
-    from weit_cli.finetune import finetune
+    from weit_cli.commands.finetune import finetune
 
     full = finetune(models["small"], tmp_path / "full", **FAST)
 
@@ -109,9 +109,9 @@ def test_resume_equals_uninterrupted(models, tmp_path):
 
 
 def test_baseline_inits(models, tmp_path):
-    from weit_cli.baselines import random_init, weight_selection
-    from weit_cli.files import load_dense
-    from weit_cli.finetune import finetune, initial_state, read_model
+    from weit_cli.core.selection import random_init, weight_selection
+    from weit_cli.io.files import load_dense
+    from weit_cli.commands.finetune import initial_state, read_model
 
     ad, arch, _ = read_model(models["small"], need_weights=False)
     state, origin = initial_state(ad, arch, "weight-selection", None, models["large"], seed=0)
@@ -144,7 +144,7 @@ def test_baseline_inits(models, tmp_path):
 
 def test_new_classes_get_a_fresh_head(models, tmp_path):
     """mnist5k-style transfer with another class count: the classifier is replaced, the rest kept."""
-    from weit_cli.finetune import finetune
+    from weit_cli.commands.finetune import finetune
 
     folder = tmp_path / "three"
     from PIL import Image

@@ -4,17 +4,16 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from weit_cli.arch import get_adapter
+from weit_cli.arch._registry import get_adapter
 from weit_cli.arch.vit import ViTArch
-from weit_cli.bundle import from_dense
+from weit_cli.core.bundle import from_dense
 from weit_cli.errors import EXIT_INPUT
-from weit_cli.files import read_header, save_tensors, sha256
+from weit_cli.io.files import read_header, save_tensors, sha256
 
 ARCH = ViTArch(img_size=16, patch_size=8, in_chans=1, num_classes=10, depth=2, width=32, num_heads=4)
 
@@ -72,8 +71,8 @@ def test_fit_scalers_cli_binds_and_materializes(bundles, tmp_path):
     assert r.exit_code == 0, r.output
     import timm
 
-    from weit_cli.data import load_data
-    from weit_cli.train import evaluate
+    from weit_cli.data.images import load_data
+    from weit_cli.tasks.classification import evaluate
 
     net = timm.create_model(f"local-dir:{model}", pretrained=True)
     val = load_data("digits", img_size=16, in_chans=1, seed=0).val
@@ -98,10 +97,11 @@ def test_fit_scalers_cli_binds_and_materializes(bundles, tmp_path):
 
 
 def test_fit_scalers_no_small_distill_and_determinism(bundles, tmp_path):
-    from weit_cli.api import load_bundle, plan_target
-    from weit_cli.bundle import resize
-    from weit_cli.fit import fit_scalers
-    from weit_cli.files import load_weit
+    from weit_cli.commands.materialize import load_bundle
+    from weit_cli.core.bundle import plan_target
+    from weit_cli.core.bundle import resize
+    from weit_cli.commands.fit_scalers import fit_scalers
+    from weit_cli.io.files import load_weit
 
     bundle = bundles[16]
     common = dict(data="digits", depth=2, width=16, steps=12, lr=3e-3, batch_size=32, train_small=False, distill=0.5)
@@ -123,8 +123,8 @@ def test_fit_scalers_no_small_distill_and_determinism(bundles, tmp_path):
 
 def test_materialize_refuses_damaged_scalers(bundles, tmp_path):
     """Right bundle and size in the metadata, but a tensor missing or of the wrong shape: refused."""
-    from weit_cli.files import load_weit
-    from weit_cli.fit import fit_scalers
+    from weit_cli.io.files import load_weit
+    from weit_cli.commands.fit_scalers import fit_scalers
 
     good = tmp_path / "s.safetensors"
     fit_scalers(bundles[16], good, data="digits", depth=1, width=16, steps=2)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from weit_cli.arch import get_adapter
+from weit_cli.arch._registry import get_adapter
 from weit_cli.arch.vit import ViTArch
-from weit_cli.bundle import from_dense
-from weit_cli.files import save_tensors
+from weit_cli.core.bundle import from_dense
+from weit_cli.io.files import save_tensors
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Composition math (SPEC §2) and shared SVD extraction (SPEC §8), as properties over shapes."""
+"""Composition math (docs/method.md §1) and shared SVD extraction (docs/method.md §3), as properties over shapes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weit_cli.kron import compose, extract_shared, rearrange, relative_error
+from weit_cli.core.kron import compose, extract_shared, rearrange, relative_error
 
 PROPS = settings(max_examples=25, deadline=None, derandomize=True)
 

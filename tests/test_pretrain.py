@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from weit_cli.bundle import load_bundle
-from weit_cli.api import materialize
+from weit_cli.core.bundle import load_bundle
+from weit_cli.commands.materialize import materialize
 from weit_cli.errors import EXIT_INTERRUPTED, OutputError, WeitError
-from weit_cli.files import load_weit, read_header
-from weit_cli.pretrain import NestedViT, pretrain, sample_sizes
+from weit_cli.io.files import load_weit
+from weit_cli.commands.pretrain import pretrain
+from weit_cli.training.nested import NestedModel, sample_sizes
 from weit_cli.recipe import load_recipe, sha256
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="scikit-learn (digits) not installed")
@@ -71,7 +72,7 @@ def test_two_step_pretrain_through_the_cli(tiny_recipe, tmp_path):
     import timm
 
     bundle, _ = load_bundle(out)
-    net = NestedViT(bundle)
+    net = NestedModel(bundle)
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     for depth, width in [(1, 16), (2, 32), (3, 64)]:
         folder = tmp_path / f"m{depth}x{width}"
@@ -159,8 +160,8 @@ train: {steps: 150, lr: 3.0e-3, warmup_steps: 10, eval_every: 0, checkpoint_ever
 def test_materialized_sizes_beat_chance_on_held_out_data(tmp_path):
     import timm
 
-    from weit_cli.data import load_data
-    from weit_cli.train import evaluate
+    from weit_cli.data.images import load_data
+    from weit_cli.tasks.classification import evaluate
 
     recipe = tmp_path / "short.yaml"
     recipe.write_text(SHORT)

@@ -39,11 +39,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from weit_cli.arch import get_adapter
+from weit_cli.arch._registry import get_adapter
 from weit_cli.arch.vit import ViTArch
-from weit_cli.bundle import Bundle, from_dense
+from weit_cli.core.bundle import Bundle, from_dense
 from weit_cli.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_USAGE, WeitError
-from weit_cli.files import save_tensors
+from weit_cli.io.files import save_tensors
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 REPO = Path(__file__).resolve().parents[1]
@@ -147,7 +147,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     """Every input the cases below need, made once: bundles, scalers, models, files, image trees."""
     from PIL import Image
 
-    from weit_cli.api import write_model
+    from weit_cli.io.export import write_model
 
     d = tmp_path_factory.mktemp("inputs")
     torch.manual_seed(0)
@@ -164,7 +164,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
         b, _ = from_dense(ad, ARCH, ad.build(ARCH).state_dict(), 16, 8)
         save_tensors(d / f"{name}.safetensors", b.to_tensors(), b.metadata())
         f[name] = d / f"{name}.safetensors"
-    from weit_cli.fit import fit_scalers
+    from weit_cli.commands.fit_scalers import fit_scalers
 
     fit_scalers(f["other_bundle"], d / "other_scalers.safetensors", data="digits", steps=1, train_subset=64, depth=1, width=16)
     fit_scalers(f["bundle"], d / "scalers.safetensors", data="digits", steps=1, train_subset=64, depth=1, width=16)
@@ -177,7 +177,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     (d / "huge.safetensors").write_bytes(struct.pack("<Q", 2**60) + b"{}")
     good = f["bundle"].read_bytes()
     (d / "truncated.safetensors").write_bytes(good[: len(good) // 2])
-    from weit_cli.files import load_weit
+    from weit_cli.io.files import load_weit
 
     tensors, meta = load_weit(f["bundle"], "weit.templates")
     tensors["templates.qkv"] = tensors["templates.qkv"].clone()
@@ -445,7 +445,7 @@ def test_mixed_image_modes_load_consistently(ws, tmp_path):
     range, as gray or RGB; one gray picture reads the same whatever lossless mode it was saved in."""
     from PIL import Image, UnidentifiedImageError
 
-    from weit_cli.data import _read_image, _to_channels, clear_cache, load_data
+    from weit_cli.data.images import _read_image, _to_channels, clear_cache, load_data
 
     for chans in (1, 3):
         clear_cache()
@@ -576,7 +576,7 @@ import torch
 
 torch.set_num_threads(1)
 mode, at, args = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-import weit_cli.finetune as finetune, weit_cli.pretrain as pretrain, weit_cli.train as train
+import weit_cli.commands.finetune as finetune, weit_cli.commands.pretrain as pretrain, weit_cli.training.optim as train
 
 def die():
     # SIGKILL: no handler, no cleanup (a power cut, the OOM killer); SIGTERM: a CI timeout, `kill`
@@ -603,7 +603,7 @@ elif mode == "between-checkpoint-files":  # checkpoint number `at`: after its fi
 elif mode == "after-bundle":  # pretrain wrote its bundle, not yet its recipe, and still has its checkpoint
     pretrain.atomic_file = lambda *a, **k: die()
 elif mode == "write":  # while the at-th tensor of an output file is being produced
-    import weit_cli.api as api
+    import weit_cli.io.export as api
     real = api.write_safetensors
     def write(path, specs, metadata):
         specs, made = list(specs), [0]
@@ -651,7 +651,7 @@ def _files(folder: Path, ignore=()) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def pretrain_reference(tmp_path_factory) -> dict[str, bytes]:
-    from weit_cli.pretrain import pretrain
+    from weit_cli.commands.pretrain import pretrain
 
     d = tmp_path_factory.mktemp("pretrain_ref")
     (d / "tiny.yaml").write_text(KILL_RECIPE)
@@ -665,7 +665,7 @@ def pretrain_reference(tmp_path_factory) -> dict[str, bytes]:
 
 
 def _resume_pretrain(run: Path) -> dict:
-    from weit_cli.pretrain import pretrain
+    from weit_cli.commands.pretrain import pretrain
 
     old = os.getcwd()
     os.chdir(run)
@@ -715,7 +715,7 @@ FT_KW = dict(data="digits", epochs=3, train_subset=160, batch_size=32, lr=2e-3)
 
 @pytest.fixture(scope="module")
 def finetune_reference(tmp_path_factory, ws) -> Path:
-    from weit_cli.finetune import finetune
+    from weit_cli.commands.finetune import finetune
 
     d = tmp_path_factory.mktemp("ft_ref")
     finetune(ws["small"], d / "run", **FT_KW)
@@ -734,7 +734,7 @@ def test_finetune_sigkill_then_resume_is_byte_identical(tmp_path, ws, finetune_r
     """SIGKILL at a seeded random step after the first epoch's checkpoint, or right after a checkpoint
     but before the model folders it describes are written (epoch 1's best/, the last epoch's last/);
     --resume then leaves exactly the uninterrupted run: last/, best/, args.json, metrics (times aside)."""
-    from weit_cli.finetune import finetune
+    from weit_cli.commands.finetune import finetune
 
     if at is None:  # 5 steps per epoch, 15 in all: kill in epoch 2 or 3
         at = random.Random(11).randint(6, 15)
@@ -953,7 +953,7 @@ def test_malicious_pickles_are_refused_and_never_run(ws, tmp_path, pickles):
             assert "pickled Python objects" in r.stderr, r.stderr
         assert not marker.exists(), f"{args}: the payload ran"
     # A plain tensor state dict in a .pt is fine (loaded with weights_only=True).
-    from weit_cli.files import load_dense
+    from weit_cli.io.files import load_dense
 
     torch.save(load_dense(ws["model"])[0], tmp_path / "benign.pt")
     r = weit("inspect", tmp_path / "benign.pt", "--json", cwd=tmp_path)

@@ -1,4 +1,4 @@
-"""Resizing rules (SPEC §5) on their own: depth plans and width index maps."""
+"""Resizing rules (docs/method.md §4) on their own: depth plans and width index maps."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weit_cli.errors import WeitError
-from weit_cli.resize import Axis, LayerSource, depth_plan, mix_layers, resize_axis, resize_width, width_index
+from weit_cli.core.resize import Axis, LayerSource, depth_plan, mix_layers, resize_axis, resize_width, width_index
 
 PROPS = settings(max_examples=30, deadline=None, derandomize=True)
 

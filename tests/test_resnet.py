@@ -29,7 +29,7 @@ BLOCKS = ("basic", "bottleneck")
 @pytest.fixture(scope="module", params=BLOCKS)
 def case(request, tmp_path_factory):
     """A tiny random ResNet saved as a timm folder, and its full-rank bundle."""
-    from weit_cli.api import extract_templates
+    from weit_cli.commands.extract import extract_templates
 
     block = request.param
     root = tmp_path_factory.mktemp(f"resnet_{block}")
@@ -53,7 +53,7 @@ def load_output(result: dict):
 
 
 def materialize(case, name: str, **kw) -> dict:
-    from weit_cli.api import materialize as mat
+    from weit_cli.commands.materialize import materialize as mat
 
     return mat(case.bundle, case.root / name, **kw)
 
@@ -93,7 +93,8 @@ def test_round_trip_is_exact_and_timm_loads_folder_and_file(case, resnet_input):
 def test_round_trip_from_bare_state_dict_file(case, resnet_input, tmp_path):
     from safetensors.torch import save_file
 
-    from weit_cli.api import extract_templates, materialize
+    from weit_cli.commands.extract import extract_templates
+    from weit_cli.commands.materialize import materialize
 
     dense = tmp_path / "dense.safetensors"
     save_file(case.model.state_dict(), str(dense))
@@ -192,7 +193,7 @@ def test_bad_sizes_give_one_line_errors(case, tmp_path, args, message):
 
 
 def test_nearest_widths_and_structural_limits():
-    from weit_cli.arch import get_adapter
+    from weit_cli.arch._registry import get_adapter
     from weit_cli.arch.resnet import ResNetArch
 
     ad = get_adapter("resnet")
@@ -224,7 +225,7 @@ def test_vit_rejects_per_stage_lists(tiny_bundle, tmp_path):
 def test_recalibrate_bn_replaces_statistics_and_restores_the_model():
     from torch.utils.data import TensorDataset
 
-    from weit_cli.calibrate import recalibrate_bn, running_stats
+    from weit_cli.training.calibrate import recalibrate_bn, running_stats
 
     model = make_tiny_resnet("basic")
     momenta = [m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -254,8 +255,8 @@ def trained_resnet(tmp_path_factory):
     """A tiny basic ResNet trained for 150 steps on scikit-learn digits (16 px, gray), and its bundle."""
     import timm
 
-    from weit_cli.api import extract_templates
-    from weit_cli.data import load_data
+    from weit_cli.commands.extract import extract_templates
+    from weit_cli.data.images import load_data
 
     pytest.importorskip("sklearn")
     data = load_data("digits", img_size=16, in_chans=1, seed=0)
@@ -281,8 +282,8 @@ def trained_resnet(tmp_path_factory):
 def test_calibrate_repairs_wrong_statistics(trained_resnet):
     """`tile-nodiv` doubles every conv's input: the bundle's statistics no longer fit the activations.
     A short recalibration pass makes the widened model as good as the original again."""
-    from weit_cli.api import materialize
-    from weit_cli.train import evaluate
+    from weit_cli.commands.materialize import materialize
+    from weit_cli.tasks.classification import evaluate
 
     t = trained_resnet
     test = t.data.test

@@ -48,7 +48,7 @@ def timm_model(folder: Path):
 
 
 def stats(model) -> dict[str, torch.Tensor]:
-    from weit_cli.calibrate import running_stats
+    from weit_cli.training.calibrate import running_stats
 
     return {k: v for k, v in running_stats(model).items() if not k.endswith("num_batches_tracked")}
 
@@ -71,8 +71,8 @@ def pretrained(tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------------- pretrain
 def test_resnet_pretrain_through_the_cli(pretrained):
-    from weit_cli.bundle import load_bundle
-    from weit_cli.files import load_weit
+    from weit_cli.core.bundle import load_bundle
+    from weit_cli.io.files import load_weit
 
     r = pretrained.result
     assert r["steps"] == 2 and r["nested"] == {"depths": [1, 2], "widths": [8, 16]}
@@ -93,9 +93,9 @@ def test_resnet_pretrain_through_the_cli(pretrained):
 def test_bundle_statistics_are_the_largest_sizes_recalibrated(pretrained, tmp_path):
     """Documented rule: after the last step the largest size's BatchNorm statistics are re-estimated
     over `bn_calibration_batches` training batches (seed = recipe seed) and stored in the bundle."""
-    from weit_cli.api import materialize
-    from weit_cli.calibrate import recalibrate_bn
-    from weit_cli.data import load_data
+    from weit_cli.commands.materialize import materialize
+    from weit_cli.training.calibrate import recalibrate_bn
+    from weit_cli.data.images import load_data
 
     r = materialize(pretrained.bundle, tmp_path / "largest")
     assert r["bn_statistics"] == "the bundle's (same size; re-estimated at the end of pretraining)"
@@ -111,9 +111,9 @@ def test_trained_function_is_what_materialize_writes(pretrained, tmp_path):
     """At every nested size (per-stage depth, stage-1 width) the constrained model in eval mode and
     the materialized timm model compute the same logits; `--calibrate` then replaces the smaller
     size's statistics, which are prefixes of the largest's."""
-    from weit_cli.api import materialize
-    from weit_cli.bundle import load_bundle
-    from weit_cli.pretrain import NestedModel
+    from weit_cli.commands.materialize import materialize
+    from weit_cli.core.bundle import load_bundle
+    from weit_cli.training.nested import NestedModel
 
     bundle, _ = load_bundle(pretrained.bundle)
     net = NestedModel(bundle)
@@ -137,10 +137,10 @@ def test_trained_function_is_what_materialize_writes(pretrained, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- fit → finetune
 def test_fit_scalers_materialize_finetune(pretrained, tmp_path):
-    from weit_cli.bundle import load_bundle, resize
-    from weit_cli.data import load_data
-    from weit_cli.files import load_weit
-    from weit_cli.train import evaluate
+    from weit_cli.core.bundle import load_bundle, resize
+    from weit_cli.data.images import load_data
+    from weit_cli.io.files import load_weit
+    from weit_cli.tasks.classification import evaluate
 
     scalers = tmp_path / "s.safetensors"
     r = weit("fit-scalers", pretrained.bundle, "--data", "digits", "--depth", "1,1,1,1", "--width", "8", "--steps", "40",
@@ -194,7 +194,7 @@ def test_fit_hint_and_mismatch_use_per_stage_sizes(pretrained, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- recipes
 def test_shipped_resnet_recipe_describes_its_nested_sizes():
-    from weit_cli.pretrain import largest_arch
+    from weit_cli.training.nested import largest_arch
     from weit_cli.recipe import load_recipe
 
     r = load_recipe(ROOT / "recipes" / "resnet-fashion.yaml")
@@ -254,9 +254,9 @@ def test_resnet_weight_selection_hand_checked(tmp_path):
     BatchNorm statistics, classifier input); then finetune --init weight-selection runs on it."""
     from conftest import make_tiny_resnet, save_timm_dir, tiny_resnet_args
 
-    from weit_cli.arch import get_adapter
+    from weit_cli.arch._registry import get_adapter
     from weit_cli.arch.resnet import ResNetArch
-    from weit_cli.baselines import random_init, weight_selection
+    from weit_cli.core.selection import random_init, weight_selection
 
     ad = get_adapter("resnet")
     src_model = make_tiny_resnet("basic")  # blocks 2,2,2,2, channels 8,16,16,32, deep stem 4 (tied to stage 1)
@@ -279,8 +279,8 @@ def test_resnet_weight_selection_hand_checked(tmp_path):
     with pytest.raises(WeitError, match="only initialises smaller models: target stage 1 depth 3 > 2"):
         weight_selection(s, src, ResNetArch(**{**dst.to_dict(), "depth": (3, 1, 1, 1)}), random_init(ad, dst, 0))
 
-    from weit_cli.api import write_model
-    from weit_cli.bundle import Bundle
+    from weit_cli.io.export import write_model
+    from weit_cli.core.bundle import Bundle
 
     big = save_timm_dir(src_model, tmp_path / "big", {**tiny_resnet_args("basic"), "in_chans": 3})
     shell = tmp_path / "small"

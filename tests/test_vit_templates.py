@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weit_cli.arch import get_adapter
-from weit_cli.bundle import from_dense, resize
+from weit_cli.arch._registry import get_adapter
+from weit_cli.core.bundle import from_dense, resize
 from weit_cli.errors import WeitError
 
 FULL = 64  # p·q with p = q = head_dim 8

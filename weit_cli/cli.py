@@ -65,7 +65,7 @@ def run(fn: Callable[[], dict[str, Any]], as_json: bool, render: Callable[[dict[
     import signal
     import threading
 
-    from .errors import EXIT_INTERRUPTED, WeitError
+    from weit_cli.errors import EXIT_INTERRUPTED, WeitError
 
     # SIGTERM (a CI timeout, `kill`, torchrun stopping its workers) takes the Ctrl-C path: temp files
     # are removed and the one-line message says what was kept, instead of dying mid-write.
@@ -96,7 +96,7 @@ def _terminated(signum, frame) -> None:
 
 
 def _fail(message: str, hint: str, code: int, as_json: bool) -> None:
-    from .errors import one_line
+    from weit_cli.errors import one_line
 
     message, hint = one_line(message), one_line(hint)  # internal errors too
     if as_json:
@@ -152,7 +152,7 @@ def extract_templates_cmd(
     optionally distil it from the checkpoint on data (--data)."""
 
     def go():
-        from .api import extract_templates
+        from weit_cli.commands.extract import extract_templates
 
         with _StepProgress("distill", not as_json and data is not None) as progress:
             return extract_templates(
@@ -199,7 +199,7 @@ def materialize(
     """Write an ordinary timm checkpoint of any size: a folder for local-dir:, or a bare .safetensors."""
 
     def go():
-        from .api import materialize as mat
+        from weit_cli.commands.materialize import materialize as mat
 
         return mat(
             bundle, output, depth=_sizes(depth, "depth"), width=_sizes(width, "width"), mlp_ratio=mlp_ratio,
@@ -224,7 +224,7 @@ def materialize(
 
 def _sizes(text: str | None, name: str) -> int | list[int] | None:
     """'64' → 64; '64,128,256,512' → a per-stage list."""
-    from .errors import WeitError
+    from weit_cli.errors import WeitError
 
     if text is None:
         return None
@@ -263,7 +263,7 @@ def pretrain(
     command = "weit " + shlex.join(argv)
 
     def go():
-        from .pretrain import pretrain as pt
+        from weit_cli.commands.pretrain import pretrain as pt
 
         with _StepProgress("pretrain", not as_json and rank == 0) as progress:
             return pt(recipe, output, data=data, overrides=overrides, resume=resume, force=force, device=device,
@@ -296,7 +296,7 @@ def inspect(
     """Show a file's kind, metadata, architecture, templates and parameter counts."""
 
     def go():
-        from .api import inspect as insp
+        from weit_cli.commands.inspect import inspect as insp
 
         return insp(file)
 
@@ -378,7 +378,7 @@ def fit_scalers_cmd(
     """Fit scalers for one target size with the templates frozen (for 'materialize --scalers')."""
 
     def go():
-        from .fit import fit_scalers
+        from weit_cli.commands.fit_scalers import fit_scalers
 
         subset = int(train_subset) if train_subset is not None and train_subset > 1 else train_subset
         with _StepProgress("fit-scalers", not as_json) as progress:
@@ -442,7 +442,7 @@ def finetune(
     """Train a timm model (no constraint) from weit's weights or a baseline initialisation; DDP under torchrun."""
 
     def go():
-        from .finetune import finetune as ft
+        from weit_cli.commands.finetune import finetune as ft
 
         subset = int(train_subset) if train_subset is not None and train_subset > 1 else train_subset
         quiet = as_json or int(os.environ.get("RANK", "0")) != 0
@@ -478,7 +478,7 @@ def list_archs(as_json: JsonOpt = False) -> None:
     """List the architecture families weit can template."""
 
     def go():
-        from .arch import list_families
+        from weit_cli.arch._registry import list_families
 
         return {"families": list_families()}
 
@@ -490,7 +490,7 @@ def main(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
     if version:
-        from . import __version__
+        from weit_cli import __version__
 
         print(f"weit {__version__}")
         raise typer.Exit(0)

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from .errors import InputError, WeitError
+from weit_cli.errors import InputError, WeitError
 
 TYPES = ("qkv", "proj", "fc1", "fc2")  # ViT
 RESNET_TYPES = ("conv3x3", "conv1x1")
@@ -260,7 +260,7 @@ class Recipe(_Section):
 
     def _resnet_sizes(self):
         """Every nested size must be a valid prefix of the largest: checked by the ResNet adapter itself."""
-        from .arch import get_adapter
+        from weit_cli.arch._registry import get_adapter
 
         if any(isinstance(d, list) and len(d) != 4 for d in self.nested.depths):
             raise ValueError("nested.depths: a per-stage depth lists 4 numbers (a timm ResNet has 4 stages)")

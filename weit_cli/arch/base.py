@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..resize import Axis
+from weit_cli.core.resize import Axis
 
 
 @dataclass(frozen=True)

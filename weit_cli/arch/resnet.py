@@ -1,6 +1,6 @@
-"""timm `ResNet` (SPEC §9): the convolutions of the residual blocks are templated — every 3×3 conv
+"""timm `ResNet` (docs/method.md, "ResNets"): the convolutions of the residual blocks are templated — every 3×3 conv
 shares one template set, every 1×1 conv (bottleneck ends, projection shortcuts) another, each template
-carrying its spatial kernel (SPEC §2). Stem, BatchNorm and classifier are small parameters.
+carrying its spatial kernel (docs/method.md §1). Stem, BatchNorm and classifier are small parameters.
 
 Depth is blocks per stage, width is timm's `channels` per stage (a bottleneck's block output is 4×
 that). The first block of every stage (it may downsample and project the shortcut) is never added or
@@ -21,10 +21,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..errors import InputError, WeitError
-from ..resize import Axis
-from . import register
-from .base import Adapter, LayerGroup, TemplateType
+from weit_cli.errors import InputError, WeitError
+from weit_cli.core.resize import Axis
+from weit_cli.arch._registry import register
+from weit_cli.arch.base import Adapter, LayerGroup, TemplateType
 
 STAGES = 4  # timm's ResNet always has layer1..layer4
 BLOCKS = ("basic", "bottleneck")
@@ -232,7 +232,7 @@ class ResNetAdapter(Adapter):
     def arch_for_recipe(self, model, *, depth, width: int, num_classes: int) -> ResNetArch:
         """A recipe's ResNet (ResNetModelSection) at one size: `depth` blocks per stage (one number or
         4), stage s with `width`·stage_ratios[s] channels. A deep stem's output is tied to stage 1."""
-        from ..recipe import RESNET_STEMS
+        from weit_cli.recipe import RESNET_STEMS
 
         depth = (depth,) * STAGES if isinstance(depth, int) else tuple(depth)
         widths = tuple(width * r for r in model.stage_ratios)

@@ -1,4 +1,4 @@
-"""timm `VisionTransformer` (SPEC §3): qkv, proj, fc1 and fc2 are templated; everything else is small."""
+"""timm `VisionTransformer` (docs/method.md §2): qkv, proj, fc1 and fc2 are templated; everything else is small."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..errors import InputError, WeitError
-from ..resize import Axis
-from . import register
-from .base import Adapter, LayerGroup, TemplateType
+from weit_cli.errors import InputError, WeitError
+from weit_cli.core.resize import Axis
+from weit_cli.arch._registry import register
+from weit_cli.arch.base import Adapter, LayerGroup, TemplateType
 
 TEMPLATED = {
     "qkv": r"blocks\.\d+\.attn\.qkv\.weight",

@@ -7,6 +7,8 @@ Reads check the header size before parsing and never unpickle.
 
 from __future__ import annotations
 
+import math
+
 import errno
 import hashlib
 import json
@@ -19,12 +21,11 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
 import torch
 from torch import Tensor
+from weit_cli import FORMAT_VERSION, KRON_ORDER, __version__
+from weit_cli.errors import InputError, OutputError
 
-from . import FORMAT_VERSION, KRON_ORDER, __version__
-from .errors import InputError, OutputError
 
 KIND_TEMPLATES = "weit.templates"
 KIND_SCALERS = "weit.scalers"
@@ -195,7 +196,7 @@ def write_safetensors(
     header: dict[str, Any] = {}
     offset = 0
     for name, shape, dtype, _ in specs:
-        nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     if metadata:
@@ -223,14 +224,6 @@ def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
         write_safetensors(tmp, specs, metadata)
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-# ---------------------------------------------------------------------------------------------- reading
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

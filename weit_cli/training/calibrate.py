@@ -10,12 +10,11 @@ over a few training-mode forward passes; no weight changes.
 from __future__ import annotations
 
 from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from weit_cli.errors import InputError, WeitError
 
-from .errors import InputError, WeitError
 
 STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 

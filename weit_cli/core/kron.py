@@ -6,6 +6,8 @@ a×b grid of p×q blocks (times any trailing kernel dims k, for convolutions).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -51,7 +53,7 @@ def extract_shared(weights: list[Tensor], p: int, q: int, num_templates: int) ->
     unit-scale templates from the orthogonal complement, so they stay trainable rather than dead.
     """
     kernel = tuple(weights[0].shape[2:])
-    dim = p * q * _prod(kernel)
+    dim = p * q * math.prod(kernel)
     if not 1 <= num_templates <= dim:
         raise ValueError(f"num_templates must be in 1..{dim} for {p}×{q} templates")
     mats = [rearrange(w.detach().to(torch.float64), p, q) for w in weights]
@@ -98,8 +100,3 @@ def relative_error(weights: list[Tensor], scalers: list[Tensor], templates: Tens
     return (num / den) ** 0.5 if den > 0 else 0.0
 
 
-def _prod(xs: tuple[int, ...]) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out

@@ -1,4 +1,4 @@
-"""Resizing rules (SPEC §5), architecture-agnostic.
+"""Resizing rules (docs/method.md §4), architecture-agnostic.
 
 Depth rules map a target layer index to source layers; width rules map target channels (or scaler
 block rows/columns) to source ones. Both are index maps plus weights, so they are differentiable and
@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
-
 import torch
 from torch import Tensor
+from weit_cli.errors import WeitError
 
-from .errors import WeitError
 
 DepthRule = Literal["auto", "prefix", "interp", "stack", "interleave", "identity"]
 WidthRule = Literal["tile", "tile-nodiv"]

@@ -25,12 +25,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
 import torch
 from torch import Tensor, nn
+from weit_cli.errors import EXIT_INTERRUPTED, InputError, OutputError, WeitError
+from weit_cli.io.files import checkpoint_sha256
 
-from .errors import EXIT_INTERRUPTED, InputError, OutputError, WeitError
-from .files import checkpoint_sha256
 
 INITS = ("weit", "random", "weight-selection")
 SCHEDULES = ("cosine", "constant")
@@ -72,9 +71,9 @@ def finetune(
     on_step: Callable[[Any], None] | None = None,
 ) -> dict[str, Any]:
     """Train MODEL's architecture on `data` for `epochs`; returns a summary. Every rank calls this."""
-    from .train import cleanup_distributed, setup_distributed
+    from weit_cli.training.dist import cleanup_distributed, setup_distributed
 
-    from .train import check_seed
+    from weit_cli.limits import check_seed
 
     model, out_dir = Path(model), Path(out_dir)
     _check_options(epochs, init, source, lr, warmup, schedule, min_lr_ratio, batch_size, weight_decay, grad_clip, label_smoothing)
@@ -148,8 +147,8 @@ def _check_run_dir(out_dir: Path, resume: bool, force: bool) -> None:
 def read_model(path: Path, need_weights: bool) -> tuple[Any, Any, dict[str, Tensor] | None]:
     """(adapter, architecture, weights) of MODEL. A folder with only config.json (timm's `model_args`)
     is enough when the weights are not used (`--init random` / `weight-selection`)."""
-    from .arch import detect_family
-    from .files import load_dense, weights_file
+    from weit_cli.arch._registry import detect_family
+    from weit_cli.io.files import load_dense, weights_file
 
     path = Path(path)
     cfg = path / "config.json"
@@ -177,7 +176,7 @@ def read_model(path: Path, need_weights: bool) -> tuple[Any, Any, dict[str, Tens
     adapter = detect_family(state.keys())
     arch = adapter.infer_arch(state, hints)
     if weights is not None:
-        from .bundle import check_state
+        from weit_cli.core.bundle import check_state
 
         check_state(adapter, arch, weights)
         weights = {k: (v.float() if v.is_floating_point() else v) for k, v in weights.items()}
@@ -186,8 +185,7 @@ def read_model(path: Path, need_weights: bool) -> tuple[Any, Any, dict[str, Tens
 
 def initial_state(adapter, arch, init: str, weights, source: Path | None, seed: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The starting weights for `init` and a record of where they came from."""
-    from .baselines import random_init, weight_selection
-    from .files import sha256
+    from weit_cli.core.selection import random_init, weight_selection
 
     if init == "weit":
         return {k: v.clone() for k, v in weights.items()}, {"init": "weit"}
@@ -205,11 +203,13 @@ def initial_state(adapter, arch, init: str, weights, source: Path | None, seed: 
 def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, min_lr_ratio, batch_size, weight_decay,
          grad_clip, label_smoothing, train_subset, data_seed, val_fraction, reset_head, seed, resume, eval_batch_size,
          on_step, dist) -> dict[str, Any]:
-    from .data import load_data
-    from .train import (
-        Batches, StepInfo, Throughput, adamw, barrier, checkpoint_paths, clip_grad, device_autocast, evaluate,
-        load_checkpoint, save_checkpoint, seed_everything, set_lr,
-    )
+    from weit_cli.data.images import load_data
+    from weit_cli.training.batches import Batches
+    from weit_cli.training.progress import StepInfo, Throughput
+    from weit_cli.training.optim import adamw, clip_grad, set_lr
+    from weit_cli.training.dist import barrier, device_autocast, seed_everything
+    from weit_cli.io.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
+    from weit_cli.tasks.classification import evaluate
 
     rank, world, dev = dist
     t_begin = time.perf_counter()
@@ -395,7 +395,7 @@ def _complete_run_folder(out_dir: Path, adapter, arch, net: nn.Module, origin, a
     """On --resume: an epoch writes its checkpoint first, then last/, best/ and metrics.json; a kill in
     between leaves those one epoch behind. Write them again from the checkpoint (the very bytes the
     epoch would have written), and remove temp files a killed writer left."""
-    from .files import read_header, remove_stale_temps
+    from weit_cli.io.files import read_header, remove_stale_temps
 
     for name in (STATE, STATE + ".json", "args.json", "metrics.json", "last", "best"):
         remove_stale_temps(out_dir / name)
@@ -415,7 +415,7 @@ def _complete_run_folder(out_dir: Path, adapter, arch, net: nn.Module, origin, a
 
 
 def _fresh(adapter, arch, seed: int) -> dict[str, Tensor]:
-    from .baselines import random_init
+    from weit_cli.core.selection import random_init
 
     return random_init(adapter, arch, seed)
 
@@ -425,7 +425,7 @@ def _floor(schedule: str, min_lr_ratio: float) -> float:
 
 
 def _lr(step: int, lr: float, total: int, warm: int, schedule: str, min_lr_ratio: float) -> float:
-    from .train import lr_at
+    from weit_cli.training.optim import lr_at
 
     return lr_at(step, base_lr=lr, total_steps=total, warmup_steps=warm, min_lr_ratio=_floor(schedule, min_lr_ratio))
 
@@ -445,7 +445,7 @@ def _metrics_doc(args: dict[str, Any], origin: dict[str, Any], metrics: list[dic
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from .files import atomic_file
+    from weit_cli.io.files import atomic_file
 
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -453,8 +453,8 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _write_model(adapter, arch, state: dict[str, Tensor], out: Path, provenance: dict[str, Any]) -> None:
     """A timm local-dir folder, written like `materialize` writes (atomically, replacing the old one)."""
-    from .api import write_model
-    from .bundle import Bundle
+    from weit_cli.io.export import write_model
+    from weit_cli.core.bundle import Bundle
 
     dense = Bundle(adapter, arch, {}, {}, state)  # a bundle with no templates: every tensor is 'small'
     write_model(dense, out, torch.float32, {"command": "finetune", **provenance}, force=True)

@@ -1,4 +1,4 @@
-"""WAVE-style distillation for `extract-templates` (SPEC §8).
+"""WAVE-style distillation for `extract-templates` (docs/method.md §3).
 
 The data-free SVD gives the least-squares best templates for the *weights*; with few templates the
 constrained model can still compute a rather different function. Distillation trains the constrained
@@ -17,22 +17,16 @@ import math
 import time
 from collections.abc import Callable
 from typing import Any
-
 import torch
 from torch import Tensor, nn
+from weit_cli.core.bundle import Bundle
+from weit_cli.errors import WeitError
+from weit_cli.tasks.classification import kd_loss
 
-from .bundle import Bundle
-from .errors import WeitError
-from .train import kl_to_teacher
 
 DEFAULT_STEPS = 200
 DEFAULT_LR = 1e-3
 DEFAULT_BATCH = 64
-
-
-def kd_loss(logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
-    """CE on the labels + T²·KL(teacher ‖ student) on temperature-softened logits (Hinton et al.)."""
-    return nn.functional.cross_entropy(logits, labels) + kl_to_teacher(logits, teacher_logits, temperature)
 
 
 def check_options(steps: int, lr: float, batch_size: int, temperature: float) -> None:
@@ -63,8 +57,12 @@ def distill(
     """Train `bundle` (templates + scalers [+ small]) to imitate the dense `teacher_state` on `splits`
     (a data.DataSplits); returns the distilled bundle and what happened (held-out accuracies before and
     after, teacher accuracy, losses, time)."""
-    from .fit import composed_forward
-    from .train import Batches, StepInfo, Throughput, adamw, device_autocast, evaluate, lr_at, optimizer_step, resolve_device, seed_everything, set_lr
+    from weit_cli.training.nested import composed_forward
+    from weit_cli.training.batches import Batches
+    from weit_cli.training.progress import StepInfo, Throughput
+    from weit_cli.training.optim import adamw, lr_at, optimizer_step, set_lr
+    from weit_cli.training.dist import device_autocast, resolve_device, seed_everything
+    from weit_cli.tasks.classification import evaluate
 
     check_options(steps, lr, batch_size, temperature)
     ad, arch = bundle.adapter, bundle.arch

@@ -20,12 +20,11 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
+from weit_cli.errors import InputError, WeitError
 
-from .errors import InputError, WeitError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -84,7 +83,7 @@ def load_data(
         raise WeitError(f"in_chans must be 1 (gray) or 3 (RGB), got {in_chans}", "set model.in_chans to 1 or 3")
     if not 0.0 <= val_fraction < 1.0:
         raise WeitError(f"validation fraction must be in [0, 1), got {val_fraction}", "e.g. 0.1")
-    from .train import check_seed
+    from weit_cli.limits import check_seed
 
     check_seed(seed)
     key = (_canonical(source), img_size, in_chans, seed, float(val_fraction), train_subset)

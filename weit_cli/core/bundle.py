@@ -3,20 +3,72 @@ them that every command shares — extraction from a dense model, resizing, comp
 
 from __future__ import annotations
 
+import math
+
 import json
-import re
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
 import torch
+import weit_cli.core.kron as kron
+from weit_cli.arch._registry import get_adapter
+from weit_cli.errors import InputError, WeitError
+from weit_cli.io.files import KIND_SCALERS, KIND_TEMPLATES, load_weit, sha256
+import re
+from dataclasses import dataclass, field, replace
 from torch import Tensor
+from weit_cli.arch._registry import Adapter
+from weit_cli.io.files import base_metadata
+from weit_cli.core.resize import depth_plan, mix_layers, resize_width
 
-from . import kron
-from .arch import Adapter, get_adapter
-from .errors import InputError
-from .files import KIND_TEMPLATES, base_metadata, load_weit, sha256
-from .resize import depth_plan, mix_layers, resize_width
+
+def load_scalers(path: Path, bundle: Bundle, bundle_sha: str, target: Any) -> Bundle:
+    """A scalers file from fit-scalers, checked against its bundle and the requested size."""
+    tensors, meta = load_weit(path, KIND_SCALERS)
+    if meta.get("bundle_sha256") != bundle_sha:
+        raise InputError(
+            f"{path} was fitted for another bundle (sha256 {meta.get('bundle_sha256', '?')[:12]}…, this one {bundle_sha[:12]}…)",
+            "fit scalers for this bundle with 'weit fit-scalers'",
+        )
+    fitted = bundle.adapter.arch_from_dict(json.loads(meta["architecture"]))
+    if fitted != target:
+        size = lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)  # noqa: E731
+        raise InputError(
+            f"{path} holds scalers for {bundle.adapter.describe(fitted)}, not {bundle.adapter.describe(target)}",
+            f"materialize with the size it was fitted for (--depth {size(fitted.depth)} --width {size(fitted.width)}) or fit anew",
+        )
+    scalers = {k[len("scalers.") :]: v for k, v in tensors.items() if k.startswith("scalers.")}
+    small = {k[len("small.") :]: v for k, v in tensors.items() if k.startswith("small.")}
+    sized = Bundle(bundle.adapter, target, bundle.templates, scalers, small, dict(bundle.extra))
+    # The metadata can be right while the tensors are not (a damaged or hand-edited file): check the
+    # tensors against the target model too, so a bad file fails here and not in the written model.
+    try:
+        _check_consistent(sized, str(path))
+        shapes = {k: torch.empty(sized.dense_shape(k), device="meta") for k in sized.dense_keys()}
+        check_state(sized.adapter, target, shapes)
+    except (InputError, KeyError, ValueError) as e:
+        detail = e.message if isinstance(e, InputError) else f"unexpected tensor {e}"
+        raise InputError(f"{path} does not hold a complete set of scalers for this size: {detail}", "the file is damaged; fit anew") from None
+    return sized
+
+
+def plan_target(bundle: Bundle, **sizes: Any) -> Any:
+    # Per-stage size lists are for families with several layer groups (ResNet stages).
+    if len(bundle.adapter.layer_groups(bundle.arch)) == 1:
+        for k in ("depth", "width"):
+            v = sizes.get(k)
+            if isinstance(v, (list, tuple)):
+                if len(v) != 1:
+                    raise WeitError(
+                        f"--{k} {','.join(map(str, v))}: a {bundle.adapter.family} takes one number",
+                        "per-stage lists are for ResNets",
+                    )
+                sizes[k] = v[0]
+    # Widths must be whole scaler blocks: validate against the bundle's own template size, which
+    # may differ from head_dim (extract-templates --template-size).
+    blocks = {int(d) for t in bundle.templates.values() for d in t.shape[1:3]}
+    if len(blocks) == 1 and "template_size" not in sizes:
+        sizes["template_size"] = blocks.pop()
+    return bundle.adapter.target_arch(bundle.arch, **{k: v for k, v in sizes.items() if v is not None})
 
 
 @dataclass
@@ -60,7 +112,7 @@ class Bundle:
             "templates": sum(v.numel() for v in self.templates.values()),
             "scalers": sum(v.numel() for v in self.scalers.values()),
             "small": sum(v.numel() for v in self.small.values()),
-            "dense": sum(_numel(self.dense_shape(k)) for k in self.dense_keys()),
+            "dense": sum(math.prod(self.dense_shape(k)) for k in self.dense_keys()),
         }
 
     # ------------------------------------------------------------------ files
@@ -123,7 +175,7 @@ def _check_consistent(b: Bundle, source: str) -> None:
 def from_dense(
     adapter: Adapter, arch: Any, state: dict[str, Tensor], template_size: int | None, num_templates: int | dict[str, int]
 ) -> tuple[Bundle, dict[str, float]]:
-    """Data-free extraction (SPEC §8): shared truncated SVD per type; returns the relative error per type."""
+    """Data-free extraction (docs/method.md §3): shared truncated SVD per type; returns the relative error per type."""
     check_state(adapter, arch, state)
     types = adapter.template_types(arch, template_size)
     by_type: dict[str, list[str]] = {t: [] for t in types}
@@ -136,7 +188,7 @@ def from_dense(
         else:
             by_type[t].append(k)
     templates, scalers, errors = {}, {}, {}
-    limits = {t: tt.p * tt.q * _numel(tt.kernel) for t, tt in types.items()}
+    limits = {t: tt.p * tt.q * math.prod(tt.kernel) for t, tt in types.items()}
     for t, keys in by_type.items():
         tt = types[t]
         limit = limits[t]
@@ -147,7 +199,7 @@ def from_dense(
             # its own full rank; only a count beyond every type's full rank is an error.
             n = min(num_templates, limit) if num_templates <= max(limits.values()) else num_templates
         if not 1 <= n <= limit:
-            from .errors import WeitError
+            from weit_cli.errors import WeitError
 
             raise WeitError(
                 f"--num-templates {n} is out of range for {tt.p}×{tt.q} templates",
@@ -189,16 +241,8 @@ def _natural(k: str):
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", k)]
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-# ---------------------------------------------------------------------------------------------- resizing
 def resize(b: Bundle, target: Any, depth_rule: str = "auto", width_rule: str = "tile") -> Bundle:
-    """The bundle's parameters at `target` size (SPEC §5). Differentiable: pretraining uses it too."""
+    """The bundle's parameters at `target` size (docs/method.md §4). Differentiable: pretraining uses it too."""
     scalers, small = dict(b.scalers), dict(b.small)
     ad = b.adapter
     identity = ad.identity_suffixes(target)

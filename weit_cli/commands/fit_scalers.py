@@ -1,7 +1,7 @@
-"""`fit-scalers` (SPEC §6): adapt a bundle to one target size with the templates frozen.
+"""`fit-scalers` (docs/fit-and-finetune.md): adapt a bundle to one target size with the templates frozen.
 
 The target's scalers (and, unless switched off, its small parameters) start from the resizing rules
-of SPEC §5 and are trained for a few hundred steps on a small labelled set; optionally the bundle's
+of docs/method.md §4 and are trained for a few hundred steps on a small labelled set; optionally the bundle's
 own, largest model is a distillation teacher (KL on logits). The forward pass runs through the real
 timm module of the target size with the composed weights (`torch.func.functional_call`), so what is
 fitted is exactly what `materialize --scalers` writes out.
@@ -23,30 +23,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
 import torch
 from torch import Tensor, nn
+from weit_cli.core.bundle import Bundle, check_state, load_bundle, resize
+from weit_cli.errors import WeitError
+from weit_cli.io.files import KIND_SCALERS, base_metadata, check_output, save_tensors
+from weit_cli.training.nested import composed_forward
 
-from .bundle import Bundle, check_state, load_bundle, resize
-from .errors import WeitError
-from .files import KIND_SCALERS, base_metadata, check_output, save_tensors
 
-# Defaults chosen by the measurements in docs/benchmarks.md ("Initialisation quality").
 DEFAULT_STEPS = 200
 DEFAULT_LR = 1e-3
 DEFAULT_BATCH = 64
-
-
-def composed_forward(module: nn.Module, sized: Bundle) -> Callable[[Tensor], Tensor]:
-    """x → logits of `module` with the composed weights of `sized` (gradients reach its tensors)."""
-    from torch.func import functional_call
-
-    def forward(x: Tensor) -> Tensor:
-        with torch.autocast(x.device.type, enabled=False):  # compose in float32, even under bf16 autocast
-            state = sized.state_dict()
-        return functional_call(module, state, (x,), strict=True)
-
-    return forward
 
 
 def fit_scalers(
@@ -78,10 +65,14 @@ def fit_scalers(
 ) -> dict[str, Any]:
     """Fit target-size scalers; returns what was done (losses, accuracies, time) and written.
     `depth`/`width`: one number, or one per stage (ResNet)."""
-    from .api import plan_target
-    from .data import load_data
-    from .files import sha256
-    from .train import StepInfo, Throughput, adamw, device_autocast, evaluate, lr_at, resolve_device, seed_everything, set_lr, Batches, kl_to_teacher, optimizer_step
+    from weit_cli.core.bundle import plan_target
+    from weit_cli.data.images import load_data
+    from weit_cli.io.files import sha256
+    from weit_cli.training.progress import StepInfo, Throughput
+    from weit_cli.training.optim import adamw, lr_at, set_lr, optimizer_step
+    from weit_cli.training.dist import device_autocast, resolve_device, seed_everything
+    from weit_cli.tasks.classification import evaluate, kl_to_teacher
+    from weit_cli.training.batches import Batches
 
     out = Path(out)
     check_output(out, force)
@@ -93,7 +84,7 @@ def fit_scalers(
         raise WeitError(f"--distill must be in [0, 1], got {distill}", "0 turns distillation off, 0.5 weighs KL and CE equally")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise WeitError(f"--temperature must be positive, got {temperature}", "1.0 is plain KL on the logits")
-    from .resize import DEPTH_RULES, WIDTH_RULES
+    from weit_cli.core.resize import DEPTH_RULES, WIDTH_RULES
 
     if depth_rule not in DEPTH_RULES:
         raise WeitError(f"unknown depth rule '{depth_rule}'", f"choose one of: {', '.join(DEPTH_RULES)}")
@@ -253,7 +244,7 @@ def fit_scalers(
 @torch.no_grad()
 def _recalibrate(module: nn.Module, sized: Bundle, small: dict[str, Tensor], splits, batches: int, batch_size: int, seed: int, dev) -> str:
     """Re-estimate the fitted model's BatchNorm statistics on the fitting data; updates `small` in place."""
-    from .calibrate import STAT_SUFFIXES, recalibrate_bn
+    from weit_cli.training.calibrate import STAT_SUFFIXES, recalibrate_bn
 
     module.load_state_dict({k: v.detach() for k, v in sized.state_dict().items()}, strict=True)
     used = recalibrate_bn(module, splits.train, batches, max(2, batch_size), seed=seed, device=dev)
@@ -266,7 +257,7 @@ def _recalibrate(module: nn.Module, sized: Bundle, small: dict[str, Tensor], spl
 
 
 def _fresh_head(adapter, arch, seed: int, dev: torch.device) -> dict[str, nn.Parameter]:
-    from .baselines import random_init
+    from weit_cli.core.selection import random_init
 
     fresh = random_init(adapter, arch, seed)
     return {k: nn.Parameter(fresh[k].float().to(dev)) for k in adapter.classifier if k in fresh}

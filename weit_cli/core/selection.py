@@ -36,13 +36,11 @@ type must match.
 from __future__ import annotations
 
 from typing import Any
-
 import torch
 from torch import Tensor
+from weit_cli.errors import WeitError
 
-from .errors import WeitError
 
-# Which axes of each ViT tensor are which kind ("embed", "attn" = head-structured, "hidden").
 _VIT_AXES: list[tuple[str, dict[int, str]]] = [
     (r"cls_token|pos_embed", {2: "embed"}),
     (r"patch_embed\.proj\.(weight|bias)", {0: "embed"}),
@@ -114,7 +112,7 @@ def selection_indices(src, dst) -> dict[str, Tensor]:
 def weight_selection(source: dict[str, Tensor], src_arch: Any, dst_arch: Any, fresh: dict[str, Tensor]) -> dict[str, Tensor]:
     """The target state dict: every tensor selected from `source`, except a classifier whose class
     count changed, which comes from `fresh` (the target model's own initialisation)."""
-    from .arch.base import Adapter
+    from weit_cli.arch.base import Adapter
 
     if getattr(src_arch, "family", None) == "resnet" and getattr(dst_arch, "family", None) == "resnet":
         return _resnet_selection(source, src_arch, dst_arch, fresh)
@@ -137,7 +135,7 @@ def weight_selection(source: dict[str, Tensor], src_arch: Any, dst_arch: Any, fr
 
 
 def _resnet_selection(source: dict[str, Tensor], src: Any, dst: Any, fresh: dict[str, Tensor]) -> dict[str, Tensor]:
-    from .arch import get_adapter
+    from weit_cli.arch._registry import get_adapter
 
     ad = get_adapter("resnet")
     for name in ("block", "stem_type", "avg_down", "down_kernel_size", "in_chans"):

@@ -1,0 +1,107 @@
+"""`weit extract-templates`: a template bundle from a dense checkpoint by the shared truncated SVD
+(docs/method.md, "Extraction"), optionally refined by distillation on data (commands/distill.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+import torch
+from weit_cli.arch._registry import detect_family
+from weit_cli.core.bundle import Bundle, from_dense
+from weit_cli.errors import WeitError
+from weit_cli.io.files import check_output, checkpoint_sha256, load_dense, save_tensors
+
+
+def extract_templates(
+    checkpoint: Path,
+    out: Path,
+    *,
+    template_size: int | None = None,
+    num_templates: int = 16,
+    num_heads: int | None = None,
+    img_size: int | None = None,
+    data: str | None = None,
+    distill_steps: int | None = None,
+    distill_lr: float | None = None,
+    batch_size: int | None = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    device: str | None = None,
+    force: bool = False,
+    on_step: Callable[[Any], None] | None = None,
+) -> dict[str, Any]:
+    """Data-free SVD extraction; with `data`, then WAVE-style distillation (distill.py) from the checkpoint."""
+    check_output(out, force)
+    if data is None and (distill_steps is not None or distill_lr is not None or batch_size is not None):
+        raise WeitError("--distill-steps, --distill-lr and --batch-size need --data", "pass --data DATA to distil, or leave them out")
+    if data is not None:
+        from weit_cli.commands.distill import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, check_options
+
+        distill_steps = DEFAULT_STEPS if distill_steps is None else distill_steps
+        distill_lr = DEFAULT_LR if distill_lr is None else distill_lr
+        batch_size = DEFAULT_BATCH if batch_size is None else batch_size
+        check_options(distill_steps, distill_lr, batch_size, temperature)
+        from weit_cli.limits import check_seed
+        from weit_cli.training.dist import resolve_device
+
+        check_seed(seed)
+        resolve_device(device)
+    if template_size is not None and template_size < 1:
+        raise WeitError(f"--template-size must be at least 1, got {template_size}", "leave it out for the default (ViT: head_dim)")
+    if num_heads is not None and num_heads < 1:
+        raise WeitError(f"--num-heads must be at least 1, got {num_heads}", "leave it out to read it from the checkpoint")
+    state, hints = load_dense(checkpoint)
+    if num_heads is not None:
+        hints["num_heads"] = num_heads
+    if img_size is not None:
+        hints["img_size"] = img_size
+    adapter = detect_family(state.keys())
+    arch = adapter.infer_arch(state, hints)
+    bundle, errors = from_dense(adapter, arch, state, template_size, num_templates)
+    provenance = {
+        "command": "extract-templates",
+        "source_sha256": checkpoint_sha256(checkpoint),
+        "template_size": template_size,
+        "num_templates": num_templates,
+        "reconstruction_error": {k: round(v, 8) for k, v in errors.items()},
+    }
+    report = None
+    if data is not None:
+        from weit_cli.data.images import load_data
+        from weit_cli.commands.distill import distill
+
+        splits = load_data(data, img_size=arch.img_size, in_chans=arch.in_chans, seed=seed)
+        bundle, report = distill(
+            bundle, state, splits, steps=distill_steps, lr=distill_lr, batch_size=batch_size,
+            temperature=temperature, seed=seed, device=device, on_step=on_step,
+        )
+        report["relative_error_after"] = _relative_errors(bundle, state)
+        provenance["distillation"] = {k: v for k, v in report.items() if k != "seconds"}  # same inputs → same bytes
+    save_tensors(out, bundle.to_tensors(), bundle.metadata(**provenance), force)
+    result = {
+        "command": "extract-templates",
+        "output": str(out),
+        "architecture": arch.to_dict(),
+        "templates": {t: list(v.shape) for t, v in bundle.templates.items()},
+        "relative_error": errors,
+        "params": bundle.param_counts(),
+    }
+    if report is not None:
+        result["distillation"] = report
+    return result
+
+
+def _relative_errors(bundle: Bundle, state: dict[str, torch.Tensor]) -> dict[str, float]:
+    """‖W − Σ S⊗T‖/‖W‖ per template type against the source weights."""
+    from weit_cli.core.kron import relative_error
+
+    by_type: dict[str, list[str]] = {}
+    for k in bundle.scalers:
+        by_type.setdefault(bundle.adapter.template_type_of(k, bundle.arch), []).append(k)
+    return {
+        t: relative_error([state[k].float() for k in keys], [bundle.scalers[k] for k in keys], bundle.templates[t])
+        for t, keys in by_type.items()
+    }
+
+

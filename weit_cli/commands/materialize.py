@@ -1,0 +1,131 @@
+"""`weit materialize`: a bundle (optionally with fitted scalers) resized to a target size and written as
+an ordinary checkpoint; BatchNorm statistics can be re-estimated on data."""
+
+from __future__ import annotations
+
+import math
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+import torch
+from weit_cli.core.bundle import Bundle, load_bundle, resize
+from weit_cli.errors import WeitError
+from weit_cli.core.resize import DEPTH_RULES, WIDTH_RULES
+from weit_cli.io.files import check_output, one_thread, read_header, sha256
+from weit_cli.core.bundle import load_scalers
+from weit_cli.core.bundle import plan_target
+from weit_cli.io.export import write_model
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def materialize(
+    bundle_path: Path,
+    out: Path,
+    *,
+    depth: int | list[int] | None = None,
+    width: int | list[int] | None = None,
+    mlp_ratio: float | None = None,
+    num_heads: int | None = None,
+    num_classes: int | None = None,
+    depth_rule: str = "auto",
+    width_rule: str = "tile",
+    scalers: Path | None = None,
+    dtype: str = "float32",
+    calibrate: str | None = None,
+    calibrate_batches: int = 20,
+    calibrate_batch_size: int = 64,
+    seed: int = 0,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """`depth`/`width`: one number, or one per stage for families with stages (ResNet). `calibrate`
+    names data for re-estimating BatchNorm statistics (see calibrate.py); `progress(batch, total)`."""
+    out = Path(out)
+    check_output(out, force)
+    if dtype not in DTYPES:
+        raise WeitError(f"unknown dtype '{dtype}'", f"choose one of: {', '.join(DTYPES)}")
+    if depth_rule not in DEPTH_RULES:
+        raise WeitError(f"unknown depth rule '{depth_rule}'", f"choose one of: {', '.join(DEPTH_RULES)}")
+    if width_rule not in WIDTH_RULES:
+        raise WeitError(f"unknown width rule '{width_rule}'", f"choose one of: {', '.join(WIDTH_RULES)}")
+    if calibrate is not None and (calibrate_batches < 1 or calibrate_batch_size < 2):
+        raise WeitError(
+            f"--calibrate needs at least 1 batch of 2 or more images, got {calibrate_batches} × {calibrate_batch_size}",
+            "pass --calibrate-batches 1 or more and --calibrate-batch-size 2 or more",
+        )
+    bundle, bsha = load_bundle(bundle_path)
+    target = plan_target(bundle, depth=depth, width=width, mlp_ratio=mlp_ratio, num_heads=num_heads, num_classes=num_classes)
+    if scalers is not None:
+        sized = load_scalers(scalers, bundle, bsha, target)
+    else:
+        with torch.no_grad(), one_thread():
+            sized = resize(bundle, target, depth_rule, width_rule)
+    bn_stats = None
+    if calibrate is not None:
+        sized, bn_stats = _calibrate(sized, calibrate, calibrate_batches, calibrate_batch_size, seed, progress)
+    elif sized.adapter.batchnorm:
+        src = "the scalers file's" if scalers is not None else "the bundle's"
+        bn_stats = f"{src}, resized (not recalibrated; pass --calibrate DATA to re-estimate them)"
+        if scalers is None and target == bundle.arch:
+            bn_stats = "the bundle's (same size; not recalibrated)"
+            if str(bundle.extra.get("provenance", {}).get("command", "")).startswith("weit pretrain"):
+                bn_stats = "the bundle's (same size; re-estimated at the end of pretraining)"
+        fitted = _fitted_bn_statistics(scalers) if scalers is not None else None
+        if fitted:
+            bn_stats = f"the scalers file's, {fitted} by fit-scalers"
+    provenance = {
+        "command": "materialize",
+        "bundle_sha256": bsha,
+        "scalers_sha256": sha256(scalers) if scalers else None,
+        "depth_rule": depth_rule,
+        "width_rule": width_rule,
+        "bn_statistics": bn_stats,
+    }
+    files = write_model(sized, out, DTYPES[dtype], provenance, force)
+    return {
+        "command": "materialize",
+        "output": str(out),
+        "files": files,
+        "architecture": target.to_dict(),
+        "description": sized.adapter.describe(target),
+        "timm_architecture": sized.adapter.timm_config(target)["architecture"],
+        "timm": sized.adapter.timm_config(target)["model_args"],
+        "params": sum(math.prod(sized.dense_shape(k)) for k in sized.dense_keys()),
+        "bn_statistics": bn_stats,
+    }
+
+
+def _fitted_bn_statistics(path: Path) -> str | None:
+    """What fit-scalers recorded about the BatchNorm statistics it stored (None: not recalibrated)."""
+    try:
+        prov = json.loads((read_header(path).get("__metadata__") or {}).get("provenance", "{}"))
+    except ValueError:
+        return None
+    value = prov.get("bn_statistics") if isinstance(prov, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _calibrate(sized: Bundle, source: str, batches: int, batch_size: int, seed: int, progress) -> tuple[Bundle, str]:
+    """Re-estimate the BatchNorm running statistics of the materialized model on `source`."""
+    from weit_cli.training.calibrate import STAT_SUFFIXES, recalibrate_bn
+    from weit_cli.data.images import load_data
+
+    ad, arch = sized.adapter, sized.arch
+    if not ad.batchnorm:
+        raise WeitError(f"a {ad.family} has no BatchNorm statistics to calibrate", "leave out --calibrate")
+    splits = load_data(source, img_size=arch.img_size, in_chans=arch.in_chans, seed=seed)
+    model = ad.build(arch)
+    with torch.no_grad():
+        model.load_state_dict(sized.state_dict())
+    used = recalibrate_bn(model, splits.train, batches, batch_size, seed=seed, progress=progress)
+    state = model.state_dict()
+    small = {k: (state[k].detach().clone() if k.endswith(STAT_SUFFIXES) else v) for k, v in sized.small.items()}
+    sized = Bundle(ad, arch, sized.templates, sized.scalers, small, dict(sized.extra))
+    return sized, f"recalibrated on {splits.description} ({used['batches']} batches, {used['images']} images, seed {seed})"
+
+
+

@@ -1,0 +1,16 @@
+"""Limits shared by every command: seeds every RNG accepts, and the largest model weit will build."""
+
+from __future__ import annotations
+
+from weit_cli.errors import WeitError
+
+
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: int, name: str = "seed") -> None:
+    """Seeds are integers in [0, 2**63): torch refuses larger ones with an overflow, not an error."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise WeitError(f"--{name.replace('_', '-')} must be an integer in 0..{MAX_SEED}, got {seed}", "e.g. 0")
+
+

@@ -1,0 +1,65 @@
+"""Image classification: top-1 accuracy and cross-entropy evaluation, and the distillation losses on
+logits (KL to a teacher; CE + KL)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+import torch
+from torch import Tensor, nn
+from weit_cli.training.dist import device_autocast
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    accuracy: float  # fraction in [0, 1]
+    loss: float  # mean cross-entropy
+    count: int
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module | Callable[[Tensor], Tensor], dataset, batch_size: int = 256, device: torch.device | str | None = None) -> EvalResult:
+    """Top-1 accuracy and mean cross-entropy of `model` (a module or any x → logits) on `dataset`."""
+    if device is None:
+        device = next(model.parameters()).device if isinstance(model, nn.Module) and any(True for _ in model.parameters()) else torch.device("cpu")
+    device = torch.device(device)
+    was_training = model.training if isinstance(model, nn.Module) else None
+    if isinstance(model, nn.Module):
+        model.eval()
+    x_all, y_all = dataset.tensors[0], dataset.tensors[1]
+    correct, loss_sum, n = 0, 0.0, len(x_all)
+    try:
+        for i in range(0, n, batch_size):
+            x = x_all[i : i + batch_size].to(device, non_blocking=True)
+            y = y_all[i : i + batch_size].to(device, non_blocking=True)
+            with device_autocast(device):
+                logits = model(x)
+            logits = logits.float()
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
+    finally:
+        if was_training:
+            model.train()
+    if n == 0:
+        return EvalResult(float("nan"), float("nan"), 0)
+    return EvalResult(correct / n, loss_sum / n, n)
+
+
+# ---------------------------------------------------------------------------------------------- progress
+def kl_to_teacher(logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """T²·KL(teacher ‖ student) on temperature-softened logits (Hinton et al.); batch mean."""
+    t = temperature
+    kl = torch.nn.functional.kl_div(
+        torch.nn.functional.log_softmax(logits / t, -1),
+        torch.nn.functional.log_softmax(teacher_logits / t, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    return kl * (t * t)
+
+
+def kd_loss(logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    """CE on the labels + T²·KL(teacher ‖ student) on temperature-softened logits (Hinton et al.)."""
+    return nn.functional.cross_entropy(logits, labels) + kl_to_teacher(logits, teacher_logits, temperature)
+
+

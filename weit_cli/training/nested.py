@@ -1,0 +1,228 @@
+"""The constrained model in training: templates, scalers and small parameters as trainable tensors, and
+a forward at any size through the real module of that size with the composed weights
+(`torch.func.functional_call`), so that what is trained is exactly what `materialize` writes."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from weit_cli import recipe as rcp
+from weit_cli.arch._registry import get_adapter
+from weit_cli.core.bundle import Bundle, from_dense, resize
+from weit_cli.training.calibrate import STAT_SUFFIXES
+from weit_cli.tasks.classification import kl_to_teacher
+
+
+def largest_arch(recipe: rcp.Recipe, num_classes: int):
+    adapter = get_adapter(recipe.model.family)
+    depth, width = recipe.largest()
+    arch = adapter.arch_for_recipe(recipe.model, depth=depth, width=width, num_classes=num_classes)
+    adapter.target_arch(arch, template_size=recipe.template_size)  # validates the sizes once more
+    return adapter, arch
+
+
+def initial_bundle(recipe: rcp.Recipe, num_classes: int) -> Bundle:
+    """Templates, scalers and small parameters at the largest size, before training.
+
+    timm-svd: a freshly timm-initialised largest model, factorised by the shared SVD of
+    `extract-templates`; truncation to N templates shrinks the weights, so each type's scalers are
+    rescaled to give the composed weights the RMS of timm's init. Small parameters are timm's.
+    """
+    adapter, arch = largest_arch(recipe, num_classes)
+    torch.manual_seed(recipe.seed)
+    dense = {k: v.detach().float() for k, v in adapter.build(arch).state_dict().items()}
+    counts = recipe.template_counts()
+    p = recipe.template_size
+    if recipe.templates.init == "timm-svd":
+        bundle, _ = from_dense(adapter, arch, dense, p, counts)
+        for t in bundle.templates:
+            keys = [k for k in bundle.scalers if adapter.template_type_of(k, arch) == t]
+            want = torch.cat([dense[k].reshape(-1) for k in keys]).pow(2).mean().sqrt()
+            have = torch.cat([bundle.dense(k).reshape(-1) for k in keys]).pow(2).mean().sqrt()
+            if have > 0:
+                for k in keys:
+                    bundle.scalers[k] = bundle.scalers[k] * (want / have)
+    else:
+        gen = torch.Generator().manual_seed(recipe.seed)
+        types = adapter.template_types(arch, p)
+        templates = {t: torch.randn(counts[t], tt.p, tt.q, *tt.kernel, generator=gen) for t, tt in types.items()}
+        scalers, small = {}, {}
+        for k in sorted(dense):
+            t = adapter.template_type_of(k, arch)
+            if t is None:
+                small[k] = dense[k].clone()
+            else:
+                rows, cols = dense[k].shape[:2]
+                n = counts[t]
+                scalers[k] = torch.randn(n, rows // types[t].p, cols // types[t].q, generator=gen) * (0.02 / math.sqrt(n))
+        bundle = Bundle(adapter, arch, templates, scalers, small)
+    bundle.extra["nested"] = {"depths": list(recipe.nested.depths), "widths": list(recipe.nested.widths)}
+    return bundle
+
+
+def _enc(key: str) -> str:
+    return key.replace(".", "/")
+
+
+def _dec(key: str) -> str:
+    return key.replace("/", ".")
+
+
+class _Buffers(nn.Module):
+    """BatchNorm running statistics under bundle-style names (buffers: never trained)."""
+
+    def __init__(self, tensors: dict[str, Tensor]):
+        super().__init__()
+        for k, v in tensors.items():
+            self.register_buffer(_enc(k), v.detach().clone())
+
+
+class NestedModel(nn.Module):
+    """The trainable parameters (templates, largest-size scalers and small parameters) and a forward
+    at any nested size through the real timm module of that size. BatchNorm running statistics are
+    kept apart, as buffers (see the module doc)."""
+
+    def __init__(self, bundle: Bundle):
+        super().__init__()
+        self.adapter, self.arch, self.extra = bundle.adapter, bundle.arch, dict(bundle.extra)
+        stats = {k for k in bundle.small if self.adapter.batchnorm and k.endswith(STAT_SUFFIXES)}
+        self.templates = nn.ParameterDict({t: nn.Parameter(v.detach().clone()) for t, v in bundle.templates.items()})
+        self.scalers = nn.ParameterDict({_enc(k): nn.Parameter(v.detach().clone()) for k, v in bundle.scalers.items()})
+        self.small = nn.ParameterDict({_enc(k): nn.Parameter(v.detach().clone()) for k, v in bundle.small.items() if k not in stats})
+        self.stats = _Buffers({k: bundle.small[k] for k in sorted(stats)})
+        self._timm: dict[tuple, nn.Module] = {}  # not submodules: their own weights are never used
+
+    def named_tensors(self) -> dict[str, Tensor]:
+        """Parameters under bundle-style names (templates.qkv, scalers.blocks.0…, small.pos_embed)."""
+        out = {f"templates.{t}": v for t, v in self.templates.items()}
+        out.update({f"scalers.{_dec(k)}": v for k, v in self.scalers.items()})
+        out.update({f"small.{_dec(k)}": v for k, v in self.small.items()})
+        return out
+
+    def bundle(self, stats_copy: bool = False) -> Bundle:
+        """The parameters as a Bundle; `stats_copy` gives copies of the BatchNorm statistics, for a
+        training-mode forward to update without touching the stored ones."""
+        small = {_dec(k): v for k, v in self.small.items()}
+        small.update({_dec(k): (v.clone() if stats_copy else v) for k, v in self.stats.named_buffers()})
+        return Bundle(
+            self.adapter, self.arch, dict(self.templates.items()),
+            {_dec(k): v for k, v in self.scalers.items()}, small, dict(self.extra),
+        )
+
+    def _device(self) -> torch.device:
+        return next(iter(self.templates.values())).device
+
+    def target(self, depth, width):
+        p = next(iter(self.templates.values())).shape[1]
+        return self.adapter.target_arch(self.arch, depth=depth, width=width, template_size=p)
+
+    def state_at(self, depth, width) -> dict[str, Tensor]:
+        """The dense timm state dict of a nested size, composed differentiably (what materialize writes)."""
+        return resize(self.bundle(stats_copy=True), self.target(depth, width), "prefix", "tile").state_dict()
+
+    def module_at(self, depth, width) -> nn.Module:
+        key = (depth, width)
+        if key not in self._timm:
+            m = self.adapter.build(self.target(depth, width))
+            m.requires_grad_(False)
+            self._timm[key] = m.to(self._device())
+        return self._timm[key]
+
+    def forward(self, x: Tensor, depth, width) -> Tensor:
+        from torch.func import functional_call
+
+        return functional_call(self.module_at(depth, width), self.state_at(depth, width), (x,))
+
+    def frozen(self, depth, width, calibrate: Callable[[nn.Module], Any] | None = None):
+        """x → logits at one size, in eval mode, with the weights composed once. `calibrate(module)`
+        (BatchNorm families) re-estimates the size's running statistics first, on a copy."""
+        from torch.func import functional_call
+
+        with torch.no_grad():
+            state = {k: v.detach().clone() for k, v in self.state_at(depth, width).items()}
+        if calibrate is not None and self.adapter.batchnorm:
+            module = self.adapter.build(self.target(depth, width)).to(self._device())
+            module.load_state_dict(state, strict=True)
+            calibrate(module)
+            return module.eval()
+        module = self.module_at(depth, width)
+
+        def run(x: Tensor) -> Tensor:
+            was = module.training
+            module.eval()
+            try:
+                return functional_call(module, state, (x,))
+            finally:
+                module.train(was)
+
+        return run
+
+    @torch.no_grad()
+    def calibrate_stats(self, calibrate: Callable[[nn.Module], Any]) -> None:
+        """Re-estimate the largest size's BatchNorm statistics (the bundle's own) with `calibrate(module)`."""
+        if not len(list(self.stats.buffers())):
+            return
+        module = self.adapter.build(self.arch).to(self._device())
+        module.load_state_dict({k: v.detach() for k, v in self.bundle().state_dict().items()}, strict=True)
+        calibrate(module)
+        fresh = module.state_dict()
+        for k, v in self.stats.named_buffers():
+            v.copy_(fresh[_dec(k)])
+
+
+class SandwichLoss(nn.Module):
+    """One forward over all sizes of a step, so DistributedDataParallel sees one graph that uses every
+    parameter (the largest size always does). sizes[0] must be the largest: it is the teacher."""
+
+    def __init__(self, net: NestedModel, distill: float, temperature: float, label_smoothing: float):
+        super().__init__()
+        self.net = net
+        self.distill, self.temperature, self.label_smoothing = distill, temperature, label_smoothing
+
+    def forward(self, x: Tensor, y: Tensor, sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+        losses, ces = [], []
+        teacher = None
+        for i, (d, w) in enumerate(sizes):
+            logits = self.net(x, d, w).float()
+            ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+            loss = ce
+            if i == 0:
+                teacher = logits.detach()
+            elif self.distill > 0:
+                kl = kl_to_teacher(logits, teacher, self.temperature)
+                loss = (1 - self.distill) * ce + self.distill * kl
+            losses.append(loss)
+            ces.append(ce.detach())
+        return torch.stack(losses).mean(), torch.stack(ces)
+
+
+def sample_sizes(rng: random.Random, depths: list, widths: list[int], k: int) -> list[tuple]:
+    """Largest, smallest, then k distinct random in-between sizes (fewer if the grid is small).
+    Depths are ints, or per-stage tuples whose largest/smallest are taken stage by stage."""
+    largest = (rcp.elementwise(max, depths), max(widths))
+    smallest = (rcp.elementwise(min, depths), min(widths))
+    sizes = [largest] + ([smallest] if smallest != largest else [])
+    rest = [(d, w) for d in depths for w in widths if (d, w) not in sizes]
+    if k and rest:
+        sizes += rng.sample(rest, min(k, len(rest)))
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------------- the command
+def composed_forward(module: nn.Module, sized: Bundle) -> Callable[[Tensor], Tensor]:
+    """x → logits of `module` with the composed weights of `sized` (gradients reach its tensors)."""
+    from torch.func import functional_call
+
+    def forward(x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):  # compose in float32, even under bf16 autocast
+            state = sized.state_dict()
+        return functional_call(module, state, (x,), strict=True)
+
+    return forward
+
+

@@ -1,0 +1,67 @@
+"""The optimiser and its schedule: AdamW with a no-decay group, linear warmup + cosine, gradient clipping,
+and one optimiser step that refuses a non-finite loss."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+import torch
+from torch import Tensor
+
+
+def adamw(
+    named_params: dict[str, Tensor] | list[tuple[str, Tensor]],
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    no_decay: Callable[[str, Tensor], bool] | None = None,
+) -> torch.optim.AdamW:
+    """AdamW with two groups; by default vectors (norms, biases), `pos_embed` and `cls_token` get no
+    weight decay, as in timm's training scripts. Group 0 decays, group 1 does not."""
+    items = list(named_params.items()) if isinstance(named_params, dict) else list(named_params)
+    if no_decay is None:
+        no_decay = lambda n, p: p.ndim <= 1 or n.endswith(("pos_embed", "cls_token"))  # noqa: E731
+    decay = [p for n, p in items if p.requires_grad and not no_decay(n, p)]
+    keep = [p for n, p in items if p.requires_grad and no_decay(n, p)]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=False)
+
+
+def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """Learning rate for 0-based `step`: linear warmup to `base_lr`, then cosine down to base·ratio."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    t = min(1.0, (step - warmup_steps) / span)
+    return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def clip_grad(params, max_norm: float) -> float:
+    """Clip the global gradient norm to `max_norm` (≤ 0: no clipping); returns the norm before clipping."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm and max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
+
+
+# ---------------------------------------------------------------------------------------------- data order
+def optimizer_step(optimizer, loss: Tensor, params, *, step: int, max_norm: float, hint: str) -> float:
+    """zero_grad → backward → clip → step; returns the loss, refusing a non-finite one with `hint`."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip_grad(params, max_norm)
+    optimizer.step()
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        from weit_cli.errors import WeitError
+
+        raise WeitError(f"the loss became {value} at step {step + 1}", hint)
+    return value
