@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/materialize.py --repeats 5 --num-templates 64
 
 Variants, each repeat in a fresh subprocess (torch.set_num_threads(1), float32, 86.6M parameters):
-  materialize  weit_cli.api.materialize(bundle, out): read the bundle, compose every dense tensor and
+  materialize  weit_cli.commands.materialize.materialize(bundle, out): read the bundle, compose every dense tensor and
                stream it to disk (temp file, fsync, rename).
   timm         timm.create_model("vit_base_patch16_224") + safetensors.torch.save_file(state_dict).
   timm-init    timm.create_model alone (no file): shows how much of `timm` is the write.

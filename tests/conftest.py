@@ -147,14 +147,23 @@ def resnet_input():
     return torch.randn(4, TINY_RESNET_COMMON["in_chans"], TINY_RESNET_IMG, TINY_RESNET_IMG, generator=g)
 
 
-def weit(*args, expect: int | None = 0):
-    """Run the CLI in-process; a crash (anything but a clean exit) fails the test."""
+def weit(*args, expect: int | None = 0, cwd: Path | None = None):
+    """Run the CLI in-process (in `cwd` if given); a crash (anything but a clean exit) fails the test,
+    and so does an exit code other than `expect` (None: any). `returncode` mirrors `exit_code`, so a
+    test can treat the result like a subprocess's."""
     from typer.testing import CliRunner
 
     from weit_cli.cli import app
 
-    r = CliRunner().invoke(app, [str(a) for a in args])
+    old = os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        r = CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        os.chdir(old)
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
     if expect is not None:
         assert r.exit_code == expect, (r.exit_code, r.stdout, r.stderr)
+    r.returncode = r.exit_code
     return r

@@ -9,10 +9,12 @@ import os
 import struct
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import weit as cli
 from safetensors.torch import save_file
 
 from weit_cli.arch._registry import get_adapter
@@ -21,22 +23,7 @@ from weit_cli.core.bundle import from_dense
 from weit_cli.errors import EXIT_INPUT, EXIT_OUTPUT, EXIT_USAGE
 from weit_cli.io.files import save_tensors
 
-
-def weit(*args: str, cwd: Path):
-    """Run the real CLI in-process (fast); one test below checks a real subprocess too."""
-    from typer.testing import CliRunner
-
-    from weit_cli.cli import app
-
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        r = CliRunner().invoke(app, list(args))
-    finally:
-        os.chdir(old)
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    r.returncode = r.exit_code
-    return r
+weit = partial(cli, expect=None)  # exit codes are what these tests check
 
 
 def weit_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -8,10 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import weit as cli
 
 from weit_cli.arch._registry import get_adapter
 from weit_cli.arch.vit import ViTArch
@@ -23,21 +25,14 @@ LARGE = ViTArch(img_size=16, patch_size=8, in_chans=1, num_classes=10, depth=2, 
 FAST = dict(data="digits", epochs=2, batch_size=64, train_subset=320, lr=2e-3)
 
 
-def weit(*args):
-    from typer.testing import CliRunner
-
-    from weit_cli.cli import app
-
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    return r
+weit = partial(cli, expect=None)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """A small materialized-style model (timm folder with weit metadata) and a larger dense one."""
-    from weit_cli.io.export import write_model
     from weit_cli.core.bundle import Bundle
+    from weit_cli.io.export import write_model
 
     d = tmp_path_factory.mktemp("ft")
     ad = get_adapter("vit")
@@ -109,9 +104,9 @@ def test_resume_equals_uninterrupted(models, tmp_path):
 
 
 def test_baseline_inits(models, tmp_path):
+    from weit_cli.commands.finetune import initial_state, read_model
     from weit_cli.core.selection import random_init, weight_selection
     from weit_cli.io.files import load_dense
-    from weit_cli.commands.finetune import initial_state, read_model
 
     ad, arch, _ = read_model(models["small"], need_weights=False)
     state, origin = initial_state(ad, arch, "weight-selection", None, models["large"], seed=0)

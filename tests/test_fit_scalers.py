@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import weit as cli
 
 from weit_cli.arch._registry import get_adapter
 from weit_cli.arch.vit import ViTArch
@@ -18,14 +20,7 @@ from weit_cli.io.files import read_header, save_tensors, sha256
 ARCH = ViTArch(img_size=16, patch_size=8, in_chans=1, num_classes=10, depth=2, width=32, num_heads=4)
 
 
-def weit(*args: str):
-    from typer.testing import CliRunner
-
-    from weit_cli.cli import app
-
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    return r
+weit = partial(cli, expect=None)
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +92,9 @@ def test_fit_scalers_cli_binds_and_materializes(bundles, tmp_path):
 
 
 def test_fit_scalers_no_small_distill_and_determinism(bundles, tmp_path):
-    from weit_cli.commands.materialize import load_bundle
-    from weit_cli.core.bundle import plan_target
-    from weit_cli.core.bundle import resize
     from weit_cli.commands.fit_scalers import fit_scalers
+    from weit_cli.commands.materialize import load_bundle
+    from weit_cli.core.bundle import plan_target, resize
     from weit_cli.io.files import load_weit
 
     bundle = bundles[16]
@@ -123,8 +117,8 @@ def test_fit_scalers_no_small_distill_and_determinism(bundles, tmp_path):
 
 def test_materialize_refuses_damaged_scalers(bundles, tmp_path):
     """Right bundle and size in the metadata, but a tensor missing or of the wrong shape: refused."""
-    from weit_cli.io.files import load_weit
     from weit_cli.commands.fit_scalers import fit_scalers
+    from weit_cli.io.files import load_weit
 
     good = tmp_path / "s.safetensors"
     fit_scalers(bundles[16], good, data="digits", depth=1, width=16, steps=2)

@@ -29,12 +29,14 @@ import subprocess
 import sys
 import textwrap
 import zlib
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import weit as cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -42,7 +44,13 @@ from safetensors.torch import save_file
 from weit_cli.arch._registry import get_adapter
 from weit_cli.arch.vit import ViTArch
 from weit_cli.core.bundle import Bundle, from_dense
-from weit_cli.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_USAGE, WeitError
+from weit_cli.errors import (
+    EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_OUTPUT,
+    EXIT_USAGE,
+    WeitError,
+)
 from weit_cli.io.files import save_tensors
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -60,25 +68,7 @@ train: {steps: 2, warmup_steps: 1, eval_every: 0, eval_samples: 64, checkpoint_e
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-class Result:
-    def __init__(self, code: int, stdout: str, stderr: str):
-        self.returncode, self.stdout, self.stderr = code, stdout, stderr
-
-
-def weit(*args, cwd: Path) -> Result:
-    """The real CLI, in-process (fast)."""
-    from typer.testing import CliRunner
-
-    from weit_cli.cli import app
-
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        r = CliRunner().invoke(app, [str(a) for a in args])
-    finally:
-        os.chdir(old)
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    return Result(r.exit_code, r.stdout, r.stderr)
+weit = partial(cli, expect=None)  # exit codes are what these tests check
 
 
 def weit_process(*args, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

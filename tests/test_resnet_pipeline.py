@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import weit
 
 from weit_cli.errors import WeitError
 
@@ -28,17 +29,6 @@ nested: {depths: [1, 2], widths: [8, 16], sandwich: 1}
 data: {source: digits, batch_size: 32}
 train: {steps: 2, warmup_steps: 1, eval_every: 0, checkpoint_every: 0}
 """
-
-
-def weit(*args, expect: int = 0):
-    from typer.testing import CliRunner
-
-    from weit_cli.cli import app
-
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    assert r.exit_code == expect, (r.exit_code, r.stdout, r.stderr)
-    return r
 
 
 def timm_model(folder: Path):
@@ -94,8 +84,8 @@ def test_bundle_statistics_are_the_largest_sizes_recalibrated(pretrained, tmp_pa
     """Documented rule: after the last step the largest size's BatchNorm statistics are re-estimated
     over `bn_calibration_batches` training batches (seed = recipe seed) and stored in the bundle."""
     from weit_cli.commands.materialize import materialize
-    from weit_cli.training.calibrate import recalibrate_bn
     from weit_cli.data.images import load_data
+    from weit_cli.training.calibrate import recalibrate_bn
 
     r = materialize(pretrained.bundle, tmp_path / "largest")
     assert r["bn_statistics"] == "the bundle's (same size; re-estimated at the end of pretraining)"
@@ -194,8 +184,8 @@ def test_fit_hint_and_mismatch_use_per_stage_sizes(pretrained, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- recipes
 def test_shipped_resnet_recipe_describes_its_nested_sizes():
-    from weit_cli.training.nested import largest_arch
     from weit_cli.recipe import load_recipe
+    from weit_cli.training.nested import largest_arch
 
     r = load_recipe(ROOT / "recipes" / "resnet-fashion.yaml")
     assert r.family == "resnet" and r.data.source == "fashion-mnist"
@@ -279,8 +269,8 @@ def test_resnet_weight_selection_hand_checked(tmp_path):
     with pytest.raises(WeitError, match="only initialises smaller models: target stage 1 depth 3 > 2"):
         weight_selection(s, src, ResNetArch(**{**dst.to_dict(), "depth": (3, 1, 1, 1)}), random_init(ad, dst, 0))
 
-    from weit_cli.io.export import write_model
     from weit_cli.core.bundle import Bundle
+    from weit_cli.io.export import write_model
 
     big = save_timm_dir(src_model, tmp_path / "big", {**tiny_resnet_args("basic"), "in_chans": 3})
     shell = tmp_path / "small"
