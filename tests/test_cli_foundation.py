@@ -265,3 +265,18 @@ def test_materialize_restores_the_callers_thread_count(tiny_bundle, tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_extract_warns_when_the_templates_reconstruct_poorly(tiny_vit_dir, tmp_path):
+    """Random weights (like real trained ones, docs/method.md §3) are far from any 2-template
+    Kronecker sum: the output says so, in the table and in --json, with the hint to add --data."""
+    r = weit("extract-templates", tiny_vit_dir, "-n", "2", "-o", tmp_path / "few.safetensors", "--json")
+    res = json.loads(r.stdout)
+    assert max(res["relative_error"].values()) > 0.5
+    (warning,) = res["warnings"]
+    assert "--data" in warning and "reconstruct the checkpoint poorly" in warning
+    r = weit("extract-templates", tiny_vit_dir, "-n", "2", "-o", tmp_path / "few2.safetensors")
+    assert "warning:" in r.stderr and "--data" in r.stderr
+    # Full rank reconstructs exactly: no warning.
+    r = weit("extract-templates", tiny_vit_dir, "-n", "64", "-o", tmp_path / "full.safetensors", "--json")
+    assert "warnings" not in json.loads(r.stdout)

@@ -172,6 +172,8 @@ def extract_templates_cmd(
             rows.append(("student accuracy", f"{d['student_acc_before']:.4f} (SVD) → {d['student_acc_after']:.4f} ({d['steps']} steps)"))
         rows += [(f"params {k}", _human(v)) for k, v in r["params"].items()]
         _table("extract-templates", rows)
+        for w in r.get("warnings", []):
+            _err_console().print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
 
     run(go, as_json, render)
 
