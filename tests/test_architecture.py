@@ -152,6 +152,75 @@ def test_an_incomplete_family_cannot_be_registered():
                 return "half"
 
 
+def test_families_supply_the_commands_wording():
+    """Size options for the 'next' hint of fit-scalers, and the options a mismatching checkpoint may
+    have guessed wrong, come from the family."""
+    from weit_cli.arch._registry import get_adapter
+    from weit_cli.arch.resnet import ResNetArch
+    from weit_cli.cli import _materialize_hint
+
+    vit, rn = get_adapter("vit"), get_adapter("resnet")
+    assert vit.size_options(_tiny_arch()) == ["--depth", "1", "--width", "8", "--mlp-ratio", "4"]
+    arch = ResNetArch(block="basic", depth=(1, 2, 1, 2), width=(8, 8, 16, 16), in_chans=1, num_classes=3)
+    assert rn.size_options(arch) == ["--depth", "1,2,1,2", "--width", "8,8,16,16"]
+    r = {"output": "s.safetensors", "size_options": rn.size_options(arch), "architecture": arch.to_dict()}
+    assert _materialize_hint(r) == "weit materialize BUNDLE --scalers s.safetensors --depth 1,2,1,2 --width 8,8,16,16 --num-classes 3 -o MODEL"
+    assert vit.hints.guessed == ("--num-heads", "--img-size") and rn.hints.guessed == ("--img-size",)
+
+
+def _tiny_arch():
+    from weit_cli.arch.vit import ViTArch
+
+    return ViTArch(img_size=8, patch_size=4, in_chans=1, num_classes=3, depth=1, width=8, num_heads=2)
+
+
+# ============================================================================ the export seam
+def test_a_family_exports_through_its_own_exporter(tmp_path, monkeypatch):
+    """A family that names another exporter gets its layout from `write_model` with no change to the
+    streaming core; a .safetensors output still gets the bare file, with that exporter's metadata."""
+    import json
+
+    import torch
+
+    from weit_cli.arch._registry import get_adapter
+    from weit_cli.core.bundle import Bundle
+    from weit_cli.io.export import Exporter, exporter_for, write_model
+    from weit_cli.io.files import atomic_dir, read_header
+
+    class Pretrained(Exporter):  # a save_pretrained-like folder
+        format = "pretrained"
+
+        def metadata(self, arch):
+            return {"config": json.dumps({"hidden_size": arch.width})}
+
+        def write(self, out, arch, weights, force):
+            with atomic_dir(out, force) as tmp:
+                weights(tmp / "weights.safetensors")
+                (tmp / "config.json").write_text(self.metadata(arch)["config"])
+            return [str(out / "weights.safetensors"), str(out / "config.json")]
+
+        def summary(self, arch, out):
+            return {"format": self.format, "load": f"Model.from_pretrained('{out}')"}
+
+    ad = get_adapter("vit")
+    monkeypatch.setattr(ad, "exporter", Pretrained())
+    arch = _tiny_arch()
+    state = ad.build(arch).state_dict()
+    sized = Bundle(ad, arch, {}, {}, state)
+
+    files = write_model(sized, tmp_path / "m", torch.float32, {"command": "test"}, force=False)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "weights.safetensors"]
+    assert files == [str(tmp_path / "m" / "weights.safetensors"), str(tmp_path / "m" / "config.json")]
+    meta = read_header(tmp_path / "m" / "weights.safetensors")["__metadata__"]
+    assert json.loads(meta["config"]) == {"hidden_size": 8} and meta["family"] == ad.family
+    assert exporter_for(ad, tmp_path / "m").summary(arch, tmp_path / "m")["load"] == f"Model.from_pretrained('{tmp_path / 'm'}')"
+
+    bare = tmp_path / "m.safetensors"
+    assert write_model(sized, bare, torch.float32, {"command": "test"}, force=False) == [str(bare)]
+    assert json.loads(read_header(bare)["__metadata__"]["config"]) == {"hidden_size": 8}
+    assert exporter_for(ad, bare).summary(arch, bare)["format"] == "safetensors"
+
+
 # ============================================================================ no import cycles
 def _import_graph(package: Path) -> dict[str, set[str]]:
     """Module → the weit_cli modules it imports, function-level and TYPE_CHECKING imports included."""
