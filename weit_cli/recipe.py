@@ -2,7 +2,7 @@
 field described), dotted command-line overrides merged before validation, and the resolved recipe
 written next to every output.
 
-    recipe = load_recipe("recipes/small.yaml", ["train.lr=1e-3", "nested.depths=[2,4]"])
+    recipe = load_recipe(path, ["train.lr=1e-3", "nested.depths=[2,4]"])
 
 The `model` section is the family's own (`Adapter.model_section`, chosen by `model.family`), and the
 family checks the nested sizes and template settings (`Adapter.check_recipe`).
