@@ -51,7 +51,7 @@ def main() -> None:
         torch.manual_seed(rec.seed)
         model = adapter.build(arch)
         tr = rec.train
-        opt = adamw(dict(model.named_parameters()), lr=tr.lr, weight_decay=tr.weight_decay, betas=tuple(tr.betas))
+        opt = adamw(dict(model.named_parameters()), lr=tr.lr, weight_decay=tr.weight_decay, no_decay_keys=adapter.no_decay, betas=tuple(tr.betas))
         batches = Batches(data.train, rec.data.batch_size, seed=rec.seed)
         for step in range(tr.steps):
             set_lr(opt, lr_at(step, base_lr=tr.lr, total_steps=tr.steps, warmup_steps=tr.warmup_steps, min_lr_ratio=tr.min_lr_ratio))

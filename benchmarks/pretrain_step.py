@@ -54,7 +54,7 @@ def main() -> None:
     bundle = initial_bundle(recipe, 10)
     net = NestedModel(bundle).to(dev)
     loss_mod = SandwichLoss(net, ns.distill, ns.distill_temperature, 0.0)
-    opt = adamw(net.named_tensors(), lr=1e-4, weight_decay=0.05)
+    opt = adamw(net.named_tensors(), lr=1e-4, weight_decay=0.05, no_decay_keys=bundle.adapter.no_decay)
     g = torch.Generator().manual_seed(0)
     m = recipe.model
     x = torch.randn(batch, m.in_chans, m.img_size, m.img_size, generator=g).to(dev)
@@ -67,7 +67,7 @@ def main() -> None:
         if size not in dense_models:
             torch.manual_seed(0)
             dense_models[size] = bundle.adapter.build(net.target(*size)).to(dev)
-            dense_opts[size] = adamw(dict(dense_models[size].named_parameters()), lr=1e-4, weight_decay=0.05)
+            dense_opts[size] = adamw(dict(dense_models[size].named_parameters()), lr=1e-4, weight_decay=0.05, no_decay_keys=bundle.adapter.no_decay)
         model, o = dense_models[size], dense_opts[size]
         with device_autocast(dev):
             loss = F.cross_entropy(model(x).float(), y)

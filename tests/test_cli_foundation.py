@@ -82,6 +82,9 @@ def test_extract_inspect_materialize_and_load_in_timm(tiny_vit_dir, tiny_vit, vi
     assert config["model_args"]["embed_dim"] == 64 and config["model_args"]["depth"] == 4
     rb = one_json(weit("materialize", bundle, "-o", bare, *opts, "--json").stdout)
     assert rb["files"] == [str(bare)] and rb["timm"] == config["model_args"]
+    assert r["export"] == {"format": "timm", "architecture": TIMM_VIT, "model_args": config["model_args"],
+                           "load": f"timm.create_model('local-dir:{folder}', pretrained=True)"}
+    assert rb["export"]["format"] == "safetensors" and rb["export"]["load"].startswith(f"timm.create_model('{TIMM_VIT}', checkpoint_path='{bare}'")
     assert sorted(os.listdir(tmp_path)) == ["tiny.safetensors", "wide", "wide.safetensors"]  # no temp files
 
     expected = in_memory_logits(bundle, vit_input, "identity", depth=4, width=64)

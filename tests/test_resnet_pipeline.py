@@ -196,7 +196,7 @@ def test_shipped_resnet_recipe_describes_its_nested_sizes():
 
 
 def test_resnet_model_section_fields_are_described_and_strict():
-    from weit_cli.recipe import ResNetModelSection
+    from weit_cli.arch.resnet import ResNetModelSection
 
     assert ResNetModelSection.model_config.get("extra") == "forbid"
     for name, f in ResNetModelSection.model_fields.items():

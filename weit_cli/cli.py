@@ -134,9 +134,9 @@ def _human(n: int) -> str:
 def extract_templates_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="timm model folder (config.json + weights) or weights file.")],
     output: OutOpt,
-    template_size: Annotated[Optional[int], typer.Option("--template-size", "-p", help="Template block size p (default: ViT head_dim; ResNet the gcd of the conv widths, at most 16).")] = None,
+    template_size: Annotated[Optional[int], typer.Option("--template-size", "-p", help="Template block size p (default: the family's, e.g. the attention head size or the gcd of the conv widths, at most 16).")] = None,
     num_templates: Annotated[int, typer.Option("--num-templates", "-n", help="Templates per matrix type (each type capped at its full rank p·q·k).")] = 16,
-    num_heads: Annotated[Optional[int], typer.Option(help="Heads of the source ViT, if its files do not say.")] = None,
+    num_heads: Annotated[Optional[int], typer.Option(help="Attention heads of the source, if its files do not say.")] = None,
     img_size: Annotated[Optional[int], typer.Option(help="Image size of the source, if its files do not say.")] = None,
     data: Annotated[Optional[str], typer.Option(help="Distil the templates from the checkpoint on this data after the SVD (fashion-mnist, mnist5k, digits or an image folder).")] = None,
     distill_steps: Annotated[Optional[int], typer.Option(help="Distillation steps (with --data; default 200).")] = None,
@@ -182,8 +182,8 @@ def extract_templates_cmd(
 def materialize(
     bundle: Annotated[Path, typer.Argument(help="Template bundle (.safetensors).")],
     output: OutOpt,
-    depth: Annotated[Optional[str], typer.Option(help="Blocks (default: the bundle's). ResNet: per stage, e.g. 2,2,2,2; one number sets every stage.")] = None,
-    width: Annotated[Optional[str], typer.Option(help="ViT: embedding width. ResNet: channels per stage, e.g. 64,128,256,512; one number sets stage 1 and keeps the bundle's stage ratios (default: the bundle's).")] = None,
+    depth: Annotated[Optional[str], typer.Option(help="Blocks (default: the bundle's). Families with stages: per stage, e.g. 2,2,2,2; one number sets every stage.")] = None,
+    width: Annotated[Optional[str], typer.Option(help="Embedding width; families with stages: channels per stage, e.g. 64,128,256,512, or one number for stage 1 that keeps the bundle's stage ratios (default: the bundle's).")] = None,
     mlp_ratio: Annotated[Optional[float], typer.Option(help="MLP hidden width / width.")] = None,
     num_heads: Annotated[Optional[int], typer.Option(help="Heads (must equal width / head_dim).")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Classifier outputs; a new head starts at zero.")] = None,
@@ -215,7 +215,7 @@ def materialize(
             ("wrote", ", ".join(r["files"])),
             ("model", r.get("description", "")),
             ("params", _human(r["params"])),
-            ("load with", _load_hint(r)),
+            ("load with", r["export"]["load"]),
         ]
         if r.get("bn_statistics"):
             rows.append(("BN statistics", r["bn_statistics"]))
@@ -236,14 +236,6 @@ def _sizes(text: str | None, name: str) -> int | list[int] | None:
     except ValueError:
         raise WeitError(f"--{name} '{text}' is not a number or a comma list of numbers", f"e.g. --{name} 2 or --{name} 2,2,2,2") from None
     return values[0] if len(values) == 1 else values
-
-
-def _load_hint(r: dict[str, Any]) -> str:
-    out = r["output"]
-    if out.endswith(".safetensors"):
-        args = ", ".join(f"{k}={v!r}" for k, v in r["timm"].items())
-        return f"timm.create_model('{r.get('timm_architecture', 'vit_base_patch16_224')}', checkpoint_path='{out}', {args})"
-    return f"timm.create_model('local-dir:{out}', pretrained=True)"
 
 
 @app.command()
@@ -356,8 +348,8 @@ def fit_scalers_cmd(
     bundle: Annotated[Path, typer.Argument(help="Template bundle (.safetensors).")],
     output: OutOpt,
     data: Annotated[str, typer.Option(help="fashion-mnist, fashion-mnist:/folder, mnist5k, digits, or an image folder.")],
-    depth: Annotated[Optional[str], typer.Option(help="Target blocks (default: the bundle's). ResNet: per stage, e.g. 1,1,1,1; one number sets every stage.")] = None,
-    width: Annotated[Optional[str], typer.Option(help="ViT: embedding width. ResNet: channels per stage, or one number for stage 1 (default: the bundle's).")] = None,
+    depth: Annotated[Optional[str], typer.Option(help="Target blocks (default: the bundle's). Families with stages: per stage, e.g. 1,1,1,1; one number sets every stage.")] = None,
+    width: Annotated[Optional[str], typer.Option(help="Embedding width; families with stages: channels per stage, or one number for stage 1 (default: the bundle's).")] = None,
     mlp_ratio: Annotated[Optional[float], typer.Option(help="Target MLP hidden width / width.")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Classifier outputs (default: the data's class count).")] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 200,
@@ -407,12 +399,9 @@ def fit_scalers_cmd(
 
 
 def _materialize_hint(r: dict[str, Any]) -> str:
-    a = r["architecture"]
-    size = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731  (ResNet: per stage)
-    ratio = f"--mlp-ratio {a['mlp_ratio']:g} " if "mlp_ratio" in a else ""
     return (
-        f"weit materialize BUNDLE --scalers {r['output']} --depth {size(a['depth'])} --width {size(a['width'])} "
-        f"{ratio}--num-classes {a['num_classes']} -o MODEL"
+        f"weit materialize BUNDLE --scalers {r['output']} {' '.join(r['size_options'])} "
+        f"--num-classes {r['architecture']['num_classes']} -o MODEL"
     )
 
 

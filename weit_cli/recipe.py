@@ -2,101 +2,61 @@
 field described), dotted command-line overrides merged before validation, and the resolved recipe
 written next to every output.
 
-    recipe = load_recipe("recipes/vit-fashion.yaml", ["train.lr=1e-3", "nested.depths=[2,4]"])
+    recipe = load_recipe(path, ["train.lr=1e-3", "nested.depths=[2,4]"])
+
+The `model` section is the family's own (`Adapter.model_section`, chosen by `model.family`), and the
+family checks the nested sizes and template settings (`Adapter.check_recipe`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
+from weit_cli.arch._registry import adapters, get_adapter, list_families
 from weit_cli.errors import InputError, WeitError
+from weit_cli.section import Section as _Section
 
-TYPES = ("qkv", "proj", "fc1", "fc2")  # ViT
-RESNET_TYPES = ("conv3x3", "conv1x1")
-TYPES_BY_FAMILY = {"vit": TYPES, "resnet": RESNET_TYPES}
 MAX_SEED = 2**63 - 1  # torch, numpy (mod 2**32) and random all take it
-RESNET_STEMS = {"deep": "deep", "deep_tiered": "deep_tiered", "7x7": ""}  # recipe name → timm stem_type
 
 
-class _Section(BaseModel):
-    # NaN and ±inf are never meant (`lr: .inf` would train straight into NaN): refuse them everywhere.
-    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
-
-
-class ModelSection(_Section):
-    family: Literal["vit"] = Field("vit", description="Architecture family (timm VisionTransformer).")
-    img_size: int = Field(28, ge=4, description="Input image side in pixels; data is resized to it.")
-    patch_size: int = Field(4, ge=1, description="Patch side in pixels; must divide img_size.")
-    in_chans: Literal[1, 3] = Field(1, description="Input channels: 1 (gray) or 3 (RGB); data is converted.")
-    head_dim: int = Field(64, ge=1, description="Channels per attention head, fixed across sizes (ViT-Tiny: 64).")
-    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden width / width.")
-    global_pool: Literal["token", "avg"] = Field("token", description="Classifier input: class token or mean of patch tokens.")
-
-    @model_validator(mode="after")
-    def _patches(self):
-        if self.img_size % self.patch_size:
-            raise ValueError(f"patch_size {self.patch_size} does not divide img_size {self.img_size}")
-        return self
-
-
-class ResNetModelSection(_Section):
-    """timm ResNet. Depth = blocks per stage, width = stage-1 channels (the other stages follow
-    `stage_ratios`). A deep stem is tied to stage 1 (its output is stage 1's width, so stage 1 has
-    no projection shortcut) and is nested with it."""
-
-    family: Literal["resnet"] = Field(description="Architecture family (timm ResNet: resnet18-style basic or resnet50-style bottleneck blocks).")
-    block: Literal["basic", "bottleneck"] = Field("basic", description="Residual block type (bottleneck: 4x expansion, 1x1-3x3-1x1 convs).")
-    img_size: int = Field(28, ge=8, description="Input image side in pixels; data is resized to it (the network itself is size-agnostic).")
-    in_chans: Literal[1, 3] = Field(1, description="Input channels: 1 (gray) or 3 (RGB); data is converted.")
-    stem_type: Literal["deep", "deep_tiered", "7x7"] = Field(
-        "deep", description="deep / deep_tiered: three 3x3 convs whose output width is tied to stage 1; 7x7: timm's fixed 64-channel stem."
-    )
-    stage_ratios: list[int] = Field([1, 2, 4, 8], description="Channels of stages 1-4 as multiples of the nested width (resnet18: 1, 2, 4, 8).")
-    avg_down: bool = Field(False, description="Average-pool shortcuts (the '-d' variants) instead of strided 1x1 projections.")
-    bn_calibration_batches: int = Field(
-        20, ge=1,
-        description=(
-            "BatchNorm statistics: after the last step the largest size's running statistics are "
-            "re-estimated over this many training batches (also before every validation of a size)."
-        ),
-    )
-
-    @model_validator(mode="after")
-    def _ratios(self):
-        if len(self.stage_ratios) != 4 or any(r < 1 for r in self.stage_ratios):
-            raise ValueError(f"stage_ratios {self.stage_ratios} must be 4 positive integers (a timm ResNet has 4 stages)")
-        return self
+def _default_family() -> str:
+    """The family of a recipe whose model section names none."""
+    (family,) = [a.family for a in adapters() if a.recipe_default]
+    return family
 
 
 def _family_of(v: Any) -> str:
-    return v.get("family", "vit") if isinstance(v, dict) else getattr(v, "family", "vit")
+    default = _default_family()
+    return v.get("family", default) if isinstance(v, dict) else getattr(v, "family", default)
 
 
-AnyModelSection = Annotated[
-    Union[Annotated[ModelSection, Tag("vit")], Annotated[ResNetModelSection, Tag("resnet")]],
-    Discriminator(_family_of),
-]
+def _model_union():
+    """Every family's model section, told apart by `family`."""
+    sections = [Annotated[a.model_section, Tag(a.family)] for a in adapters()]
+    return Annotated[Union[tuple(sections)], Discriminator(_family_of)]
+
+
+AnyModelSection = _model_union()
 
 
 class TemplatesSection(_Section):
     size: int | None = Field(
         None, ge=1,
         description=(
-            "Template block size p = q; null means head_dim (ViT; must divide it) or the gcd of every "
-            "nested conv width, at most 16 (ResNet)."
+            "Template block size p = q; null means the family's default (the attention head size, or "
+            "the gcd of every nested conv width, at most 16)."
         ),
     )
     count: int | dict[str, int] = Field(
         32,
         description=(
-            "Templates per type: one number for all, or a map (ViT {qkv, proj, fc1, fc2: N}; ResNet "
-            "{conv3x3, conv1x1: N}; one number is capped at each ResNet type's full rank)."
+            "Templates per type: one number for all, or a map of the family's template types (e.g. "
+            "{qkv, proj, fc1, fc2: N} or {conv3x3, conv1x1: N}); one number is capped at each type's full rank."
         ),
     )
     init: Literal["timm-svd", "random"] = Field(
@@ -107,7 +67,7 @@ class TemplatesSection(_Section):
         ),
     )
 
-    def counts(self, types: tuple[str, ...] = TYPES) -> dict[str, int]:
+    def counts(self, types: tuple[str, ...]) -> dict[str, int]:
         if isinstance(self.count, int):
             return {t: self.count for t in types}
         return {t: self.count[t] for t in types}
@@ -123,14 +83,14 @@ class TemplatesSection(_Section):
 class NestedSection(_Section):
     depths: list[int | list[int]] = Field(
         description=(
-            "Depths trained as prefixes of the largest: blocks (ViT); blocks per stage (ResNet: one "
-            "number for every stage, or a list of 4)."
+            "Depths trained as prefixes of the largest: blocks; for families with stages, blocks per "
+            "stage (one number for every stage, or one per stage)."
         )
     )
     widths: list[int] = Field(
         description=(
-            "Widths trained as prefixes of the largest: embedding width, a multiple of head_dim (ViT); "
-            "stage-1 channels, the others by model.stage_ratios (ResNet)."
+            "Widths trained as prefixes of the largest: the embedding width, a multiple of head_dim; for "
+            "families with stages, stage-1 channels (the others by model.stage_ratios)."
         )
     )
     sandwich: int = Field(2, ge=0, description="Random in-between sizes per step, besides the largest and the smallest.")
@@ -150,7 +110,7 @@ class NestedSection(_Section):
                 raise ValueError(f"{name} must be positive")
             if all(isinstance(x, int) for x in v):
                 setattr(self, name, sorted(set(v)))
-            else:  # per-stage lists (ResNet): deduplicated, ordered by total then stage by stage
+            else:  # per-stage lists: deduplicated, ordered by total then stage by stage
                 keyed = {(x,) if isinstance(x, int) else tuple(x): x for x in v}
                 setattr(self, name, [keyed[k] for k in sorted(keyed, key=lambda k: (len(k) > 1, sum(k), k))])
         return self
@@ -175,7 +135,7 @@ class TrainSection(_Section):
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(0.01, ge=0, le=1, description="Final learning rate as a fraction of the peak (cosine).")
     warmup_steps: int = Field(50, ge=0, description="Linear warmup steps.")
-    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on vectors, pos_embed or cls_token).")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on vectors, nor on the family's embeddings such as pos_embed).")
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
         (0.9, 0.999), description="AdamW betas, each in [0, 1)."
     )
@@ -187,7 +147,9 @@ class TrainSection(_Section):
 
 
 class Recipe(_Section):
-    model: AnyModelSection = Field(default_factory=ModelSection, description="Architecture family and fixed settings.")
+    model: AnyModelSection = Field(
+        default_factory=lambda: get_adapter(_default_family()).model_section(), description="Architecture family and fixed settings."
+    )
     templates: TemplatesSection = Field(default_factory=TemplatesSection, description="Template size, count and initialisation.")
     nested: NestedSection = Field(description="Sizes trained together (sandwich rule).")
     data: DataSection = Field(default_factory=DataSection, description="Training data and batch size.")
@@ -199,29 +161,26 @@ class Recipe(_Section):
         return self.model.family
 
     @property
+    def adapter(self):
+        return get_adapter(self.family)
+
+    @property
     def template_size(self) -> int:
         if self.templates.size:
             return self.templates.size
-        if self.family == "resnet":
-            g = 16
-            for w in self.nested.widths:
-                g = math.gcd(g, *(w * r for r in self.model.stage_ratios))
-            return g
-        return self.model.head_dim
+        return self.adapter.recipe_template_size(self.model, self.nested.widths)
 
     def template_counts(self) -> dict[str, int]:
-        """Templates per type of this recipe's family; one ResNet number is capped at each type's full rank."""
-        counts = self.templates.counts(TYPES_BY_FAMILY[self.family])
-        if self.family == "resnet" and isinstance(self.templates.count, int):
-            p = self.template_size
-            counts = {t: min(n, p * p * (9 if t == "conv3x3" else 1)) for t, n in counts.items()}
+        """Templates per type of this recipe's family; one number is capped at each type's full rank."""
+        limits = self.adapter.full_rank(self.template_size)
+        counts = self.templates.counts(tuple(limits))
+        if isinstance(self.templates.count, int):
+            counts = {t: min(n, limits[t]) for t, n in counts.items()}
         return counts
 
     def depth_options(self) -> list:
-        """The nested depths as the adapter takes them: ints (ViT), 4-tuples of blocks per stage (ResNet)."""
-        if self.family == "vit":
-            return list(self.nested.depths)
-        return [tuple(d) if isinstance(d, list) else (d,) * 4 for d in self.nested.depths]
+        """The nested depths as the adapter takes them (ints, or per-stage tuples)."""
+        return self.adapter.recipe_depths(self.nested.depths)
 
     def largest(self) -> tuple[Any, int]:
         """(depth, width) of the largest nested size (per stage, the most blocks of any listed depth)."""
@@ -232,63 +191,12 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _sizes(self):
-        types = TYPES_BY_FAMILY[self.family]
+        types = tuple(self.adapter.full_rank(1))
         if isinstance(self.templates.count, dict):
             missing, extra = set(types) - set(self.templates.count), set(self.templates.count) - set(types)
             if missing or extra:
                 raise ValueError(f"templates.count map needs exactly the keys {', '.join(types)}")
-        if self.family == "resnet":
-            return self._resnet_sizes()
-        if any(isinstance(d, list) for d in self.nested.depths):
-            raise ValueError("nested.depths: per-stage lists are for ResNets; a ViT depth is one number")
-        hd, p = self.model.head_dim, self.template_size
-        if hd % p:
-            raise ValueError(f"templates.size {p} must divide model.head_dim {hd}")
-        step = math.lcm(hd, p)
-        bad = [w for w in self.nested.widths if w % step]
-        if bad:
-            raise ValueError(f"nested.widths {bad} are not multiples of head_dim {hd}")
-        for w in self.nested.widths:
-            hidden = w * self.model.mlp_ratio
-            if hidden != int(hidden) or int(hidden) % p:
-                raise ValueError(f"width {w} × mlp_ratio {self.model.mlp_ratio:g} is not a multiple of the template size {p}")
-        limit = p * p
-        over = {t: n for t, n in self.templates.counts().items() if n > limit}
-        if over:
-            raise ValueError(f"templates.count {over} exceeds {limit} = size² (the most {p}×{p} templates can span)")
-        return self
-
-    def _resnet_sizes(self):
-        """Every nested size must be a valid prefix of the largest: checked by the ResNet adapter itself."""
-        from weit_cli.arch._registry import get_adapter
-
-        if any(isinstance(d, list) and len(d) != 4 for d in self.nested.depths):
-            raise ValueError("nested.depths: a per-stage depth lists 4 numbers (a timm ResNet has 4 stages)")
-        p = self.template_size
-        largest, smallest = self.largest(), self.smallest()
-        for name, (d, _) in (("largest", largest), ("smallest", smallest)):
-            if d not in self.depth_options():
-                raise ValueError(
-                    f"nested.depths: the per-stage {name} {list(d)} must be listed (every stage's "
-                    f"{'most' if name == 'largest' else 'fewest'} blocks)"
-                )
-        adapter = get_adapter("resnet")
-        try:
-            arch = adapter.arch_for_recipe(self.model, depth=largest[0], width=largest[1], num_classes=10)
-            adapter.template_types(arch, p)
-            for d in self.depth_options():
-                for w in self.nested.widths:
-                    adapter.target_arch(arch, depth=d, width=w, template_size=p)
-        except WeitError as e:
-            raise ValueError(f"nested sizes: {e.message}") from None
-        limits = {"conv3x3": 9 * p * p, "conv1x1": p * p}
-        counts = self.templates.counts(RESNET_TYPES)
-        if isinstance(self.templates.count, int):
-            over = {t: n for t, n in counts.items() if n > max(limits.values())}
-        else:
-            over = {t: n for t, n in counts.items() if n > limits[t]}
-        if over:
-            raise ValueError(f"templates.count {over} exceeds the full rank of {p}×{p} templates (conv3x3 {limits['conv3x3']}, conv1x1 {limits['conv1x1']})")
+        self.adapter.check_recipe(self)
         return self
 
 
@@ -376,7 +284,7 @@ def _one_line(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
         where = [x for x in err["loc"] if not (isinstance(x, str) and x.startswith(("function-", "constrained-")))]
-        if len(where) > 1 and where[0] == "model" and where[1] in TYPES_BY_FAMILY:
+        if len(where) > 1 and where[0] == "model" and where[1] in list_families():
             del where[1]  # the family tag of the model-section union
         loc = ".".join(str(x) for x in where)
         if err["type"] == "extra_forbidden":

@@ -1,4 +1,4 @@
-"""Architecture families: one module each (vit.py, resnet.py), registered in `_registry.py`."""
+"""Architecture families: one module each in this folder, registered in `_registry.py`."""
 
 from weit_cli.arch._registry import detect_family, get_adapter, list_families, register
 from weit_cli.arch.base import Adapter, LayerGroup, TemplateType

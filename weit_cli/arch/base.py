@@ -1,16 +1,22 @@
-"""What an architecture adapter provides. Adapters know timm's key names and shapes, nothing of
-training or files."""
+"""What an architecture family provides. A family knows its library's key names and shapes, its
+recipe model section, how it is selected from and how it is exported; nothing of training loops.
+
+`Adapter` is an abstract base class: a family that lacks one of the abstract methods cannot be
+registered (`@register` instantiates it as the class is defined, so the module fails to import)."""
 
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from weit_cli.core.resize import Axis
+
+if TYPE_CHECKING:
+    from weit_cli.section import Section
 
 
 @dataclass(frozen=True)
@@ -25,78 +31,149 @@ class TemplateType:
 
 @dataclass(frozen=True)
 class LayerGroup:
-    """A run of repeated blocks whose count is the 'depth' (ViT: one group; ResNet: one per stage).
+    """A run of repeated blocks whose count is the 'depth' (an isotropic network: one group; a staged
+    one: one per stage).
 
     Keys of block l start with `prefix.format(l)`; `first` blocks at the start are fixed (never
-    resized, e.g. a ResNet stage's downsampling block)."""
+    resized, e.g. a stage's downsampling block)."""
 
     prefix: str
     count: int
     first: int = 0
 
 
-class Adapter:
-    """Base class; one subclass per family."""
+@dataclass(frozen=True)
+class Hints:
+    """A family's wording in the commands' messages, so that no command names a family's options."""
+
+    #: Options a reader guesses from a checkpoint when its files do not say (e.g. "--img-size");
+    #: a checkpoint that does not match its guessed architecture suggests passing them.
+    guessed: tuple[str, ...] = ()
+
+
+class Adapter(ABC):
+    """One subclass per family, registered with `@register` (weit_cli/arch/_registry.py)."""
 
     family: ClassVar[str]
+    #: The recipe `model` section of this family (a `Section` with `family: Literal[<family>]`).
+    model_section: ClassVar[type[Section]]
+    #: Whether a recipe whose model section names no family means this one (exactly one family).
+    recipe_default: ClassVar[bool] = False
+    #: How a composed model of this family is written (`materialize`, `finetune`): an
+    #: `io.export.Exporter` (not imported here: io.export reads bundles, which read families).
+    exporter: ClassVar[Any]
     #: Keys (suffixes within a block) whose weights are zeroed to make an added block the identity.
     identity_zero: ClassVar[tuple[str, ...]] = ()
     #: Dense keys of the classifier, re-initialised when the number of classes changes.
     classifier: ClassVar[tuple[str, ...]] = ()
+    #: Parameter names (suffixes) that get no weight decay besides every vector (norms, biases).
+    no_decay: ClassVar[tuple[str, ...]] = ()
     #: Whether the family has BatchNorm running statistics (resized statistics may need recalibration).
     batchnorm: ClassVar[bool] = False
+    hints: ClassVar[Hints] = Hints()
 
     # --- architecture -------------------------------------------------------------------------
+    @abstractmethod
     def arch_from_dict(self, d: dict[str, Any]):
-        raise NotImplementedError
+        """The architecture a bundle's or model's JSON record describes."""
 
+    @abstractmethod
     def matches(self, keys) -> bool:
-        raise NotImplementedError
+        """Whether a dense state dict's keys have this family's layout (`detect_family`)."""
 
+    @abstractmethod
     def infer_arch(self, state: dict[str, Tensor], hints: dict[str, Any]):
-        raise NotImplementedError
+        """The architecture of a dense state dict; `hints` are what its files or options say."""
 
+    @abstractmethod
     def target_arch(self, arch, **changes):
         """A new architecture of the same family; raises WeitError on impossible sizes."""
-        raise NotImplementedError
 
-    def arch_for_recipe(self, model, *, depth, width, num_classes: int):
-        """The architecture a pretraining recipe's `model` section describes at one nested size."""
-        raise NotImplementedError
-
+    @abstractmethod
     def build(self, arch) -> nn.Module:
-        raise NotImplementedError
+        """The freshly initialised module of `arch` (its library's own initialisation)."""
 
-    def timm_config(self, arch) -> dict[str, Any]:
-        """config.json for `timm.create_model('local-dir:…', pretrained=True)`."""
-        raise NotImplementedError
-
+    @abstractmethod
     def describe(self, arch) -> str:
-        raise NotImplementedError
+        """One line for people: the family's name and sizes."""
+
+    @abstractmethod
+    def param_count(self, arch) -> int:
+        """Parameters of `arch` in closed form, so an absurd size is refused before anything is built."""
 
     # --- structure ----------------------------------------------------------------------------
-    def template_types(self, arch, template_size: int | None = None) -> dict[str, TemplateType]:
-        raise NotImplementedError
+    @abstractmethod
+    def default_template_size(self, arch) -> int:
+        """The template block size p when none is given."""
 
+    @abstractmethod
+    def template_types(self, arch, template_size: int | None = None) -> dict[str, TemplateType]:
+        """The templated types of `arch`; raises WeitError when p does not divide their widths."""
+
+    @abstractmethod
     def template_type_of(self, key: str, arch=None) -> str | None:
         """The template type of a dense weight key, or None for a small parameter. Families whose
-        key names alone are ambiguous (a ResNet's conv1 is 3×3 or 1×1 by block type) need `arch`."""
-        raise NotImplementedError
+        key names alone are ambiguous (a conv named alike in two block types) need `arch`."""
 
     def identity_suffixes(self, arch) -> tuple[str, ...]:
         """Keys within a block zeroed to make an added block the identity (default: `identity_zero`)."""
         return self.identity_zero
 
+    @abstractmethod
     def layer_groups(self, arch) -> list[LayerGroup]:
-        raise NotImplementedError
+        """The runs of repeated blocks whose counts the depth rules change."""
 
+    @abstractmethod
     def sizes(self, arch) -> dict[str, int]:
         """Channel count of every named width axis."""
-        raise NotImplementedError
 
+    @abstractmethod
     def axes(self, key: str, arch) -> list[Axis]:
         """Resizable dimensions of the dense tensor stored under `key`."""
-        raise NotImplementedError
+
+    def size_options(self, arch) -> list[str]:
+        """The command-line options that ask `materialize` for `arch`'s size."""
+        return ["--depth", _option(arch.depth), "--width", _option(arch.width)]
+
+    # --- weight selection (core/selection.py) -------------------------------------------------
+    @abstractmethod
+    def selection_indices(self, src, dst) -> dict[str, Tensor]:
+        """The source indices each named axis of `dst` keeps; raises WeitError for a target that is
+        not a selection of the source (larger, or of another structure)."""
+
+    @abstractmethod
+    def selection_axes(self, key: str, arch) -> dict[int, str] | None:
+        """Dimension → axis name (a key of `selection_indices`) of `key`'s tensor; None for a key
+        this family cannot select."""
+
+    def selection_missing(self, key: str) -> Exception:
+        """The error for a target tensor the source lacks or this family cannot select."""
+        from weit_cli.errors import WeitError
+
+        return WeitError(f"weight selection has no source tensor for '{key}'", "select from a checkpoint of the same structure")
+
+    # --- recipes (recipe.py) ------------------------------------------------------------------
+    @abstractmethod
+    def full_rank(self, p: int) -> dict[str, int]:
+        """The template types a recipe trains, each with the most independent p×p templates (its
+        full rank): a template count is refused above it, and one number for all is capped at it."""
+
+    @abstractmethod
+    def arch_for_recipe(self, model, *, depth, width, num_classes: int):
+        """The architecture a pretraining recipe's `model` section describes at one nested size."""
+
+    @abstractmethod
+    def recipe_template_size(self, model, widths: list[int]) -> int:
+        """The template size of a recipe that sets none, from its model section and nested widths."""
+
+    @abstractmethod
+    def recipe_depths(self, depths: list) -> list:
+        """A recipe's `nested.depths` as `target_arch` takes them."""
+
+    @abstractmethod
+    def check_recipe(self, recipe) -> None:
+        """Refuse (ValueError, worded for the recipe) nested sizes and template settings that do
+        not make a model of this family."""
 
     # --- helpers for subclasses ---------------------------------------------------------------
     @staticmethod
@@ -107,8 +184,9 @@ class Adapter:
         return None
 
 
-def to_float_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+def _option(v: Any) -> str:
+    """A size as the command line takes it: one number, or a comma list (one per stage)."""
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
 
-__all__ = ["Adapter", "TemplateType", "LayerGroup", "Axis", "to_float_state", "torch"]
+__all__ = ["Adapter", "Axis", "Hints", "LayerGroup", "TemplateType"]

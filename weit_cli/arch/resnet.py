@@ -10,6 +10,13 @@ The stem's output feeds stage 1. When stage 1 of the source has no projection sh
 stage-1 output width, e.g. resnet18), the stem's output width is tied to stage 1 and resized with it
 (only possible for timm's deep stems, whose width is an argument; the 7×7 stem is always 64 wide).
 Otherwise the stem keeps its size.
+
+Weight selection (the paper's rule for its ConvNets; the generic algorithm is in core/selection.py):
+per stage, first-N blocks (target block b takes source block b, so the stage's first, downsampling
+block stays first); every channel axis (the stem's, each stage's inner and output widths) takes
+evenly spaced channels, one index list per axis shared by every tensor on it (convs' output and
+input channels, BatchNorm scale, shift and running statistics, the classifier's input); conv kernels
+are kept whole. Block type, stem type and shortcut type must match.
 """
 
 from __future__ import annotations
@@ -17,14 +24,18 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
-from torch import Tensor, nn
+from pydantic import Field, model_validator
+from torch import Tensor
 
 from weit_cli.errors import InputError, WeitError
 from weit_cli.core.resize import Axis
 from weit_cli.arch._registry import register
-from weit_cli.arch.base import Adapter, LayerGroup, TemplateType
+from weit_cli.arch._timm import TimmFamily
+from weit_cli.arch.base import Hints, LayerGroup, TemplateType
+from weit_cli.core.selection import evenly_spaced
+from weit_cli.section import Section
 
 STAGES = 4  # timm's ResNet always has layer1..layer4
 BLOCKS = ("basic", "bottleneck")
@@ -34,6 +45,36 @@ TIMM_NAME = {"basic": "resnet18", "bottleneck": "resnet50"}  # model_args overri
 DEFAULT_TEMPLATE_SIZE = 16  # default p: gcd of the templated widths, at most this
 MAX_PARAMS = 20_000_000_000
 BN_STATS = ("weight", "bias", "running_mean", "running_var")
+RECIPE_STEMS = {"deep": "deep", "deep_tiered": "deep_tiered", "7x7": ""}  # recipe name → timm stem_type
+
+
+class ResNetModelSection(Section):
+    """timm ResNet. Depth = blocks per stage, width = stage-1 channels (the other stages follow
+    `stage_ratios`). A deep stem is tied to stage 1 (its output is stage 1's width, so stage 1 has
+    no projection shortcut) and is nested with it."""
+
+    family: Literal["resnet"] = Field(description="Architecture family (timm ResNet: resnet18-style basic or resnet50-style bottleneck blocks).")
+    block: Literal["basic", "bottleneck"] = Field("basic", description="Residual block type (bottleneck: 4x expansion, 1x1-3x3-1x1 convs).")
+    img_size: int = Field(28, ge=8, description="Input image side in pixels; data is resized to it (the network itself is size-agnostic).")
+    in_chans: Literal[1, 3] = Field(1, description="Input channels: 1 (gray) or 3 (RGB); data is converted.")
+    stem_type: Literal["deep", "deep_tiered", "7x7"] = Field(
+        "deep", description="deep / deep_tiered: three 3x3 convs whose output width is tied to stage 1; 7x7: timm's fixed 64-channel stem."
+    )
+    stage_ratios: list[int] = Field([1, 2, 4, 8], description="Channels of stages 1-4 as multiples of the nested width (resnet18: 1, 2, 4, 8).")
+    avg_down: bool = Field(False, description="Average-pool shortcuts (the '-d' variants) instead of strided 1x1 projections.")
+    bn_calibration_batches: int = Field(
+        20, ge=1,
+        description=(
+            "BatchNorm statistics: after the last step the largest size's running statistics are "
+            "re-estimated over this many training batches (also before every validation of a size)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _ratios(self):
+        if len(self.stage_ratios) != 4 or any(r < 1 for r in self.stage_ratios):
+            raise ValueError(f"stage_ratios {self.stage_ratios} must be 4 positive integers (a timm ResNet has 4 stages)")
+        return self
 
 
 @dataclass(frozen=True)
@@ -107,10 +148,13 @@ class ResNetArch:
         return args
 
 
-class ResNetAdapter(Adapter):
+@register
+class ResNetAdapter(TimmFamily):
     family = "resnet"
+    model_section = ResNetModelSection
     classifier = ("fc.weight", "fc.bias")
     batchnorm = True
+    hints = Hints(guessed=("--img-size",))
 
     # ------------------------------------------------------------------ architecture
     def arch_from_dict(self, d: dict[str, Any]) -> ResNetArch:
@@ -232,11 +276,9 @@ class ResNetAdapter(Adapter):
     def arch_for_recipe(self, model, *, depth, width: int, num_classes: int) -> ResNetArch:
         """A recipe's ResNet (ResNetModelSection) at one size: `depth` blocks per stage (one number or
         4), stage s with `width`·stage_ratios[s] channels. A deep stem's output is tied to stage 1."""
-        from weit_cli.recipe import RESNET_STEMS
-
         depth = (depth,) * STAGES if isinstance(depth, int) else tuple(depth)
         widths = tuple(width * r for r in model.stage_ratios)
-        stem_type = RESNET_STEMS[model.stem_type]
+        stem_type = RECIPE_STEMS[model.stem_type]
         arch = ResNetArch(
             block=model.block, depth=depth, width=widths, in_chans=model.in_chans, num_classes=num_classes,
             img_size=model.img_size, stem_type=stem_type, avg_down=model.avg_down,
@@ -301,17 +343,12 @@ class ResNetAdapter(Adapter):
         stem = 49 * a.in_chans * c2 if a.stem_type == "" else 9 * (a.in_chans * c0 + c0 * c1 + c1 * c2) + 4 * (c0 + c1)
         return total + stem + 4 * c2 + a.num_classes * (a.out(STAGES - 1) + 1)
 
-    def build(self, arch: ResNetArch) -> nn.Module:
-        import timm
-
-        return timm.create_model(TIMM_NAME[arch.block], pretrained=False, **arch.model_args())
-
     def timm_architecture(self, arch: ResNetArch) -> str:
         return TIMM_NAME[arch.block]
 
     def timm_config(self, arch: ResNetArch) -> dict[str, Any]:
         return {
-            "architecture": TIMM_NAME[arch.block],
+            "architecture": self.timm_architecture(arch),
             "num_classes": arch.num_classes,
             "num_features": arch.out(STAGES - 1),
             "model_args": arch.model_args(),
@@ -428,6 +465,75 @@ class ResNetAdapter(Adapter):
             return []
         return None
 
+    # ------------------------------------------------------------------ weight selection
+    def selection_indices(self, src: ResNetArch, dst: ResNetArch) -> dict[str, Tensor]:
+        for name in ("block", "stem_type", "avg_down", "down_kernel_size", "in_chans"):
+            if getattr(src, name) != getattr(dst, name):
+                raise WeitError(
+                    f"weight selection needs the same {name.replace('_', ' ')} (source {getattr(src, name)!r}, target {getattr(dst, name)!r})",
+                    "select from a ResNet of the same block, stem and shortcut type",
+                )
+        old, new = self.sizes(src), self.sizes(dst)
+        problems = [f"stage {s + 1} depth {d} > {e}" for s, (d, e) in enumerate(zip(dst.depth, src.depth)) if d > e]
+        problems += [f"{n} width {new[n]} > {old[n]}" for n in new if new[n] > old[n]]
+        if problems:
+            raise WeitError(
+                "weight selection only initialises smaller models: target " + ", ".join(problems),
+                "select from a larger checkpoint, or grow with 'weit extract-templates' + 'weit materialize'",
+            )
+        return {n: evenly_spaced(old[n], new[n]) for n in new if new[n] > 0}
+
+    def selection_axes(self, key: str, arch: ResNetArch) -> dict[int, str] | None:
+        return {ax.dim: ax.name for ax in self.axes(key, arch)}
+
+    def selection_missing(self, key: str) -> Exception:
+        return WeitError(
+            f"weight selection has no source tensor for '{key}'",
+            "the target has a shortcut or stem layer the source lacks; pick stage widths with the source's structure",
+        )
+
+    # ------------------------------------------------------------------ recipes
+    def full_rank(self, p: int) -> dict[str, int]:
+        return {"conv3x3": 9 * p * p, "conv1x1": p * p}
+
+    def recipe_template_size(self, model: ResNetModelSection, widths: list[int]) -> int:
+        g = DEFAULT_TEMPLATE_SIZE
+        for w in widths:
+            g = math.gcd(g, *(w * r for r in model.stage_ratios))
+        return g
+
+    def recipe_depths(self, depths: list) -> list:
+        return [tuple(d) if isinstance(d, list) else (d,) * STAGES for d in depths]
+
+    def check_recipe(self, recipe) -> None:
+        """Every nested size must be a valid prefix of the largest: checked by `target_arch` itself."""
+        if any(isinstance(d, list) and len(d) != STAGES for d in recipe.nested.depths):
+            raise ValueError("nested.depths: a per-stage depth lists 4 numbers (a timm ResNet has 4 stages)")
+        p = recipe.template_size
+        largest, smallest = recipe.largest(), recipe.smallest()
+        for name, (d, _) in (("largest", largest), ("smallest", smallest)):
+            if d not in recipe.depth_options():
+                raise ValueError(
+                    f"nested.depths: the per-stage {name} {list(d)} must be listed (every stage's "
+                    f"{'most' if name == 'largest' else 'fewest'} blocks)"
+                )
+        try:
+            arch = self.arch_for_recipe(recipe.model, depth=largest[0], width=largest[1], num_classes=10)
+            self.template_types(arch, p)
+            for d in recipe.depth_options():
+                for w in recipe.nested.widths:
+                    self.target_arch(arch, depth=d, width=w, template_size=p)
+        except WeitError as e:
+            raise ValueError(f"nested sizes: {e.message}") from None
+        limits = self.full_rank(p)
+        counts = recipe.templates.counts(tuple(limits))
+        if isinstance(recipe.templates.count, int):
+            over = {t: n for t, n in counts.items() if n > max(limits.values())}
+        else:
+            over = {t: n for t, n in counts.items() if n > limits[t]}
+        if over:
+            raise ValueError(f"templates.count {over} exceeds the full rank of {p}×{p} templates (conv3x3 {limits['conv3x3']}, conv1x1 {limits['conv1x1']})")
+
 
 def _bn_axes(leaf: str, name: str) -> list[Axis] | None:
     """BatchNorm: scale, shift and running statistics are per channel, so they are tiled (never divided)."""
@@ -480,5 +586,3 @@ def _input_size(hints: dict[str, Any]) -> int | None:
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
     return int(size[-1]) if size else None
 
-
-register(ResNetAdapter())

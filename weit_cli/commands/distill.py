@@ -95,7 +95,7 @@ def distill(
     if train_small:
         trainable.update({f"small.{k}": v for k, v in small.items() if k in learnable})
     # No weight decay: templates and scalers are factors of the weights, decaying them shrinks both.
-    opt = adamw(trainable, lr=lr, weight_decay=0.0)
+    opt = adamw(trainable, lr=lr, weight_decay=0.0, no_decay_keys=ad.no_decay)
 
     held_out = splits.test if splits.test is not None and len(splits.test) else splits.val
 

@@ -48,7 +48,7 @@ def extract_templates(
         check_seed(seed)
         resolve_device(device)
     if template_size is not None and template_size < 1:
-        raise WeitError(f"--template-size must be at least 1, got {template_size}", "leave it out for the default (ViT: head_dim)")
+        raise WeitError(f"--template-size must be at least 1, got {template_size}", "leave it out for the family's default (e.g. the attention head size)")
     if num_heads is not None and num_heads < 1:
         raise WeitError(f"--num-heads must be at least 1, got {num_heads}", "leave it out to read it from the checkpoint")
     state, hints = load_dense(checkpoint)

@@ -246,7 +246,7 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
 
         train_mod = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
     named = dict(net.named_parameters())
-    opt = adamw(named, lr=lr, weight_decay=weight_decay)
+    opt = adamw(named, lr=lr, weight_decay=weight_decay, no_decay_keys=adapter.no_decay)
     batches = Batches(splits.train, batch_size // world, seed=seed, rank=rank, world_size=world)
     per_epoch = batches.batches_per_epoch
     total = epochs * per_epoch

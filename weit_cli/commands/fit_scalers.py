@@ -6,7 +6,7 @@ own, largest model is a distillation teacher (KL on logits). The forward pass ru
 timm module of the target size with the composed weights (`torch.func.functional_call`), so what is
 fitted is exactly what `materialize --scalers` writes out.
 
-BatchNorm families (ResNet): during fitting each batch is normalised with its own statistics; after
+BatchNorm families: during fitting each batch is normalised with its own statistics; after
 the last step the target's running statistics are re-estimated over `calibrate_batches` batches of
 the fitting data (`calibrate.recalibrate_bn`, no weight changes) and stored with the scalers, so a
 size whose statistics the bundle never observed gets them from its own activations.
@@ -64,7 +64,7 @@ def fit_scalers(
     calibrate_batches: int = 20,
 ) -> dict[str, Any]:
     """Fit target-size scalers; returns what was done (losses, accuracies, time) and written.
-    `depth`/`width`: one number, or one per stage (ResNet)."""
+    `depth`/`width`: one number, or one per stage (families with stages)."""
     from weit_cli.core.bundle import plan_target
     from weit_cli.data.images import load_data
     from weit_cli.io.files import sha256
@@ -145,7 +145,7 @@ def fit_scalers(
 
     trainable = {f"scalers.{k}": v for k, v in scalers.items()}
     trainable.update({f"small.{k}": v for k, v in small.items() if k in learnable and (train_small or k in new_head)})
-    opt = adamw(trainable, lr=lr, weight_decay=weight_decay)
+    opt = adamw(trainable, lr=lr, weight_decay=weight_decay, no_decay_keys=bundle.adapter.no_decay)
 
     def frozen_eval(dataset):
         frozen = Bundle(
@@ -227,6 +227,7 @@ def fit_scalers(
         "bundle_sha256": bsha,
         "architecture": target.to_dict(),
         "description": bundle.adapter.describe(target),
+        "size_options": bundle.adapter.size_options(target),  # for 'materialize --scalers'
         "steps": steps,
         "trained": ["scalers", "small"] if train_small else ["scalers", *(["classifier"] if new_head else [])],
         "params": sum(v.numel() for v in trainable.values()),

@@ -16,7 +16,7 @@ from weit_cli.core.resize import DEPTH_RULES, WIDTH_RULES
 from weit_cli.io.files import check_output, one_thread, read_header, sha256
 from weit_cli.core.bundle import load_scalers
 from weit_cli.core.bundle import plan_target
-from weit_cli.io.export import write_model
+from weit_cli.io.export import exporter_for, write_model
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,7 +42,7 @@ def materialize(
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """`depth`/`width`: one number, or one per stage for families with stages (ResNet). `calibrate`
+    """`depth`/`width`: one number, or one per stage for families with stages. `calibrate`
     names data for re-estimating BatchNorm statistics (see calibrate.py); `progress(batch, total)`."""
     out = Path(out)
     check_output(out, force)
@@ -86,14 +86,17 @@ def materialize(
         "bn_statistics": bn_stats,
     }
     files = write_model(sized, out, DTYPES[dtype], provenance, force)
+    export = exporter_for(sized.adapter, out).summary(target, out)
     return {
         "command": "materialize",
         "output": str(out),
         "files": files,
         "architecture": target.to_dict(),
         "description": sized.adapter.describe(target),
-        "timm_architecture": sized.adapter.timm_config(target)["architecture"],
-        "timm": sized.adapter.timm_config(target)["model_args"],
+        # the keys of results before the export seam (the summary's format-specific fields)
+        "timm_architecture": export.get("architecture"),
+        "timm": export.get("model_args"),
+        "export": export,
         "params": sum(math.prod(sized.dense_shape(k)) for k in sized.dense_keys()),
         "bn_statistics": bn_stats,
     }

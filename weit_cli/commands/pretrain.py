@@ -7,7 +7,7 @@ code `weit materialize` runs — and its logits come from the real timm module o
 the composed weights (`torch.func.functional_call`). What is trained is therefore exactly what
 `materialize` writes out.
 
-BatchNorm (ResNet): running statistics are buffers, not trained. Every size normalises with its own
+BatchNorm: running statistics are buffers, not trained. Every size normalises with its own
 batch statistics during training, on throw-away copies of the stored statistics, so no size's
 forward disturbs them (and a resumed run needs none in its checkpoint). After the last step the
 largest size's statistics are re-estimated over `model.bn_calibration_batches` training batches
@@ -116,7 +116,7 @@ def _run(recipe, output, recipe_out, ckpt, resume, dist_info, callback, command)
 
         step_module = DistributedDataParallel(step_module, device_ids=[dev.index] if dev.type == "cuda" else None)
     named = net.named_tensors()
-    opt = adamw(named, lr=tr.lr, weight_decay=tr.weight_decay, betas=tuple(tr.betas))
+    opt = adamw(named, lr=tr.lr, weight_decay=tr.weight_decay, no_decay_keys=net.adapter.no_decay, betas=tuple(tr.betas))
     batches = Batches(splits.train, recipe.data.batch_size // world, seed=recipe.seed, rank=rank, world_size=world)
     size_rng = random.Random(recipe.seed)
     start = 0

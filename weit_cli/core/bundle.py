@@ -52,7 +52,7 @@ def load_scalers(path: Path, bundle: Bundle, bundle_sha: str, target: Any) -> Bu
 
 
 def plan_target(bundle: Bundle, **sizes: Any) -> Any:
-    # Per-stage size lists are for families with several layer groups (ResNet stages).
+    # Per-stage size lists are for families with several layer groups (stages).
     if len(bundle.adapter.layer_groups(bundle.arch)) == 1:
         for k in ("depth", "width"):
             v = sizes.get(k)
@@ -60,7 +60,7 @@ def plan_target(bundle: Bundle, **sizes: Any) -> Any:
                 if len(v) != 1:
                     raise WeitError(
                         f"--{k} {','.join(map(str, v))}: a {bundle.adapter.family} takes one number",
-                        "per-stage lists are for ResNets",
+                        f"give one number, e.g. --{k} {v[0]}",
                     )
                 sizes[k] = v[0]
     # Widths must be whole scaler blocks: validate against the bundle's own template size, which
@@ -195,7 +195,7 @@ def from_dense(
         if isinstance(num_templates, dict):
             n = num_templates[t]
         else:
-            # One count for types of different sizes (a ResNet's 3×3 and 1×1 convs): each is capped at
+            # One count for types of different sizes (3×3 and 1×1 convs): each is capped at
             # its own full rank; only a count beyond every type's full rank is an error.
             n = min(num_templates, limit) if num_templates <= max(limits.values()) else num_templates
         if not 1 <= n <= limit:
@@ -229,7 +229,7 @@ def check_state(adapter: Adapter, arch: Any, state: dict[str, Tensor]) -> None:
             parts.append("wrong shape " + _few([f"{k} {tuple(state[k].shape)}≠{tuple(ref[k].shape)}" for k in shapes]))
         raise InputError(
             f"checkpoint does not match {adapter.describe(arch)}: {'; '.join(parts)}",
-            "pass --num-heads/--img-size if they were guessed wrong, or check the file",
+            f"pass {'/'.join(adapter.hints.guessed)} if they were guessed wrong, or check the file" if adapter.hints.guessed else "check the file",
         )
 
 
@@ -252,7 +252,7 @@ def resize(b: Bundle, target: Any, depth_rule: str = "auto", width_rule: str = "
             continue
         if old_n == 0:
             raise InputError(f"no block after the first of '{g_old.prefix.format('')}' to grow from", "keep its depth")
-        # new_n == 0 keeps only the group's fixed first blocks (a ResNet stage's downsampling block).
+        # new_n == 0 keeps only the group's fixed first blocks (a stage's downsampling block).
         plan = depth_plan(old_n, new_n, depth_rule) if new_n else []
         for store in (scalers, small):
             per_layer: dict[str, list[Tensor]] = {}

@@ -1,30 +1,123 @@
-"""Writing a composed model: dense tensors streamed one at a time from a sized bundle into a bare
-.safetensors file or a timm local-dir folder (config.json + model.safetensors)."""
+"""Writing a composed model: dense tensors streamed one at a time from a sized bundle (`write_model`,
+the streaming core) into the files an `Exporter` lays out.
+
+A family names its exporter (`Adapter.exporter`): the folder another library loads — timm's local-dir
+today; a diffusers or transformers (`save_pretrained`) layout is another `Exporter` subclass that a
+family module defines, with no change here. An output ending in .safetensors gets the bare weights
+file instead (`SafetensorsFile`), its header holding the family exporter's metadata."""
 
 from __future__ import annotations
 
 import math
 
 import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 import torch
 import weit_cli.core.kron as kron
 from weit_cli import __version__
 from weit_cli.core.bundle import Bundle
 from weit_cli.io.files import atomic_dir, atomic_file, one_thread, write_safetensors
 
+#: Streams the composed dense weights into one safetensors file at the given path.
+WriteWeights = Callable[[Path], None]
+
+
+class Exporter(ABC):
+    """A file layout a composed model is written in."""
+
+    format: ClassVar[str]
+
+    @abstractmethod
+    def metadata(self, arch) -> dict[str, str]:
+        """Header metadata of the weights file that lets a loader rebuild the module (all that a
+        bare .safetensors carries)."""
+
+    @abstractmethod
+    def write(self, out: Path, arch, weights: WriteWeights, force: bool) -> list[str]:
+        """Write `out` atomically (nothing is left on failure); returns the files written."""
+
+    @abstractmethod
+    def summary(self, arch, out: Path) -> dict[str, Any]:
+        """What a command reports about the written model: `format`, `load` (how to load it) and
+        the fields a loader needs."""
+
+    def bare_summary(self, arch, out: Path) -> dict[str, Any]:
+        """`summary` of a bare .safetensors file holding this exporter's metadata."""
+        return {"format": SafetensorsFile.format, "load": f"safetensors.torch.load_file('{out}')"}
+
+
+class TimmLocalDir(Exporter):
+    """timm's local-dir folder: config.json (architecture, model_args, pretrained_cfg) and
+    model.safetensors, for `timm.create_model('local-dir:…', pretrained=True)`. `config(arch)` is
+    the family's config.json."""
+
+    format = "timm"
+
+    def __init__(self, config: Callable[[Any], dict[str, Any]]):
+        self.config = config
+
+    def metadata(self, arch) -> dict[str, str]:
+        cfg = self.config(arch)
+        return {
+            "model_args": json.dumps(cfg["model_args"], sort_keys=True),
+            "pretrained_cfg": json.dumps(cfg["pretrained_cfg"], sort_keys=True),  # input size (CNNs are size-agnostic)
+            "architecture": cfg["architecture"],
+        }
+
+    def write(self, out: Path, arch, weights: WriteWeights, force: bool) -> list[str]:
+        with atomic_dir(out, force) as tmp, one_thread():
+            weights(tmp / "model.safetensors")
+            (tmp / "config.json").write_text(json.dumps(self.config(arch), indent=2, sort_keys=True) + "\n")
+        return [str(out / "model.safetensors"), str(out / "config.json")]
+
+    def summary(self, arch, out: Path) -> dict[str, Any]:
+        cfg = self.config(arch)
+        load = f"timm.create_model('local-dir:{out}', pretrained=True)"
+        return {"format": self.format, "architecture": cfg["architecture"], "model_args": cfg["model_args"], "load": load}
+
+    def bare_summary(self, arch, out: Path) -> dict[str, Any]:
+        cfg = self.config(arch)
+        args = ", ".join(f"{k}={v!r}" for k, v in cfg["model_args"].items())
+        load = f"timm.create_model('{cfg['architecture']}', checkpoint_path='{out}', {args})"
+        return {"format": SafetensorsFile.format, "architecture": cfg["architecture"], "model_args": cfg["model_args"], "load": load}
+
+
+class SafetensorsFile(Exporter):
+    """One bare .safetensors file whose header holds the metadata of the family's own exporter."""
+
+    format = "safetensors"
+
+    def __init__(self, native: Exporter):
+        self.native = native
+
+    def metadata(self, arch) -> dict[str, str]:
+        return self.native.metadata(arch)
+
+    def write(self, out: Path, arch, weights: WriteWeights, force: bool) -> list[str]:
+        with atomic_file(out, replace=force) as tmp, one_thread():
+            weights(tmp)
+        return [str(out)]
+
+    def summary(self, arch, out: Path) -> dict[str, Any]:
+        return self.native.bare_summary(arch, out)
+
+
+def exporter_for(adapter, out: Path) -> Exporter:
+    """A bare file for an output ending in .safetensors, otherwise the family's own layout."""
+    return SafetensorsFile(adapter.exporter) if Path(out).suffix == ".safetensors" else adapter.exporter
+
 
 def write_model(sized: Bundle, out: Path, dtype: torch.dtype, provenance: dict[str, Any], force: bool) -> list[str]:
-    """Stream the composed dense weights to `out` (bare .safetensors, or a timm local-dir folder)."""
-    cfg = sized.adapter.timm_config(sized.arch)
+    """Stream the composed dense weights to `out` in the layout `exporter_for` picks."""
+    exporter = exporter_for(sized.adapter, out)
     meta = {
         "format": "pt",
         "producer": f"weit {__version__}",
         "family": sized.adapter.family,
-        "model_args": json.dumps(cfg["model_args"], sort_keys=True),
-        "pretrained_cfg": json.dumps(cfg["pretrained_cfg"], sort_keys=True),  # input size (CNNs are size-agnostic)
-        "architecture": cfg["architecture"],
+        **exporter.metadata(sized.arch),
         "provenance": json.dumps(provenance, sort_keys=True),
     }
 
@@ -33,14 +126,7 @@ def write_model(sized: Bundle, out: Path, dtype: torch.dtype, provenance: dict[s
 
     dense = _Streamer(sized)
     spec_list = [(k, sized.dense_shape(k), dtype_of(k), (lambda k=k: dense(k, dtype_of(k)))) for k in sized.dense_keys()]
-    if out.suffix == ".safetensors":
-        with atomic_file(out, replace=force) as tmp, one_thread():
-            write_safetensors(tmp, spec_list, meta)
-        return [str(out)]
-    with atomic_dir(out, force) as tmp, one_thread():
-        write_safetensors(tmp / "model.safetensors", spec_list, meta)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    return [str(out / "model.safetensors"), str(out / "config.json")]
+    return exporter.write(Path(out), sized.arch, lambda path: write_safetensors(path, spec_list, meta), force)
 
 
 class _Streamer:
@@ -67,5 +153,3 @@ class _Streamer:
         ct = torch.promote_types(s.dtype, t.dtype)
         out = self._buf("out", dtype)[: math.prod(b.dense_shape(key))]
         return kron.compose(s.to(ct), t.to(ct), out=out, work=self._buf("work", ct))
-
-

@@ -315,8 +315,8 @@ def one_thread():
 
     For many small or thin ops (checking a bundle, composing weights between disk writes) more threads
     gain little on an idle machine, while on a busy one OpenMP's barriers make every op wait for a
-    descheduled thread: on the loaded 2-core test machine, checking a ViT-B bundle's 156 tensors took
-    2.3 s with 2 threads, and materializing ViT-B/16 3.5–6.6 s instead of 0.8–1.8 s."""
+    descheduled thread: on the loaded 2-core test machine, checking an 86M-parameter bundle's 156 tensors
+    took 2.3 s with 2 threads, and materializing that 86M-parameter model 3.5–6.6 s instead of 0.8–1.8 s."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -4,7 +4,6 @@ and one optimiser step that refuses a non-finite loss."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 import torch
 from torch import Tensor
 
@@ -14,14 +13,14 @@ def adamw(
     *,
     lr: float,
     weight_decay: float,
+    no_decay_keys: tuple[str, ...],
     betas: tuple[float, float] = (0.9, 0.999),
-    no_decay: Callable[[str, Tensor], bool] | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW with two groups; by default vectors (norms, biases), `pos_embed` and `cls_token` get no
-    weight decay, as in timm's training scripts. Group 0 decays, group 1 does not."""
+    """AdamW with two groups, as in timm's training scripts: group 0 decays; group 1 does not — every
+    vector (norms, biases) and every name ending in one of `no_decay_keys` (the family's
+    `Adapter.no_decay`, e.g. its position embedding). Required, so that no caller forgets it."""
     items = list(named_params.items()) if isinstance(named_params, dict) else list(named_params)
-    if no_decay is None:
-        no_decay = lambda n, p: p.ndim <= 1 or n.endswith(("pos_embed", "cls_token"))  # noqa: E731
+    no_decay = lambda n, p: p.ndim <= 1 or n.endswith(tuple(no_decay_keys))  # noqa: E731
     decay = [p for n, p in items if p.requires_grad and not no_decay(n, p)]
     keep = [p for n, p in items if p.requires_grad and no_decay(n, p)]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
