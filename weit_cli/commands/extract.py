@@ -36,11 +36,12 @@ def extract_templates(
     if data is None and (distill_steps is not None or distill_lr is not None or batch_size is not None):
         raise WeitError("--distill-steps, --distill-lr and --batch-size need --data", "pass --data DATA to distil, or leave them out")
     if data is not None:
-        from weit_cli.commands.distill import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, check_options
+        from weit_cli.commands.distill import check_options
+        from weit_cli.options import DISTILL
 
-        distill_steps = DEFAULT_STEPS if distill_steps is None else distill_steps
-        distill_lr = DEFAULT_LR if distill_lr is None else distill_lr
-        batch_size = DEFAULT_BATCH if batch_size is None else batch_size
+        distill_steps = DISTILL.steps if distill_steps is None else distill_steps
+        distill_lr = DISTILL.lr if distill_lr is None else distill_lr
+        batch_size = DISTILL.batch_size if batch_size is None else batch_size
         check_options(distill_steps, distill_lr, batch_size, temperature)
         from weit_cli.limits import check_seed
         from weit_cli.training.dist import resolve_device
