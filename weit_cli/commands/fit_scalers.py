@@ -271,14 +271,12 @@ def fit_scalers(
 @torch.no_grad()
 def _recalibrate(module: nn.Module, sized: Bundle, small: dict[str, Tensor], splits, batches: int, batch_size: int, seed: int, dev) -> str:
     """Re-estimate the fitted model's BatchNorm statistics on the fitting data; updates `small` in place."""
-    from weit_cli.training.calibrate import STAT_SUFFIXES, recalibrate_bn
+    from weit_cli.training.calibrate import recalibrate_bn, recalibrated
 
-    module.load_state_dict({k: v.detach() for k, v in sized.state_dict().items()}, strict=True)
-    used = recalibrate_bn(module, splits.train, batches, max(2, batch_size), seed=seed, device=dev)
-    fresh = module.state_dict()
-    for k in small:
-        if k.endswith(STAT_SUFFIXES):
-            small[k] = fresh[k].detach().clone()
+    stats, used = recalibrated(
+        module, sized.state_dict(), lambda m: recalibrate_bn(m, splits.train, batches, max(2, batch_size), seed=seed, device=dev),
+    )
+    small.update({k: stats[k] for k in small if k in stats})
     module.train()
     return f"recalibrated on the fitting data ({used['batches']} batches, {used['images']} images, seed {seed})"
 

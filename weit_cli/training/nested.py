@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from weit_cli import recipe as rcp
 from weit_cli.arch._registry import get_adapter
 from weit_cli.core.bundle import Bundle, from_dense, resize
-from weit_cli.training.calibrate import STAT_SUFFIXES
+from weit_cli.training.calibrate import STAT_SUFFIXES, recalibrated
 from weit_cli.tasks.base import Task
 
 
@@ -168,9 +168,7 @@ class NestedModel(nn.Module):
         if not len(list(self.stats.buffers())):
             return
         module = self.adapter.build(self.arch).to(self._device())
-        module.load_state_dict({k: v.detach() for k, v in self.bundle().state_dict().items()}, strict=True)
-        calibrate(module)
-        fresh = module.state_dict()
+        fresh, _ = recalibrated(module, self.bundle().state_dict(), calibrate)
         for k, v in self.stats.named_buffers():
             v.copy_(fresh[_dec(k)])
 
