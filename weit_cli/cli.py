@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from weit_cli.options import FINETUNE, FIT_SCALERS
+from weit_cli.options import DISTILL, FINETUNE, FIT_SCALERS
 
 
 class _Weit(typer.Typer):
@@ -141,10 +141,10 @@ def extract_templates_cmd(
     num_heads: Annotated[Optional[int], typer.Option(help="Heads of the source ViT, if its files do not say.")] = None,
     img_size: Annotated[Optional[int], typer.Option(help="Image size of the source, if its files do not say.")] = None,
     data: Annotated[Optional[str], typer.Option(help="Distil the templates from the checkpoint on this data after the SVD (fashion-mnist, mnist5k, digits or an image folder).")] = None,
-    distill_steps: Annotated[Optional[int], typer.Option(help="Distillation steps (with --data; default 200).")] = None,
-    distill_lr: Annotated[Optional[float], typer.Option(help="Distillation learning rate (default 1e-3).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Distillation batch size (default 64).")] = None,
-    temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL term.")] = 1.0,
+    distill_steps: Annotated[Optional[int], typer.Option(help=f"Distillation steps (with --data; default {DISTILL.steps}).")] = None,
+    distill_lr: Annotated[Optional[float], typer.Option(help=f"Distillation learning rate (default {DISTILL.lr:g}).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"Distillation batch size (default {DISTILL.batch_size}).")] = None,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL term.")] = DISTILL.temperature,
     seed: Annotated[int, typer.Option(help="Seed of the data split and batch order.")] = 0,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if available).")] = None,
     force: ForceOpt = False,
