@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from weit_cli.tasks.classification import Classification  # noqa: E402
 from weit_cli.training.nested import NestedModel, SandwichLoss, initial_bundle, sample_sizes
 from weit_cli.recipe import load_recipe
 from weit_cli.training.optim import adamw
@@ -53,7 +54,7 @@ def main() -> None:
     ns = recipe.nested
     bundle = initial_bundle(recipe, 10)
     net = NestedModel(bundle).to(dev)
-    loss_mod = SandwichLoss(net, ns.distill, ns.distill_temperature, 0.0)
+    loss_mod = SandwichLoss(net, Classification(), ns.distill, ns.distill_temperature)
     opt = adamw(net.named_tensors(), lr=1e-4, weight_decay=0.05, no_decay_keys=bundle.adapter.no_decay)
     g = torch.Generator().manual_seed(0)
     m = recipe.model
@@ -77,7 +78,7 @@ def main() -> None:
 
     def constrained_step(sizes):
         with device_autocast(dev):
-            loss, _ = loss_mod(x, y, sizes)
+            loss, _ = loss_mod((x, y), sizes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -579,12 +579,12 @@ if mode == "step":  # during optimiser step `at` (1-based), after the backward p
         if calls[0] == at:
             die()
         return real(params, max_norm)
-    train.clip_grad = pretrain.clip_grad = clip
+    train.clip_grad = clip  # training/loop.py steps through optim.optimizer_step, which calls it
 elif mode == "between-checkpoint-files":  # checkpoint number `at`: after its first file is renamed into place
     real, seen = os.replace, [0]
     def replace(src, dst, *a, **k):
         out = real(src, dst, *a, **k)
-        if os.path.basename(str(dst)).startswith(("bundle.ckpt.safetensors", "state.safetensors")):
+        if os.path.basename(str(dst)).startswith(("bundle.ckpt.safetensors", "state.safetensors", "fit.ckpt.safetensors")):
             seen[0] += 1
             if seen[0] == 2 * at - 1:
                 die()
@@ -737,6 +737,54 @@ def test_finetune_sigkill_then_resume_is_byte_identical(tmp_path, ws, finetune_r
     got, want = _without_times(run), _without_times(finetune_reference)
     assert got.keys() == want.keys(), (where, sorted(got), sorted(want))
     assert [k for k in want if got[k] != want[k]] == [], f"{where}: resumed run differs from the uninterrupted one"
+
+
+FIT_KW = dict(data="digits", depth=1, width=16, steps=8, batch_size=16, train_subset=96, distill=0.5, checkpoint_every=2)
+FIT_OPTS = ["--data", "digits", "--depth", "1", "--width", "16", "--steps", "8", "--batch-size", "16", "--train-subset", "96",
+            "--distill", "0.5", "--checkpoint-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def fit_reference(tmp_path_factory, ws) -> bytes:
+    from weit_cli.commands.fit_scalers import fit_scalers
+
+    out = tmp_path_factory.mktemp("fit_ref") / "fit.safetensors"
+    fit_scalers(ws["bundle"], out, **FIT_KW)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["fit.safetensors"]  # the checkpoint went
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("mode", ["step", "between-checkpoint-files"])
+def test_fit_scalers_sigkill_then_resume_is_byte_identical(tmp_path, ws, fit_reference, mode):
+    """Issue 13: SIGKILL at a seeded random step (≥ 1 checkpoint written) or between the two files of
+    the second checkpoint; a plain rerun is refused while the checkpoint is there, and --resume writes
+    exactly the uninterrupted fit's bytes and leaves nothing else."""
+    from weit_cli.commands.fit_scalers import fit_scalers
+
+    at = random.Random(13).randint(3, 8) if mode == "step" else 2  # step 3..8 of 8: a checkpoint every 2 steps
+    where = f"SIGKILL {mode} {at}"
+    _killed(mode, at, ["fit-scalers", ws["bundle"], *FIT_OPTS, "-o", "fit.safetensors"], tmp_path)
+    assert (tmp_path / "fit.ckpt.safetensors").exists() and not (tmp_path / "fit.safetensors").exists(), where
+    p = run_case(["fit-scalers", ws["bundle"], *FIT_OPTS, "-o", "fit.safetensors"], EXIT_INPUT, tmp_path, "--resume")
+    assert "unfinished run" in p.stderr, where
+    r = fit_scalers(ws["bundle"], tmp_path / "fit.safetensors", resume=True, **FIT_KW)
+    expected_from = {"step": 2 * ((at - 1) // 2), "between-checkpoint-files": 4}[mode]
+    assert r["resumed_from"] in (expected_from, expected_from - 2), (where, r["resumed_from"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fit.safetensors"], where
+    assert (tmp_path / "fit.safetensors").read_bytes() == fit_reference, f"{where}: resumed fit differs from the uninterrupted one"
+
+
+def test_fit_scalers_resume_refuses_another_fit(tmp_path, ws):
+    """--resume with other options, or with no checkpoint, is an input error; --force starts over."""
+    from weit_cli.commands.fit_scalers import fit_scalers
+
+    args = ["fit-scalers", ws["bundle"], *FIT_OPTS, "-o", "fit.safetensors"]
+    run_case([*args, "--resume"], EXIT_INPUT, tmp_path, "no checkpoint")
+    p = _killed("step", 4, args, tmp_path, sig="SIGTERM", code=EXIT_INTERRUPTED)
+    assert_clean_failure(p, EXIT_INTERRUPTED, names="checkpoint at step 2 is kept")
+    run_case([*[a if a != "0.5" else "0.25" for a in args], "--resume"], EXIT_INPUT, tmp_path, "other options")
+    r = fit_scalers(ws["bundle"], tmp_path / "fit.safetensors", force=True, **FIT_KW)
+    assert r["resumed_from"] is None and sorted(p.name for p in tmp_path.iterdir()) == ["fit.safetensors"]
 
 
 def test_absurd_resnet_depth_is_refused_not_counted():

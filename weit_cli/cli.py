@@ -14,6 +14,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from weit_cli.options import DISTILL, FINETUNE, FIT_SCALERS
+
 
 class _Weit(typer.Typer):
     """With --json, click's own usage errors (a missing option, a non-number) are one JSON object
@@ -139,10 +141,10 @@ def extract_templates_cmd(
     num_heads: Annotated[Optional[int], typer.Option(help="Attention heads of the source, if its files do not say.")] = None,
     img_size: Annotated[Optional[int], typer.Option(help="Image size of the source, if its files do not say.")] = None,
     data: Annotated[Optional[str], typer.Option(help="Distil the templates from the checkpoint on this data after the SVD (fashion-mnist, mnist5k, digits or an image folder).")] = None,
-    distill_steps: Annotated[Optional[int], typer.Option(help="Distillation steps (with --data; default 200).")] = None,
-    distill_lr: Annotated[Optional[float], typer.Option(help="Distillation learning rate (default 1e-3).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Distillation batch size (default 64).")] = None,
-    temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL term.")] = 1.0,
+    distill_steps: Annotated[Optional[int], typer.Option(help=f"Distillation steps (with --data; default {DISTILL.steps}).")] = None,
+    distill_lr: Annotated[Optional[float], typer.Option(help=f"Distillation learning rate (default {DISTILL.lr:g}).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"Distillation batch size (default {DISTILL.batch_size}).")] = None,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL term.")] = DISTILL.temperature,
     seed: Annotated[int, typer.Option(help="Seed of the data split and batch order.")] = 0,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if available).")] = None,
     force: ForceOpt = False,
@@ -352,20 +354,22 @@ def fit_scalers_cmd(
     width: Annotated[Optional[str], typer.Option(help="Embedding width; families with stages: channels per stage, or one number for stage 1 (default: the bundle's).")] = None,
     mlp_ratio: Annotated[Optional[float], typer.Option(help="Target MLP hidden width / width.")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Classifier outputs (default: the data's class count).")] = None,
-    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 200,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).")] = 1e-3,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = FIT_SCALERS.steps,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).")] = FIT_SCALERS.lr,
     warmup: Annotated[Optional[int], typer.Option(help="Warmup steps (default: 10% of --steps).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = FIT_SCALERS.batch_size,
     train_subset: Annotated[Optional[float], typer.Option(help="Fit on part of the training split: fraction ≤ 1 or image count.")] = None,
     no_small: Annotated[bool, typer.Option("--no-small", help="Train the scalers only; keep norms, biases and embeddings as resized.")] = False,
     reset_head: Annotated[bool, typer.Option("--reset-head", help="Start a fresh classifier (automatic when the class count differs).")] = False,
     distill: Annotated[float, typer.Option(help="Weight of KL(bundle's largest model ‖ target) in the loss, 0–1 (0: off).")] = 0.0,
-    temperature: Annotated[float, typer.Option(help="Distillation softmax temperature.")] = 1.0,
+    temperature: Annotated[float, typer.Option(help="Distillation softmax temperature.")] = FIT_SCALERS.temperature,
     depth_rule: Annotated[str, typer.Option(help="Initial depth rule: auto | prefix | interp | stack | interleave | identity.")] = "auto",
     width_rule: Annotated[str, typer.Option(help="Initial width rule: tile | tile-nodiv.")] = "tile",
     seed: Annotated[int, typer.Option(help="Seed of the data split and order.")] = 0,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if present).")] = None,
-    calibrate_batches: Annotated[int, typer.Option(help="BatchNorm models: batches of the fitting data that re-estimate the running statistics after fitting.")] = 20,
+    calibrate_batches: Annotated[int, typer.Option(help="BatchNorm models: batches of the fitting data that re-estimate the running statistics after fitting.")] = FIT_SCALERS.calibrate_batches,
+    checkpoint_every: Annotated[int, typer.Option(help="Write a resumable checkpoint every N steps (OUTPUT stem + .ckpt.safetensors; 0: never).")] = FIT_SCALERS.checkpoint_every,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted fit from its checkpoint (same command plus --resume).")] = False,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -380,12 +384,13 @@ def fit_scalers_cmd(
                 bundle, output, data=data, depth=_sizes(depth, "depth"), width=_sizes(width, "width"), mlp_ratio=mlp_ratio,
                 num_classes=num_classes, calibrate_batches=calibrate_batches, steps=steps, lr=lr, warmup=warmup, batch_size=batch_size, train_subset=subset, train_small=not no_small,
                 reset_head=reset_head, distill=distill, temperature=temperature, depth_rule=depth_rule, width_rule=width_rule, seed=seed,
-                device=device, force=force, on_step=progress,
+                device=device, force=force, resume=resume, checkpoint_every=checkpoint_every, on_step=progress,
             )
 
     def render(r):
         _table("fit-scalers", [
             ("wrote", r["output"]),
+            *([("resumed from step", str(r["resumed_from"]))] if r.get("resumed_from") else []),
             ("model", r["description"]),
             ("trained", f"{', '.join(r['trained'])} ({_human(r['params'])} values), {r['steps']} steps in {r['fit_seconds']:.1f}s"),
             ("loss", f"{r['loss_first']:.4f} → {r['loss_last']:.4f}"),
@@ -413,13 +418,13 @@ def finetune(
     epochs: Annotated[int, typer.Option(help="Epochs over the training split.")],
     init: Annotated[str, typer.Option(help="weit (MODEL's weights) | random (timm's init) | weight-selection (needs --from).")] = "weit",
     source: Annotated[Optional[Path], typer.Option("--from", help="Larger dense checkpoint for --init weight-selection.")] = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 5e-4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = FINETUNE.lr,
     warmup: Annotated[float, typer.Option(help="Linear warmup, in epochs (may be fractional).")] = 0.0,
     schedule: Annotated[str, typer.Option(help="cosine (to --min-lr-ratio) | constant, after warmup.")] = "cosine",
     min_lr_ratio: Annotated[float, typer.Option(help="Final learning rate as a fraction of --lr (cosine).")] = 0.0,
-    batch_size: Annotated[int, typer.Option(help="Images per step over all processes.")] = 64,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on norms, biases, embeddings).")] = 0.05,
-    grad_clip: Annotated[float, typer.Option(help="Clip the global gradient norm (0: off).")] = 1.0,
+    batch_size: Annotated[int, typer.Option(help="Images per step over all processes.")] = FINETUNE.batch_size,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on norms, biases, embeddings).")] = FINETUNE.weight_decay,
+    grad_clip: Annotated[float, typer.Option(help="Clip the global gradient norm (0: off).")] = FINETUNE.grad_clip,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the loss.")] = 0.0,
     train_subset: Annotated[Optional[float], typer.Option(help="Train on part of the training split: fraction ≤ 1 or image count.")] = None,
     data_seed: Annotated[int, typer.Option(help="Seed of the validation split and the training subset.")] = 0,

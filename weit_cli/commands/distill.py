@@ -14,28 +14,22 @@ as in ordinary training; accuracy is measured in eval mode with those statistics
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 import torch
 from torch import Tensor, nn
 from weit_cli.core.bundle import Bundle
 from weit_cli.errors import WeitError
-from weit_cli.tasks.classification import kd_loss
-
-
-DEFAULT_STEPS = 200
-DEFAULT_LR = 1e-3
-DEFAULT_BATCH = 64
+from weit_cli.options import DISTILL
 
 
 def check_options(steps: int, lr: float, batch_size: int, temperature: float) -> None:
     if steps < 1:
         raise WeitError(f"--distill-steps must be at least 1, got {steps}", "a few hundred steps is typical")
     if not (lr > 0 and math.isfinite(lr)):
-        raise WeitError(f"--distill-lr must be positive, got {lr}", f"e.g. --distill-lr {DEFAULT_LR:g}")
+        raise WeitError(f"--distill-lr must be positive, got {lr}", f"e.g. --distill-lr {DISTILL.lr:g}")
     if batch_size < 2:
-        raise WeitError(f"--batch-size must be at least 2, got {batch_size}", f"e.g. --batch-size {DEFAULT_BATCH}")
+        raise WeitError(f"--batch-size must be at least 2, got {batch_size}", f"e.g. --batch-size {DISTILL.batch_size}")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise WeitError(f"--temperature must be positive, got {temperature}", "1.0 is plain KL on the logits")
 
@@ -45,10 +39,10 @@ def distill(
     teacher_state: dict[str, Tensor],
     splits,
     *,
-    steps: int = DEFAULT_STEPS,
-    lr: float = DEFAULT_LR,
-    batch_size: int = DEFAULT_BATCH,
-    temperature: float = 1.0,
+    steps: int = DISTILL.steps,
+    lr: float = DISTILL.lr,
+    batch_size: int = DISTILL.batch_size,
+    temperature: float = DISTILL.temperature,
     train_small: bool = True,
     seed: int = 0,
     device: str | torch.device | None = None,
@@ -59,10 +53,10 @@ def distill(
     after, teacher accuracy, losses, time)."""
     from weit_cli.training.nested import composed_forward
     from weit_cli.training.batches import Batches
-    from weit_cli.training.progress import StepInfo, Throughput
-    from weit_cli.training.optim import adamw, lr_at, optimizer_step, set_lr
-    from weit_cli.training.dist import device_autocast, resolve_device, seed_everything
-    from weit_cli.tasks.classification import evaluate
+    from weit_cli.training.loop import Loop, Plan
+    from weit_cli.training.optim import adamw, lr_at
+    from weit_cli.training.dist import resolve_device, seed_everything
+    from weit_cli.tasks.classification import Classification
 
     check_options(steps, lr, batch_size, temperature)
     ad, arch = bundle.adapter, bundle.arch
@@ -72,6 +66,7 @@ def distill(
             "distil on data with the classes the checkpoint was trained for",
         )
     dev = resolve_device(device)
+    task = Classification()
     seed_everything(seed)
 
     teacher = ad.build(arch).to(dev)
@@ -104,32 +99,30 @@ def distill(
                         {k: v.detach() for k, v in small.items()})
         module.eval()
         try:
-            return evaluate(composed_forward(module, frozen), held_out, device=dev)
+            return task.evaluate(composed_forward(module, frozen), held_out, device=dev)
         finally:
             module.train()
 
-    teacher_acc = evaluate(teacher, held_out, device=dev)
+    teacher_acc = task.evaluate(teacher, held_out, device=dev)
     before = student_eval()
     batches = Batches(splits.train, batch_size, seed)
     warmup = max(1, steps // 10)
-    meter = Throughput(0, steps)
-    losses: list[float] = []
+
+    def loss_step(batch):  # CE on the labels + T²·KL(teacher ‖ student)
+        batch = task.prepare(batch)
+        with torch.no_grad():
+            t_out = task.outputs(teacher, batch)
+        out = task.outputs(forward, batch)
+        return task.loss(out, batch) + task.distill_loss(out, t_out, batch, temperature)
+
+    plan = Plan(
+        steps, lambda step: lr_at(step, base_lr=lr, total_steps=steps, warmup_steps=warmup), 1.0,
+        diverged="the loss became {loss} at step {step}", diverged_hint="lower --distill-lr",
+    )
+    loop = Loop(plan, optimizer=opt, params=trainable, batches=batches, device=dev, loss_step=loss_step, on_step=on_step)
     module.train()
-    t0 = time.perf_counter()
-    for step in range(steps):
-        lr_now = lr_at(step, base_lr=lr, total_steps=steps, warmup_steps=warmup)
-        set_lr(opt, lr_now)
-        x, y = (t.to(dev) for t in batches.next())
-        with device_autocast(dev):
-            with torch.no_grad():
-                t_logits = teacher(x).float()
-            loss = kd_loss(forward(x).float(), t_logits, y, temperature)
-        value = optimizer_step(opt, loss, trainable.values(), step=step, max_norm=1.0, hint="lower --distill-lr")
-        losses.append(value)
-        if on_step is not None:
-            sps, eta = meter(step + 1)
-            on_step(StepInfo(step + 1, steps, value, lr_now, sps, eta))
-    seconds = time.perf_counter() - t0
+    loop.run()
+    seconds, losses = loop.seconds, loop.losses
     after = student_eval()
 
     out = Bundle(
@@ -150,9 +143,9 @@ def distill(
         "train_small": train_small,
         "seed": seed,
         "eval_split": f"{split} ({held_out.tensors[0].shape[0]} images)",
-        "teacher_acc": teacher_acc.accuracy,
-        "student_acc_before": before.accuracy,
-        "student_acc_after": after.accuracy,
+        "teacher_acc": teacher_acc.metric,
+        "student_acc_before": before.metric,
+        "student_acc_after": after.metric,
         "student_loss_before": before.loss,
         "student_loss_after": after.loss,
         "loss_first": sum(losses[:window]) / window,

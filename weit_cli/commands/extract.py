@@ -11,6 +11,7 @@ from weit_cli.arch._registry import detect_family
 from weit_cli.core.bundle import Bundle, from_dense
 from weit_cli.errors import WeitError
 from weit_cli.io.files import check_output, checkpoint_sha256, load_dense, save_tensors
+from weit_cli.options import DISTILL
 
 
 def extract_templates(
@@ -25,7 +26,7 @@ def extract_templates(
     distill_steps: int | None = None,
     distill_lr: float | None = None,
     batch_size: int | None = None,
-    temperature: float = 1.0,
+    temperature: float = DISTILL.temperature,
     seed: int = 0,
     device: str | None = None,
     force: bool = False,
@@ -36,11 +37,11 @@ def extract_templates(
     if data is None and (distill_steps is not None or distill_lr is not None or batch_size is not None):
         raise WeitError("--distill-steps, --distill-lr and --batch-size need --data", "pass --data DATA to distil, or leave them out")
     if data is not None:
-        from weit_cli.commands.distill import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, check_options
+        from weit_cli.commands.distill import check_options
 
-        distill_steps = DEFAULT_STEPS if distill_steps is None else distill_steps
-        distill_lr = DEFAULT_LR if distill_lr is None else distill_lr
-        batch_size = DEFAULT_BATCH if batch_size is None else batch_size
+        distill_steps = DISTILL.steps if distill_steps is None else distill_steps
+        distill_lr = DISTILL.lr if distill_lr is None else distill_lr
+        batch_size = DISTILL.batch_size if batch_size is None else batch_size
         check_options(distill_steps, distill_lr, batch_size, temperature)
         from weit_cli.limits import check_seed
         from weit_cli.training.dist import resolve_device

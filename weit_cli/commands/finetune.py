@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 import torch
 from torch import Tensor, nn
-from weit_cli.errors import EXIT_INTERRUPTED, InputError, OutputError, WeitError
+from weit_cli.errors import InputError, OutputError, WeitError
 from weit_cli.io.files import checkpoint_sha256
+from weit_cli.options import FINETUNE
 
 
 INITS = ("weit", "random", "weight-selection")
@@ -51,13 +52,13 @@ def finetune(
     epochs: int,
     init: str = "weit",
     source: Path | None = None,
-    lr: float = 5e-4,
+    lr: float = FINETUNE.lr,
     warmup: float = 0.0,
     schedule: str = "cosine",
     min_lr_ratio: float = 0.0,
-    batch_size: int = 64,
-    weight_decay: float = 0.05,
-    grad_clip: float = 1.0,
+    batch_size: int = FINETUNE.batch_size,
+    weight_decay: float = FINETUNE.weight_decay,
+    grad_clip: float = FINETUNE.grad_clip,
     label_smoothing: float = 0.0,
     train_subset: float | int | None = None,
     data_seed: int = 0,
@@ -203,20 +204,19 @@ def initial_state(adapter, arch, init: str, weights, source: Path | None, seed: 
 def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, min_lr_ratio, batch_size, weight_decay,
          grad_clip, label_smoothing, train_subset, data_seed, val_fraction, reset_head, seed, resume, eval_batch_size,
          on_step, dist) -> dict[str, Any]:
-    from weit_cli.data.images import load_data
     from weit_cli.training.batches import Batches
-    from weit_cli.training.progress import StepInfo, Throughput
-    from weit_cli.training.optim import adamw, clip_grad, set_lr
-    from weit_cli.training.dist import barrier, device_autocast, seed_everything
-    from weit_cli.io.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
-    from weit_cli.tasks.classification import evaluate
+    from weit_cli.training.loop import Loop, Plan
+    from weit_cli.training.optim import adamw
+    from weit_cli.training.dist import barrier, seed_everything
+    from weit_cli.tasks.classification import Classification
 
     rank, world, dev = dist
     t_begin = time.perf_counter()
     if batch_size % world:
         raise WeitError(f"--batch-size {batch_size} does not split over {world} processes", f"use a multiple of {world}")
     adapter, arch, weights = read_model(model, need_weights=init == "weit")
-    splits = load_data(data, img_size=arch.img_size, in_chans=arch.in_chans, seed=data_seed, val_fraction=val_fraction, train_subset=train_subset)
+    task = Classification(label_smoothing)
+    splits = task.load_data(data, arch, seed=data_seed, val_fraction=val_fraction, train_subset=train_subset)
     new_head = reset_head or splits.num_classes != arch.num_classes
     if new_head:
         arch = replace(arch, num_classes=splits.num_classes)
@@ -254,8 +254,52 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
 
     metrics: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
-    start_epoch, wall = 0, 0.0
+    start_epoch, wall, finished, improved = 0, 0.0, 0, False
     state_path = out_dir / STATE
+
+    def evaluate_all(epoch: int, train_loss: float | None) -> dict[str, Any]:
+        val = task.evaluate(net, splits.val, eval_batch_size, dev) if len(splits.val) else None
+        test = task.evaluate(net, splits.test, eval_batch_size, dev) if splits.test is not None and len(splits.test) else None
+        return {
+            "epoch": epoch, "step": epoch * per_epoch, "train_loss": train_loss,
+            "val_acc": val.metric if val else None, "val_loss": val.loss if val else None,
+            "test_acc": test.metric if test else None, "test_loss": test.loss if test else None,
+        }
+
+    def end_epoch(epoch: int, train_loss: float, lr_now: float, seconds: float) -> dict[str, float]:
+        nonlocal wall, best, finished, improved
+        finished = epoch
+        if rank != 0:
+            wall += seconds
+            return {}
+        t1 = time.perf_counter()
+        rec = evaluate_all(epoch, train_loss)
+        wall += seconds + (time.perf_counter() - t1)
+        rec.update(lr=lr_now, train_s=round(seconds, 3), wall_s=round(wall, 3))
+        metrics.append(rec)
+        improved = rec["val_acc"] is not None and (best is None or rec["val_acc"] > best["val_acc"])
+        if improved:
+            best = {"epoch": epoch, "val_acc": rec["val_acc"], "test_acc": rec["test_acc"]}
+        return {k: rec[k] for k in ("val_acc", "test_acc") if rec[k] is not None}
+
+    def write_epoch(epoch: int) -> None:  # after the epoch's checkpoint (the loop's order, for --resume)
+        cpu = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        _write_model(adapter, arch, cpu, out_dir / "last", {**origin, "epoch": epoch})
+        if improved:
+            _write_model(adapter, arch, cpu, out_dir / "best", {**origin, "epoch": epoch})
+        _write_json(out_dir / "metrics.json", _metrics_doc(args, origin, metrics, best))
+
+    plan = Plan(
+        total, lambda step: _lr(step, lr, total, warm, schedule, min_lr_ratio), grad_clip, steps_per_epoch=per_epoch,
+        diverged_hint="lower --lr or add --warmup",
+    )
+    loop = Loop(
+        plan, optimizer=opt, params=named, batches=batches, device=dev,
+        loss_step=lambda batch: task.train_loss(train_mod, task.prepare(batch)),
+        end_epoch=end_epoch, write_epoch=write_epoch, checkpoint=state_path, tensors=net.state_dict,
+        state=lambda: {"epoch": finished, "metrics": metrics, "best": best, "wall_s": wall},
+        on_step=on_step, rank=rank, world_size=world,
+    )
     if resume:
         old = json.loads((out_dir / "args.json").read_text())
         diff = [k for k in RUN_KEYS if old.get(k) != args.get(k)]
@@ -264,14 +308,7 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
                 f"--resume: {out_dir} was started with other options ({', '.join(f'{k} {old.get(k)!r}→{args.get(k)!r}' for k in diff[:3])})",
                 "resume with the same options, or start over with --force",
             )
-        params, st = load_checkpoint(state_path, optimizer=opt)
-        current = net.state_dict()
-        if set(params) != set(current):
-            raise InputError(f"{state_path} does not hold this model's parameters", "start over with --force")
-        with torch.no_grad():
-            for k, v in params.items():
-                current[k].copy_(v.to(dev))
-        batches.load_state(st["data"])
+        st = loop.resume()
         metrics, best, start_epoch, wall = st["metrics"], st["best"], int(st["epoch"]), float(st["wall_s"])
         if rank == 0:
             _complete_run_folder(out_dir, adapter, arch, net, origin, args, metrics, best, start_epoch)
@@ -285,15 +322,6 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
         _write_json(out_dir / "args.json", args)
     barrier()
 
-    def evaluate_all(epoch: int, train_loss: float | None) -> dict[str, Any]:
-        val = evaluate(net, splits.val, eval_batch_size, dev) if len(splits.val) else None
-        test = evaluate(net, splits.test, eval_batch_size, dev) if splits.test is not None and len(splits.test) else None
-        return {
-            "epoch": epoch, "step": epoch * per_epoch, "train_loss": train_loss,
-            "val_acc": val.accuracy if val else None, "val_loss": val.loss if val else None,
-            "test_acc": test.accuracy if test else None, "test_loss": test.loss if test else None,
-        }
-
     if not resume:
         t0 = time.perf_counter()
         if rank == 0:
@@ -303,71 +331,9 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
             _write_json(out_dir / "metrics.json", _metrics_doc(args, origin, metrics, best))
         barrier()
 
-    clock = Throughput(start_epoch * per_epoch, total)
-    step, saved = start_epoch * per_epoch, start_epoch
-    try:
-        for epoch in range(start_epoch + 1, epochs + 1):
-            t0 = time.perf_counter()
-            loss_sum, n = torch.zeros((), dtype=torch.float64), 0
-            for _ in range(per_epoch):
-                lr_now = _lr(step, lr, total, warm, schedule, min_lr_ratio)
-                set_lr(opt, lr_now)
-                x, y = (t.to(dev, non_blocking=True) for t in batches.next())
-                with device_autocast(dev):
-                    logits = train_mod(x)
-                loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                clip_grad(named.values(), grad_clip)
-                opt.step()
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise WeitError(f"training diverged at step {step + 1} (loss {value})", "lower --lr or add --warmup")
-                loss_sum += value
-                n += 1
-                step += 1
-                if on_step is not None and rank == 0:
-                    sps, eta = clock(step)
-                    on_step(StepInfo(step, total, value, lr_now, sps, eta, epoch))
-            train_loss = _mean_over_ranks(loss_sum / max(1, n), world)
-            seconds = time.perf_counter() - t0
-            if rank == 0:
-                t1 = time.perf_counter()
-                rec = evaluate_all(epoch, train_loss)
-                wall += seconds + (time.perf_counter() - t1)
-                rec.update(lr=lr_now, train_s=round(seconds, 3), wall_s=round(wall, 3))
-                metrics.append(rec)
-                improved = rec["val_acc"] is not None and (best is None or rec["val_acc"] > best["val_acc"])
-                if improved:
-                    best = {"epoch": epoch, "val_acc": rec["val_acc"], "test_acc": rec["test_acc"]}
-                # Order matters for --resume: the resumable state first, then what it describes.
-                cpu = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-                save_checkpoint(
-                    state_path, params=net.state_dict(), optimizer=opt,
-                    state={"epoch": epoch, "data": batches.state(), "metrics": metrics, "best": best, "wall_s": wall},
-                )
-                _write_model(adapter, arch, cpu, out_dir / "last", {**origin, "epoch": epoch})
-                if improved:
-                    _write_model(adapter, arch, cpu, out_dir / "best", {**origin, "epoch": epoch})
-                _write_json(out_dir / "metrics.json", _metrics_doc(args, origin, metrics, best))
-                if on_step is not None:
-                    sps, eta = clock(step)
-                    shown = {k: rec[k] for k in ("val_acc", "test_acc") if rec[k] is not None}
-                    on_step(StepInfo(step, total, train_loss, lr_now, sps, eta, epoch, shown))
-            else:
-                wall += seconds
-            barrier()
-            saved = epoch
-    except KeyboardInterrupt:
-        raise WeitError(
-            f"interrupted in epoch {saved + 1} of {epochs}",
-            f"continue with the same command plus --resume (from epoch {saved})" if saved else "start again",
-            EXIT_INTERRUPTED,
-        ) from None
-
+    loop.run()
     if rank == 0:  # finished: the resumable state is no longer needed (last/ holds the weights)
-        for f in checkpoint_paths(state_path):
-            f.unlink(missing_ok=True)
+        loop.discard_checkpoint()
     barrier()
     final = metrics[-1] if metrics else {}
     return {
@@ -428,16 +394,6 @@ def _lr(step: int, lr: float, total: int, warm: int, schedule: str, min_lr_ratio
     from weit_cli.training.optim import lr_at
 
     return lr_at(step, base_lr=lr, total_steps=total, warmup_steps=warm, min_lr_ratio=_floor(schedule, min_lr_ratio))
-
-
-def _mean_over_ranks(value: Tensor, world: int) -> float:
-    if world > 1:
-        import torch.distributed as tdist
-
-        value = value.clone()
-        tdist.all_reduce(value)
-        value /= world
-    return float(value)
 
 
 def _metrics_doc(args: dict[str, Any], origin: dict[str, Any], metrics: list[dict[str, Any]], best) -> dict[str, Any]:

@@ -14,26 +14,28 @@ size whose statistics the bundle never observed gets them from its own activatio
 The output is a `weit.scalers` file: `scalers.<dense key>` and `small.<dense key>` tensors for the
 whole target model, bound to its bundle by the bundle's sha256 and to its size by the target
 architecture record; `api.load_scalers` checks both.
+
+A fit is resumable as `pretrain` is: every `checkpoint_every` steps the scalers, small parameters,
+optimizer, RNG states and data position go to OUT's stem + `.ckpt.safetensors`; `--resume` continues
+from there and writes the very bytes an uninterrupted fit writes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 import torch
 from torch import Tensor, nn
 from weit_cli.core.bundle import Bundle, check_state, load_bundle, resize
-from weit_cli.errors import WeitError
-from weit_cli.io.files import KIND_SCALERS, base_metadata, check_output, save_tensors
+from weit_cli.errors import InputError, WeitError
+from weit_cli.io.checkpoint import checkpoint_for, checkpoint_paths
+from weit_cli.io.files import KIND_SCALERS, base_metadata, check_output, remove_stale_temps, save_tensors
+from weit_cli.options import FIT_SCALERS
 from weit_cli.training.nested import composed_forward
-
-
-DEFAULT_STEPS = 200
-DEFAULT_LR = 1e-3
-DEFAULT_BATCH = 64
 
 
 def fit_scalers(
@@ -45,37 +47,40 @@ def fit_scalers(
     width: int | list[int] | None = None,
     mlp_ratio: float | None = None,
     num_classes: int | None = None,
-    steps: int = DEFAULT_STEPS,
-    lr: float = DEFAULT_LR,
-    batch_size: int = DEFAULT_BATCH,
+    steps: int = FIT_SCALERS.steps,
+    lr: float = FIT_SCALERS.lr,
+    batch_size: int = FIT_SCALERS.batch_size,
     warmup: int | None = None,
     weight_decay: float = 0.0,
     train_subset: float | int | None = None,
     train_small: bool = True,
     reset_head: bool = False,
     distill: float = 0.0,
-    temperature: float = 1.0,
+    temperature: float = FIT_SCALERS.temperature,
     depth_rule: str = "auto",
     width_rule: str = "tile",
     seed: int = 0,
     device: str | None = None,
     force: bool = False,
+    resume: bool = False,
+    checkpoint_every: int = FIT_SCALERS.checkpoint_every,
     on_step: Callable[[Any], None] | None = None,
-    calibrate_batches: int = 20,
+    calibrate_batches: int = FIT_SCALERS.calibrate_batches,
 ) -> dict[str, Any]:
     """Fit target-size scalers; returns what was done (losses, accuracies, time) and written.
-    `depth`/`width`: one number, or one per stage (families with stages)."""
+    `depth`/`width`: one number, or one per stage (families with stages). `resume` continues from the checkpoint
+    beside `out` (see the module doc)."""
     from weit_cli.core.bundle import plan_target
-    from weit_cli.data.images import load_data
     from weit_cli.io.files import sha256
-    from weit_cli.training.progress import StepInfo, Throughput
-    from weit_cli.training.optim import adamw, lr_at, set_lr, optimizer_step
-    from weit_cli.training.dist import device_autocast, resolve_device, seed_everything
-    from weit_cli.tasks.classification import evaluate, kl_to_teacher
+    from weit_cli.training.loop import Loop, Plan, check_resume
+    from weit_cli.training.optim import adamw, lr_at
+    from weit_cli.training.dist import resolve_device, seed_everything
+    from weit_cli.tasks.classification import Classification
     from weit_cli.training.batches import Batches
 
     out = Path(out)
-    check_output(out, force)
+    ckpt = checkpoint_for(out)
+    check_output(out, force or resume)  # a resumed fit may replace what it wrote itself (see pretrain)
     if not 1 <= steps <= 10_000_000:
         raise WeitError(f"--steps must be in 1..10000000, got {steps}", "a few hundred steps is typical")
     if not (lr > 0 and math.isfinite(lr)) or batch_size < 1:
@@ -95,11 +100,15 @@ def fit_scalers(
     warmup = max(1, steps // 10) if warmup is None else warmup
     if warmup < 0:
         raise WeitError(f"--warmup must be 0 or more steps, got {warmup}", "e.g. --warmup 20")
+    if checkpoint_every < 0:
+        raise WeitError(f"--checkpoint-every must be 0 (never) or more steps, got {checkpoint_every}", f"e.g. --checkpoint-every {FIT_SCALERS.checkpoint_every}")
+    check_resume(ckpt, resume, force)
     dev = resolve_device(device)
 
     bundle, bsha = load_bundle(bundle_path)
     arch0 = bundle.arch
-    splits = load_data(data, img_size=arch0.img_size, in_chans=arch0.in_chans, seed=seed, train_subset=train_subset)
+    task = Classification()
+    splits = task.load_data(data, arch0, seed=seed, train_subset=train_subset)
     if num_classes is None:
         num_classes = splits.num_classes
     if num_classes != splits.num_classes:
@@ -154,44 +163,12 @@ def fit_scalers(
         )
         module.eval()
         try:
-            return evaluate(composed_forward(module, frozen), dataset, device=dev)
+            return task.evaluate(composed_forward(module, frozen), dataset, device=dev)
         finally:
             module.train()
 
     before = frozen_eval(splits.val)
     batches = Batches(splits.train, batch_size, seed)
-    meter = Throughput(0, steps)
-    losses: list[float] = []
-    t0 = time.perf_counter()
-    for step in range(steps):
-        lr_now = lr_at(step, base_lr=lr, total_steps=steps, warmup_steps=warmup)
-        set_lr(opt, lr_now)
-        x, y = (t.to(dev) for t in batches.next())
-        with device_autocast(dev):
-            logits = student(x).float()
-            loss = nn.functional.cross_entropy(logits, y)
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = teacher(x).float()
-                kl = kl_to_teacher(logits, t_logits, temperature)
-                loss = (1 - distill) * loss + distill * kl
-        value = optimizer_step(opt, loss, trainable.values(), step=step, max_norm=1.0, hint="lower --lr")
-        losses.append(value)
-        if on_step is not None:
-            sps, eta = meter(step + 1)
-            on_step(StepInfo(step + 1, steps, value, lr_now, sps, eta))
-    fit_time = time.perf_counter() - t0
-    bn_stats = None
-    if bundle.adapter.batchnorm:
-        bn_stats = _recalibrate(module, sized, small, splits, calibrate_batches, batch_size, seed, dev)
-    after = frozen_eval(splits.val)
-
-    tensors = {f"scalers.{k}": v.detach().cpu() for k, v in scalers.items()}
-    tensors.update({f"small.{k}": v.detach().cpu() for k, v in small.items()})
-    templates_meta = {
-        t: {"count": v.shape[0], "p": v.shape[1], "q": v.shape[2], "kernel": list(v.shape[3:])}
-        for t, v in bundle.templates.items()
-    }
     provenance = {
         "command": "fit-scalers",
         "bundle_sha256": bsha,
@@ -209,6 +186,54 @@ def fit_scalers(
         "width_rule": width_rule,
         "seed": seed,
     }
+    run = {**provenance, "architecture": target.to_dict(), "calibrate_batches": calibrate_batches}
+    run_sha = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
+
+    def loss_step(batch):
+        batch = task.prepare(batch)
+        out = task.outputs(student, batch)
+        loss = task.loss(out, batch)
+        if teacher is not None:
+            with torch.no_grad():
+                t_out = task.outputs(teacher, batch)
+            loss = (1 - distill) * loss + distill * task.distill_loss(out, t_out, batch, temperature)
+        return loss
+
+    plan = Plan(
+        steps, lambda step: lr_at(step, base_lr=lr, total_steps=steps, warmup_steps=warmup), 1.0,
+        checkpoint_every=checkpoint_every, diverged="the loss became {loss} at step {step}", diverged_hint="lower --lr",
+    )
+    everything = {f"scalers.{k}": v for k, v in scalers.items()}  # a checkpoint holds all of the fit's tensors
+    everything.update({f"small.{k}": v for k, v in small.items()})
+    loop = Loop(
+        plan, optimizer=opt, params=trainable, batches=batches, device=dev, loss_step=loss_step, checkpoint=ckpt,
+        tensors=lambda: everything, state=lambda: {"run_sha256": run_sha, "losses": loop.losses}, on_step=on_step,
+    )
+    if resume:
+        for p in (out, *checkpoint_paths(ckpt)):  # what a killed writer left half-written
+            remove_stale_temps(p)
+
+        def same_fit(state):
+            if state.get("run_sha256") != run_sha:
+                raise InputError(
+                    f"{ckpt} was written by a fit with other options, data or bundle",
+                    "resume with the same command, or start over with --force",
+                )
+
+        loop.losses = [float(v) for v in loop.resume(same_fit)["losses"]]
+    loop.run()
+    fit_time, losses = loop.seconds, loop.losses
+    bn_stats = None
+    if bundle.adapter.batchnorm:
+        bn_stats = _recalibrate(module, sized, small, splits, calibrate_batches, batch_size, seed, dev)
+    after = frozen_eval(splits.val)
+
+    tensors = {f"scalers.{k}": v.detach().cpu() for k, v in scalers.items()}
+    tensors.update({f"small.{k}": v.detach().cpu() for k, v in small.items()})
+    templates_meta = {
+        t: {"count": v.shape[0], "p": v.shape[1], "q": v.shape[2], "kernel": list(v.shape[3:])}
+        for t, v in bundle.templates.items()
+    }
     if bn_stats is not None:
         provenance["bn_statistics"] = bn_stats
     meta = base_metadata(
@@ -218,7 +243,8 @@ def fit_scalers(
         templates=templates_meta,
         provenance=provenance,
     )
-    save_tensors(out, tensors, meta, force)
+    save_tensors(out, tensors, meta, force or resume)
+    loop.discard_checkpoint()
     window = max(1, min(20, steps // 5))
     return {
         "command": "fit-scalers",
@@ -229,12 +255,13 @@ def fit_scalers(
         "description": bundle.adapter.describe(target),
         "size_options": bundle.adapter.size_options(target),  # for 'materialize --scalers'
         "steps": steps,
+        "resumed_from": loop.start if resume else None,
         "trained": ["scalers", "small"] if train_small else ["scalers", *(["classifier"] if new_head else [])],
         "params": sum(v.numel() for v in trainable.values()),
         "loss_first": sum(losses[:window]) / window,
         "loss_last": sum(losses[-window:]) / window,
-        "val_acc_before": before.accuracy,
-        "val_acc_after": after.accuracy,
+        "val_acc_before": before.metric,
+        "val_acc_after": after.metric,
         "val_count": after.count,
         "fit_seconds": fit_time,
         "data": splits.description,
@@ -245,14 +272,12 @@ def fit_scalers(
 @torch.no_grad()
 def _recalibrate(module: nn.Module, sized: Bundle, small: dict[str, Tensor], splits, batches: int, batch_size: int, seed: int, dev) -> str:
     """Re-estimate the fitted model's BatchNorm statistics on the fitting data; updates `small` in place."""
-    from weit_cli.training.calibrate import STAT_SUFFIXES, recalibrate_bn
+    from weit_cli.training.calibrate import recalibrate_bn, recalibrated
 
-    module.load_state_dict({k: v.detach() for k, v in sized.state_dict().items()}, strict=True)
-    used = recalibrate_bn(module, splits.train, batches, max(2, batch_size), seed=seed, device=dev)
-    fresh = module.state_dict()
-    for k in small:
-        if k.endswith(STAT_SUFFIXES):
-            small[k] = fresh[k].detach().clone()
+    stats, used = recalibrated(
+        module, sized.state_dict(), lambda m: recalibrate_bn(m, splits.train, batches, max(2, batch_size), seed=seed, device=dev),
+    )
+    small.update({k: stats[k] for k in small if k in stats})
     module.train()
     return f"recalibrated on the fitting data ({used['batches']} batches, {used['images']} images, seed {seed})"
 

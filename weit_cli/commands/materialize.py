@@ -114,19 +114,19 @@ def _fitted_bn_statistics(path: Path) -> str | None:
 
 def _calibrate(sized: Bundle, source: str, batches: int, batch_size: int, seed: int, progress) -> tuple[Bundle, str]:
     """Re-estimate the BatchNorm running statistics of the materialized model on `source`."""
-    from weit_cli.training.calibrate import STAT_SUFFIXES, recalibrate_bn
+    from weit_cli.training.calibrate import recalibrate_bn, recalibrated
     from weit_cli.data.images import load_data
 
     ad, arch = sized.adapter, sized.arch
     if not ad.batchnorm:
         raise WeitError(f"a {ad.family} has no BatchNorm statistics to calibrate", "leave out --calibrate")
     splits = load_data(source, img_size=arch.img_size, in_chans=arch.in_chans, seed=seed)
-    model = ad.build(arch)
     with torch.no_grad():
-        model.load_state_dict(sized.state_dict())
-    used = recalibrate_bn(model, splits.train, batches, batch_size, seed=seed, progress=progress)
-    state = model.state_dict()
-    small = {k: (state[k].detach().clone() if k.endswith(STAT_SUFFIXES) else v) for k, v in sized.small.items()}
+        stats, used = recalibrated(
+            ad.build(arch), sized.state_dict(),
+            lambda model: recalibrate_bn(model, splits.train, batches, batch_size, seed=seed, progress=progress),
+        )
+    small = {k: stats.get(k, v) for k, v in sized.small.items()}
     sized = Bundle(ad, arch, sized.templates, sized.scalers, small, dict(sized.extra))
     return sized, f"recalibrated on {splits.description} ({used['batches']} batches, {used['images']} images, seed {seed})"
 

@@ -20,7 +20,6 @@ statistics, which do not describe its activations: `fit-scalers` recalibrates th
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import time
 from functools import partial
@@ -31,15 +30,16 @@ from torch import nn
 from weit_cli import recipe as rcp
 from weit_cli.core.bundle import Bundle
 from weit_cli.training.calibrate import recalibrate_bn
-from weit_cli.data.images import load_data
-from weit_cli.errors import EXIT_INTERRUPTED, InputError, WeitError
+from weit_cli.errors import InputError, WeitError
 from weit_cli.io.files import atomic_file, check_output, remove_stale_temps, save_tensors
-from weit_cli.tasks.classification import evaluate
+from weit_cli.tasks.base import Task
+from weit_cli.tasks.classification import Classification
 from weit_cli.training.batches import Batches
-from weit_cli.training.progress import StepCallback, StepInfo, Throughput
-from weit_cli.training.optim import adamw, clip_grad, lr_at, set_lr
-from weit_cli.training.dist import barrier, cleanup_distributed, device_autocast, setup_distributed
-from weit_cli.io.checkpoint import checkpoint_exists, checkpoint_paths, load_checkpoint, save_checkpoint
+from weit_cli.training.loop import Loop, Plan, check_resume
+from weit_cli.training.progress import StepCallback
+from weit_cli.training.optim import adamw, lr_at
+from weit_cli.training.dist import barrier, cleanup_distributed, setup_distributed
+from weit_cli.io.checkpoint import checkpoint_for, checkpoint_paths
 from weit_cli.training.nested import initial_bundle
 from weit_cli.training.nested import NestedModel
 from weit_cli.training.nested import SandwichLoss
@@ -67,18 +67,12 @@ def pretrain(
         recipe.data.source = data  # keep the string exactly (a YAML parse could turn '1' into a number)
     output = Path(output)
     recipe_out = rcp.recipe_path_for(output)
-    ckpt = output.with_name(recipe_out.name.removesuffix(".recipe.yaml") + ".ckpt.safetensors")
+    ckpt = checkpoint_for(output)
     # A resumed run may replace what it wrote itself: killed after writing the bundle, before
     # removing its checkpoint, it has an output (and still a checkpoint, checked below).
     check_output(output, force or resume)
     check_output(recipe_out, force or resume)
-    if resume and not checkpoint_exists(ckpt):
-        raise InputError(f"--resume: no checkpoint {ckpt} to continue", "run without --resume to start afresh")
-    if not resume and not force and checkpoint_exists(ckpt):
-        raise InputError(
-            f"a checkpoint of an unfinished run exists: {ckpt}",
-            "pass --resume to continue it, or --force to start over",
-        )
+    check_resume(ckpt, resume, force)
 
     dist_info = setup_distributed(device)
     try:
@@ -97,9 +91,9 @@ def _run(recipe, output, recipe_out, ckpt, resume, dist_info, callback, command)
             f"use a multiple of {world}: --set data.batch_size={recipe.data.batch_size // world * world or world}",
         )
     m = recipe.model
-    splits = load_data(
-        recipe.data.source, img_size=m.img_size, in_chans=m.in_chans, seed=recipe.seed,
-        val_fraction=recipe.data.val_fraction, train_subset=recipe.data.train_subset,
+    task = Classification(tr.label_smoothing)
+    splits = task.load_data(
+        recipe.data.source, m, seed=recipe.seed, val_fraction=recipe.data.val_fraction, train_subset=recipe.data.train_subset,
     )
     recipe_sha = rcp.sha256(recipe)
     bundle = initial_bundle(recipe, splits.num_classes)
@@ -110,7 +104,7 @@ def _run(recipe, output, recipe_out, ckpt, resume, dist_info, callback, command)
             recalibrate_bn, dataset=splits.train, batches=m.bn_calibration_batches,
             batch_size=min(recipe.data.batch_size, 256), seed=recipe.seed, device=dev,
         )
-    step_module: nn.Module = SandwichLoss(net, ns.distill, ns.distill_temperature, tr.label_smoothing)
+    step_module: nn.Module = SandwichLoss(net, task, ns.distill, ns.distill_temperature)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -119,78 +113,45 @@ def _run(recipe, output, recipe_out, ckpt, resume, dist_info, callback, command)
     opt = adamw(named, lr=tr.lr, weight_decay=tr.weight_decay, no_decay_keys=net.adapter.no_decay, betas=tuple(tr.betas))
     batches = Batches(splits.train, recipe.data.batch_size // world, seed=recipe.seed, rank=rank, world_size=world)
     size_rng = random.Random(recipe.seed)
-    start = 0
+    val_small = _head(splits.val, tr.eval_samples)
+    largest, smallest = recipe.largest(), recipe.smallest()
+    depth_options = recipe.depth_options()
+
+    def loss_step(batch):
+        sizes = sample_sizes(size_rng, depth_options, ns.widths, ns.sandwich)
+        loss, _ = step_module(task.prepare(batch), sizes)
+        return loss
+
+    plan = Plan(
+        tr.steps, lambda step: lr_at(step, base_lr=tr.lr, total_steps=tr.steps, warmup_steps=tr.warmup_steps, min_lr_ratio=tr.min_lr_ratio),
+        tr.grad_clip, eval_every=tr.eval_every, checkpoint_every=tr.checkpoint_every,
+        diverged_hint="lower train.lr or raise train.warmup_steps",
+    )
+    loop = Loop(
+        plan, optimizer=opt, params=named, batches=batches, device=dev, loss_step=loss_step,
+        evaluate=lambda done: _validate(task, net, val_small, largest, smallest, dev, calib) if len(val_small) else {},
+        checkpoint=ckpt, state=lambda: {"recipe_sha256": recipe_sha, "size_rng": _rng_json(size_rng)},
+        on_step=callback, rank=rank, world_size=world,
+    )
     if resume:
         if rank == 0:  # what a killed writer left half-written (hidden temp files) goes first
             for p in (output, recipe_out, *checkpoint_paths(ckpt)):
                 remove_stale_temps(p)
-        params, state = load_checkpoint(ckpt, optimizer=opt)
-        if state.get("recipe_sha256") != recipe_sha:
-            raise InputError(
-                f"{ckpt} was written by another recipe (sha256 {str(state.get('recipe_sha256'))[:12]}…, now {recipe_sha[:12]}…)",
-                "resume with the same recipe, overrides and --data, or start over with --force",
-            )
-        if set(params) != set(named):
-            raise InputError(f"{ckpt} does not hold this model's parameters", "start over with --force")
-        with torch.no_grad():
-            for k, v in params.items():
-                named[k].copy_(v.to(named[k].device))
-        batches.load_state(state["data"])
-        v, s, g = state["size_rng"]
-        size_rng.setstate((v, tuple(s), g))
-        start = int(state["step"])
 
-    val_small = _head(splits.val, tr.eval_samples)
-    largest, smallest = recipe.largest(), recipe.smallest()
-    depth_options = recipe.depth_options()
-    clock = Throughput(start, tr.steps)
-    last_ckpt = start if resume else None
-    metrics: dict[str, float] = {}
-    loss_hist: list[float] = []
-    step = start
-    try:
-        for step in range(start, tr.steps):
-            lr = lr_at(step, base_lr=tr.lr, total_steps=tr.steps, warmup_steps=tr.warmup_steps, min_lr_ratio=tr.min_lr_ratio)
-            set_lr(opt, lr)
-            x, y = batches.next()
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            sizes = sample_sizes(size_rng, depth_options, ns.widths, ns.sandwich)
-            with device_autocast(dev):
-                loss, ces = step_module(x, y, sizes)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            clip_grad(named.values(), tr.grad_clip)
-            opt.step()
-            loss_v = float(loss.detach())
-            if not math.isfinite(loss_v):
-                raise WeitError(f"training diverged at step {step + 1} (loss {loss_v})", "lower train.lr or raise train.warmup_steps")
-            loss_hist.append(loss_v)
-            done = step + 1
-            metrics = {}
-            if tr.eval_every and done % tr.eval_every == 0 and done < tr.steps and len(val_small):
-                metrics = _validate(net, val_small, largest, smallest, dev, calib)
-            sps, eta = clock(done)
-            if callback is not None and rank == 0:
-                callback(StepInfo(done, tr.steps, loss_v, lr, sps, eta, batches.epoch, metrics))
-            if tr.checkpoint_every and done % tr.checkpoint_every == 0 and done < tr.steps:
-                if rank == 0:
-                    save_checkpoint(
-                        ckpt, params=named, optimizer=opt,
-                        state={"step": done, "recipe_sha256": recipe_sha, "data": batches.state(), "size_rng": _rng_json(size_rng)},
-                    )
-                barrier()
-                last_ckpt = done
-    except KeyboardInterrupt:
-        where = f"the checkpoint at step {last_ckpt} is kept" if last_ckpt else "no checkpoint was written yet"
-        raise WeitError(
-            f"interrupted at step {step + 1} of {tr.steps}; {where}",
-            f"continue with the same command plus --resume" if last_ckpt else "start again",
-            EXIT_INTERRUPTED,
-        ) from None
+        def same_recipe(state):
+            if state.get("recipe_sha256") != recipe_sha:
+                raise InputError(
+                    f"{ckpt} was written by another recipe (sha256 {str(state.get('recipe_sha256'))[:12]}…, now {recipe_sha[:12]}…)",
+                    "resume with the same recipe, overrides and --data, or start over with --force",
+                )
+
+        v, s, g = loop.resume(same_recipe)["size_rng"]
+        size_rng.setstate((v, tuple(s), g))
+    loop.run()
 
     if calib is not None:
         net.calibrate_stats(calib)  # the bundle's BatchNorm statistics: the largest size's, re-estimated
-    final = _validate(net, splits.val, largest, smallest, dev, calib) if len(splits.val) else {}
+    final = _validate(task, net, splits.val, largest, smallest, dev, calib) if len(splits.val) else {}
     bundle = net.bundle()
     cpu = Bundle(
         bundle.adapter, bundle.arch,
@@ -215,8 +176,7 @@ def _run(recipe, output, recipe_out, ckpt, resume, dist_info, callback, command)
         save_tensors(output, cpu.to_tensors(), cpu.metadata(**provenance), force=True)
         with atomic_file(recipe_out) as tmp:
             tmp.write_text(rcp.dump(recipe, command))
-        for p in checkpoint_paths(ckpt):
-            p.unlink(missing_ok=True)
+        loop.discard_checkpoint()
     barrier()
     counts = cpu.param_counts()
     return {
@@ -225,8 +185,8 @@ def _run(recipe, output, recipe_out, ckpt, resume, dist_info, callback, command)
         "recipe": str(recipe_out),
         "recipe_sha256": recipe_sha,
         "steps": tr.steps,
-        "resumed_from": start if resume else None,
-        "final_loss": sum(loss_hist[-20:]) / max(1, len(loss_hist[-20:])) if loss_hist else None,
+        "resumed_from": loop.start if resume else None,
+        "final_loss": sum(loop.losses[-20:]) / max(1, len(loop.losses[-20:])) if loop.losses else None,
         "val": final,
         "nested": {"depths": list(ns.depths), "widths": list(ns.widths)},
         "architecture": cpu.arch.to_dict(),
@@ -240,11 +200,11 @@ def _run(recipe, output, recipe_out, ckpt, resume, dist_info, callback, command)
     }
 
 
-def _validate(net: NestedModel, ds, largest, smallest, dev, calibrate=None) -> dict[str, float]:
+def _validate(task: Task, net: NestedModel, ds, largest, smallest, dev, calibrate=None) -> dict[str, float]:
     out = {}
     for name, (d, w) in (("largest", largest), ("smallest", smallest)):
-        r = evaluate(net.frozen(d, w, calibrate), ds, batch_size=512, device=dev)
-        out[f"val_acc_{name}"] = r.accuracy
+        r = task.evaluate(net.frozen(d, w, calibrate), ds, batch_size=512, device=dev)
+        out[f"val_acc_{name}"] = r.metric
         out[f"val_loss_{name}"] = r.loss
     return out
 

@@ -140,3 +140,10 @@ def load_checkpoint(
     return params, side["state"]
 
 
+
+
+def checkpoint_for(output: Path) -> Path:
+    """The checkpoint of an unfinished run writing `output`: bundle.safetensors → bundle.ckpt.safetensors."""
+    output = Path(output)
+    stem = output.name[: -len(output.suffix)] if output.suffix else output.name
+    return output.with_name(stem + ".ckpt.safetensors")

@@ -1,12 +1,14 @@
-"""Image classification: top-1 accuracy and cross-entropy evaluation, and the distillation losses on
-logits (KL to a teacher; CE + KL)."""
+"""Image classification, the first task: labelled image folders and sets (data/images.py), cross-entropy
+(with optional label smoothing), top-1 accuracy, and distillation by KL on temperature-softened logits."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 import torch
 from torch import Tensor, nn
+from weit_cli.tasks.base import Batch, Forward, Task
 from weit_cli.training.dist import device_autocast
 
 
@@ -15,6 +17,39 @@ class EvalResult:
     accuracy: float  # fraction in [0, 1]
     loss: float  # mean cross-entropy
     count: int
+
+    @property
+    def metric(self) -> float:
+        return self.accuracy
+
+
+class Classification(Task):
+    """A batch is (images, labels); the model maps images to logits."""
+
+    name = "classification"
+    metric_name = "accuracy"
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.label_smoothing = label_smoothing
+
+    def load_data(self, source: str, arch: Any, *, seed: int = 0, val_fraction: float = 0.1,
+                  train_subset: float | int | None = None):
+        from weit_cli.data.images import load_data
+
+        return load_data(source, img_size=arch.img_size, in_chans=arch.in_chans, seed=seed,
+                         val_fraction=val_fraction, train_subset=train_subset)
+
+    def outputs(self, forward: Forward, batch: Batch) -> Tensor:
+        return forward(batch[0]).float()
+
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return nn.functional.cross_entropy(outputs.float(), batch[1], label_smoothing=self.label_smoothing)
+
+    def distill_loss(self, outputs: Tensor, teacher_outputs: Tensor, batch: Batch, temperature: float) -> Tensor:
+        return kl_to_teacher(outputs, teacher_outputs, temperature)
+
+    def evaluate(self, forward: Forward, dataset, batch_size: int = 256, device: torch.device | str | None = None) -> EvalResult:
+        return evaluate(forward, dataset, batch_size, device)
 
 
 @torch.no_grad()
@@ -45,7 +80,6 @@ def evaluate(model: nn.Module | Callable[[Tensor], Tensor], dataset, batch_size:
     return EvalResult(correct / n, loss_sum / n, n)
 
 
-# ---------------------------------------------------------------------------------------------- progress
 def kl_to_teacher(logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """T²·KL(teacher ‖ student) on temperature-softened logits (Hinton et al.); batch mean."""
     t = temperature
@@ -56,10 +90,3 @@ def kl_to_teacher(logits: Tensor, teacher_logits: Tensor, temperature: float) ->
         reduction="batchmean",
     )
     return kl * (t * t)
-
-
-def kd_loss(logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
-    """CE on the labels + T²·KL(teacher ‖ student) on temperature-softened logits (Hinton et al.)."""
-    return nn.functional.cross_entropy(logits, labels) + kl_to_teacher(logits, teacher_logits, temperature)
-
-

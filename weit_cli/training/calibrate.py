@@ -10,6 +10,7 @@ over a few training-mode forward passes; no weight changes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -74,6 +75,16 @@ def recalibrate_bn(
             m.momentum = mom
         model.eval()
     return {"batches": steps, "images": steps * size}
+
+
+@torch.no_grad()
+def recalibrated(module: nn.Module, state: dict[str, Tensor], calibrate: Callable[[nn.Module], Any]) -> tuple[dict[str, Tensor], Any]:
+    """Load `state` into `module`, re-estimate its BatchNorm statistics with `calibrate(module)` (e.g.
+    `recalibrate_bn` with its data bound), and return copies of the new statistics and what
+    `calibrate` returned. The one place materialize, fit-scalers and pretrain get fresh statistics."""
+    module.load_state_dict({k: v.detach() for k, v in state.items()}, strict=True)
+    used = calibrate(module)
+    return {k: v.detach().clone() for k, v in running_stats(module).items()}, used
 
 
 def running_stats(model: nn.Module) -> dict[str, Tensor]:

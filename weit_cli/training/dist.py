@@ -59,6 +59,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def mean_over_ranks(value: torch.Tensor, world: int) -> float:
+    """The mean of a scalar over all processes (all_reduce; itself alone)."""
+    if world > 1:
+        import torch.distributed as tdist
+
+        value = value.clone()
+        tdist.all_reduce(value)
+        value /= world
+    return float(value)
+
+
 def device_autocast(device: torch.device | str):
     """bf16 autocast on CUDA; a no-op context on CPU (CPU runs stay in exact float32)."""
     device = torch.device(device)

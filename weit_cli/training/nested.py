@@ -9,13 +9,13 @@ import random
 from collections.abc import Callable
 from typing import Any
 import torch
-import torch.nn.functional as F
+from functools import partial
 from torch import Tensor, nn
 from weit_cli import recipe as rcp
 from weit_cli.arch._registry import get_adapter
 from weit_cli.core.bundle import Bundle, from_dense, resize
-from weit_cli.training.calibrate import STAT_SUFFIXES
-from weit_cli.tasks.classification import kl_to_teacher
+from weit_cli.training.calibrate import STAT_SUFFIXES, recalibrated
+from weit_cli.tasks.base import Task
 
 
 def largest_arch(recipe: rcp.Recipe, num_classes: int):
@@ -168,9 +168,7 @@ class NestedModel(nn.Module):
         if not len(list(self.stats.buffers())):
             return
         module = self.adapter.build(self.arch).to(self._device())
-        module.load_state_dict({k: v.detach() for k, v in self.bundle().state_dict().items()}, strict=True)
-        calibrate(module)
-        fresh = module.state_dict()
+        fresh, _ = recalibrated(module, self.bundle().state_dict(), calibrate)
         for k, v in self.stats.named_buffers():
             v.copy_(fresh[_dec(k)])
 
@@ -179,22 +177,23 @@ class SandwichLoss(nn.Module):
     """One forward over all sizes of a step, so DistributedDataParallel sees one graph that uses every
     parameter (the largest size always does). sizes[0] must be the largest: it is the teacher."""
 
-    def __init__(self, net: NestedModel, distill: float, temperature: float, label_smoothing: float):
+    def __init__(self, net: NestedModel, task: Task, distill: float, temperature: float):
         super().__init__()
-        self.net = net
-        self.distill, self.temperature, self.label_smoothing = distill, temperature, label_smoothing
+        self.net, self.task = net, task
+        self.distill, self.temperature = distill, temperature
 
-    def forward(self, x: Tensor, y: Tensor, sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    def forward(self, batch: tuple[Tensor, ...], sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+        """The mean loss over `sizes`, and each size's plain task loss (detached)."""
         losses, ces = [], []
         teacher = None
         for i, (d, w) in enumerate(sizes):
-            logits = self.net(x, d, w).float()
-            ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+            out = self.task.outputs(partial(self.net, depth=d, width=w), batch)
+            ce = self.task.loss(out, batch)
             loss = ce
             if i == 0:
-                teacher = logits.detach()
+                teacher = out.detach()
             elif self.distill > 0:
-                kl = kl_to_teacher(logits, teacher, self.temperature)
+                kl = self.task.distill_loss(out, teacher, batch, self.temperature)
                 loss = (1 - self.distill) * ce + self.distill * kl
             losses.append(loss)
             ces.append(ce.detach())

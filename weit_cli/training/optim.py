@@ -1,5 +1,5 @@
 """The optimiser and its schedule: AdamW with a no-decay group, linear warmup + cosine, gradient clipping,
-and one optimiser step that refuses a non-finite loss."""
+and one optimiser step (training/loop.py refuses a non-finite loss)."""
 
 from __future__ import annotations
 
@@ -51,16 +51,10 @@ def clip_grad(params, max_norm: float) -> float:
     return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
 
 
-# ---------------------------------------------------------------------------------------------- data order
-def optimizer_step(optimizer, loss: Tensor, params, *, step: int, max_norm: float, hint: str) -> float:
-    """zero_grad → backward → clip → step; returns the loss, refusing a non-finite one with `hint`."""
+def optimizer_step(optimizer, loss: Tensor, params, *, max_norm: float) -> float:
+    """zero_grad → backward → clip → step; returns the loss (the caller refuses a non-finite one)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     clip_grad(params, max_norm)
     optimizer.step()
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        from weit_cli.errors import WeitError
-
-        raise WeitError(f"the loss became {value} at step {step + 1}", hint)
-    return value
+    return float(loss.detach())

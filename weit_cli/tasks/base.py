@@ -1,0 +1,87 @@
+"""The Task seam: what one kind of problem needs, from a data source to a score.
+
+A task turns a data source string and the architecture's input settings into train/val/test splits,
+a batch into a training loss (and a distillation loss against a teacher), and a model into a score.
+The training loop and the commands know only this interface. Two choices keep it open to problems
+unlike image classification:
+
+- **A batch is an opaque tuple of tensors** (one row of each tensor of the split's TensorDataset).
+  Only its task reads it: (images, labels) for classification; (latents, class labels) for
+  diffusion; (returns-to-go, states, actions, timesteps) for return-conditioned control.
+- **How the model is called is the task's business** (`outputs(forward, batch)`): x → logits for
+  classification; (noised latents, timestep, labels) → predicted noise for diffusion; the
+  interleaved sequence → predicted actions for control. A task that draws randomness per batch
+  (diffusion's noise and timesteps) does it in `prepare`, once, so that a student and its teacher
+  see the same noised input, and in the loss step, so that the draw order is the loop's.
+
+Generation (ε-prediction MSE, scored by its loss) and control (action MSE) are meant to be new files
+beside `classification.py`, without touching the loop, the core or this one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
+import torch
+from torch import Tensor
+
+Batch = tuple[Tensor, ...]
+Forward = Callable[..., Any]
+
+
+class Splits(Protocol):
+    """What a task's data loading returns (data/images.py's DataSplits for classification)."""
+
+    train: Any  # a TensorDataset: one tensor per batch field
+    val: Any
+    test: Any | None
+    description: str  # provenance: source, split sizes, seed, preprocessing
+
+
+class Score(Protocol):
+    """What `Task.evaluate` returns: the task's metric, its mean loss, and how many examples."""
+
+    @property
+    def metric(self) -> float: ...
+
+    loss: float
+    count: int
+
+
+class Task(ABC):
+    """One kind of problem: data, loss, distillation loss, metric. Options of the loss (label
+    smoothing, a noise schedule) are the task object's own state."""
+
+    name: ClassVar[str]
+    metric_name: ClassVar[str]  # for reports: "accuracy"
+    higher_is_better: ClassVar[bool] = True  # which checkpoint is "best"
+
+    @abstractmethod
+    def load_data(self, source: str, arch: Any, *, seed: int = 0, val_fraction: float = 0.1,
+                  train_subset: float | int | None = None) -> Splits:
+        """`source` as splits shaped for `arch`'s inputs (image size and channels, sequence length …)."""
+
+    def prepare(self, batch: Batch) -> Batch:
+        """Per-batch randomness (diffusion: noise and timesteps), drawn once per step; none by default."""
+        return batch
+
+    @abstractmethod
+    def outputs(self, forward: Forward, batch: Batch) -> Tensor:
+        """The model's output on `batch`; `forward` is called with whatever inputs the task defines."""
+
+    @abstractmethod
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        """The training loss of `outputs` against the batch's targets (a scalar)."""
+
+    @abstractmethod
+    def distill_loss(self, outputs: Tensor, teacher_outputs: Tensor, batch: Batch, temperature: float) -> Tensor:
+        """How far the student's outputs are from the teacher's (a scalar)."""
+
+    def train_loss(self, forward: Forward, batch: Batch) -> Tensor:
+        return self.loss(self.outputs(forward, batch), batch)
+
+    @abstractmethod
+    def evaluate(self, forward: Forward, dataset: Any, batch_size: int = 256,
+                 device: torch.device | str | None = None) -> Score:
+        """The metric and mean loss of `forward` (a module or a function) on `dataset`, in eval mode."""
