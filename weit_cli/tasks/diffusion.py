@@ -5,6 +5,7 @@ Everything here works on a *denoiser*: any callable (x_t, t, y) → ε with x_t 
 data's scale, t (N,) int64 timesteps and y (N,) int64 class labels, where label `num_classes` is the
 null class (see `null_class`). `DiTDenoiser` adapts a diffusers `DiTTransformer2DModel`; weit's own
 composed forward fits the same signature, so training, sampling and evaluation never care which.
+What diffusers' DiT holds and how it behaves: docs/dit-layout.md.
 
 Pixel space, Fashion-MNIST. **Decision: images stay at their native 28×28** (no pad or resize to 32):
 28 is divisible by patch sizes 2, 4, 7 and 14, diffusers' DiT takes any `sample_size` divisible by

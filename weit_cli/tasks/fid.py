@@ -4,7 +4,7 @@ conditional samples' class accuracy.
 
 **Not Inception-FID.** Inception weights cannot be downloaded here, and Inception features of 28×28
 gray clothes would say little anyway. The Fréchet distance below is computed by exactly the same
-formula, but in the 128-dimensional penultimate features of a three-layer CNN trained on the data set
+formula, but in the 128-dimensional penultimate features of a small CNN (two conv layers, one linear) trained on the data set
 itself: its values are on another scale and are comparable only between results that name the same
 judge sha256. Every result carries that digest.
 
