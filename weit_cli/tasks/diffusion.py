@@ -1,0 +1,272 @@
+"""Class-conditional image generation: the ε-prediction DDPM loss, DDIM sampling with optional
+classifier-free guidance, PNG grids, and the scheduler config written beside a model folder.
+
+Everything here works on a *denoiser*: any callable (x_t, t, y) → ε with x_t (N, C, H, W) in the
+data's scale, t (N,) int64 timesteps and y (N,) int64 class labels, where label `num_classes` is the
+null class (see `null_class`). `DiTDenoiser` adapts a diffusers `DiTTransformer2DModel`; weit's own
+composed forward fits the same signature, so training, sampling and evaluation never care which.
+What diffusers' DiT holds and how it behaves: docs/dit-layout.md.
+
+Pixel space, Fashion-MNIST. **Decision: images stay at their native 28×28** (no pad or resize to 32):
+28 is divisible by patch sizes 2, 4, 7 and 14, diffusers' DiT takes any `sample_size` divisible by
+its patch, and the judge classifier of `tasks/fid.py` then sees exactly the pixels of the data set.
+Patch 4 (7×7 = 49 tokens) is the CPU/test default; patch 2 (196 tokens) is the quality choice. Data
+come from `data/images.load_data`, already in [-1, 1] (mean 0.5, std 0.5), the scale DDPM's
+`clip_sample` assumes.
+
+Randomness is drawn on the CPU from explicit `torch.Generator`s, then moved to the device, so a seed
+means the same timesteps, noise and label drops on every device and batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from weit_cli.errors import InputError, WeitError
+
+
+Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+SCHEDULER_FILE = "scheduler_config.json"  # diffusers' SchedulerMixin.config_name
+
+#: The noise process: DiT's (and ADM's) linear β schedule over 1000 steps, ε-prediction, x₀ clipped to
+#: [-1, 1] when sampling (pixel data). `timestep_spacing="trailing"` only matters for sampling: with
+#: few DDIM steps it starts at t = 999 (pure noise) rather than 980 ("Common diffusion noise
+#: schedules and sample steps are flawed", Lin et al. 2023); it is stored here so that the config on
+#: disk alone decides how the model is sampled.
+SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=1e-4,
+    beta_end=0.02,
+    beta_schedule="linear",
+    prediction_type="epsilon",
+    clip_sample=True,
+    clip_sample_range=1.0,
+    timestep_spacing="trailing",
+)
+
+
+# ---------------------------------------------------------------------------------------------- schedulers
+def train_scheduler(config: dict | None = None):
+    """diffusers' DDPMScheduler for the noise process (`SCHEDULER`, or a config read from disk)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(dict(config if config is not None else SCHEDULER))
+
+
+def sample_scheduler(config: dict | None = None):
+    """diffusers' DDIMScheduler over the same noise process: the sampler reads the training config."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(dict(config if config is not None else SCHEDULER))
+
+
+def save_scheduler_config(scheduler, folder: Path) -> Path:
+    """Write `scheduler_config.json` into a model folder, atomically, with exactly the bytes of
+    diffusers' `scheduler.save_config(folder)`, so that `DDIMScheduler.from_pretrained(folder)`
+    (or DDPM…) finds the noise process the model was trained with beside its `config.json`."""
+    from weit_cli.io.files import atomic_file
+
+    path = Path(folder) / SCHEDULER_FILE
+    with atomic_file(path) as tmp:
+        scheduler.to_json_file(tmp)  # what save_config does, minus its non-atomic open()
+    return path
+
+
+def load_scheduler_config(folder: Path) -> dict:
+    """The scheduler config saved beside a model, as a plain dict for `train_/sample_scheduler`."""
+    path = Path(folder) / SCHEDULER_FILE
+    if not path.is_file():
+        raise InputError(f"{folder} has no {SCHEDULER_FILE}", "materialize the model with weit, or copy the scheduler config of its training run beside it")
+    try:
+        conf = json.loads(path.read_text())
+        if not isinstance(conf, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise InputError(f"{path} is not a JSON object", "fix or re-create it") from None
+    if conf.get("prediction_type", "epsilon") != "epsilon":
+        raise InputError(f"{path} declares prediction_type {conf['prediction_type']!r}", "weit trains and samples ε-prediction models only")
+    return conf
+
+
+# ---------------------------------------------------------------------------------------------- labels
+def null_class(num_classes: int) -> int:
+    """The label of 'no class' for classifier-free guidance: `num_classes`, i.e. the extra last row of
+    diffusers' `LabelEmbedding.embedding_table` ((num_classes + 1) × D: `CombinedTimestepLabelEmbeddings`
+    always builds it with dropout 0.1, hence always with the extra row), as `DiTPipeline` uses 1000
+    for ImageNet's 1000 classes."""
+    return num_classes
+
+
+def drop_labels(y: Tensor, num_classes: int, p: float, generator: torch.Generator) -> Tensor:
+    """Replace each label by the null class with probability `p` (CFG training), seeded."""
+    if not 0.0 <= p <= 1.0:
+        raise WeitError(f"label dropout must be in [0, 1], got {p}", "e.g. 0.1 (DiT's), or 0 for no guidance")
+    if p == 0.0:
+        return y
+    drop = torch.rand(y.shape[0], generator=generator).to(y.device) < p
+    return torch.where(drop, torch.full_like(y, null_class(num_classes)), y)
+
+
+def _check_labels(y: Tensor, num_classes: int) -> None:
+    if y.dtype != torch.int64 or y.ndim != 1:
+        raise WeitError(f"class labels must be a 1-D int64 tensor, got {y.dtype} {tuple(y.shape)}", "pass torch.long labels")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) > num_classes):
+        raise WeitError(f"class labels must be in 0..{num_classes} ({num_classes} = no class), got {int(y.min())}..{int(y.max())}", "check --class")
+
+
+# ---------------------------------------------------------------------------------------------- training
+def diffusion_loss(denoiser: Denoiser, x0: Tensor, y: Tensor, scheduler, generator: torch.Generator, *, num_classes: int, label_dropout: float = 0.1) -> Tensor:
+    """DDPM's simple loss: MSE between the true noise and the denoiser's ε at a uniform random step.
+
+    t ~ U{0, …, T−1}, ε ~ N(0, I), x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε (`scheduler.add_noise`), labels dropped
+    to the null class with probability `label_dropout` so that the same model learns the
+    unconditional ε that guidance needs. All draws come from `generator` (CPU), in a fixed order.
+    """
+    _check_labels(y, num_classes)
+    n, device = x0.shape[0], x0.device
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(device)
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=x0.dtype)
+    y = drop_labels(y, num_classes, label_dropout, generator)
+    x_t = scheduler.add_noise(x0, noise, t)
+    eps = denoiser(x_t, t, y)
+    return F.mse_loss(eps.float(), noise.float())
+
+
+# ---------------------------------------------------------------------------------------------- diffusers
+class DiTDenoiser(nn.Module):
+    """(x_t, t, y) → ε for a diffusers `DiTTransformer2DModel`.
+
+    - Returns `.sample`, and only its first `in_channels` channels when the model predicts a learned
+      variance too (`out_channels` = 2·in, as facebook's DiT checkpoints do; `DiTPipeline` splits the
+      same way). weit trains the ε half only; the variance half then gets no gradient.
+    - Turns diffusers' own label dropout off (`LabelEmbedding.dropout_prob = 0`, an attribute, not a
+      weight or a config entry). In train mode diffusers drops labels with the global, unseeded RNG,
+      and independently in every block's embedder and again in the output layer's (block 0's), so one
+      image would be conditioned on its class in some blocks and on 'no class' in others.
+      `diffusion_loss` drops labels itself, once per image, from its generator. The null row of the
+      table stays: `null_class` still selects it.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        from diffusers.models.embeddings import LabelEmbedding
+
+        self.model = model
+        for m in model.modules():
+            if isinstance(m, LabelEmbedding):
+                m.dropout_prob = 0.0
+        self.in_channels = int(model.config.in_channels)
+        self.num_classes = int(model.config.num_embeds_ada_norm)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        out = self.model(x, timestep=t, class_labels=y).sample
+        if out.shape[1] == 2 * self.in_channels:
+            out = out[:, : self.in_channels]
+        return out
+
+
+def guided(denoiser: Denoiser, scale: float, num_classes: int) -> Denoiser:
+    """Classifier-free guidance: ε = ε(y) + (s − 1)(ε(y) − ε(∅)), one forward over the doubled batch.
+
+    Written as the conditional ε plus a correction (equal to DiT's ε(∅) + s(ε(y) − ε(∅))) so that
+    s = 1 is exactly the conditional ε; s = 0 is unconditional sampling."""
+
+    def eps(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        null = torch.full_like(y, null_class(num_classes))
+        both = denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        cond, uncond = both.chunk(2)
+        return cond + (scale - 1.0) * (cond - uncond)
+
+    return eps
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def sample(
+    denoiser: Denoiser,
+    labels: Tensor,
+    *,
+    shape: tuple[int, int, int],
+    num_classes: int,
+    steps: int = 50,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    scheduler_config: dict | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """DDIM (η = 0) samples for `labels`, (N, C, H, W) float32 on the CPU, in [-1, 1].
+
+    The starting noise of all N images is drawn at once from `seed` before batching, and η = 0 draws
+    nothing else, so image i depends on the seed and its label only, not on `batch_size`. No guidance
+    when `guidance_scale` is None or 1 (as `DiTPipeline`, which guides only above 1): a single
+    conditional pass. A label of `num_classes` asks for an unconditional sample.
+    """
+    from weit_cli.limits import check_seed
+
+    check_seed(seed)
+    _check_labels(labels, num_classes)
+    if steps < 1:
+        raise WeitError(f"sampling steps must be at least 1, got {steps}", "e.g. 50")
+    if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise WeitError(f"guidance scale must be a number ≥ 0, got {guidance_scale}", "e.g. 4, or 1 for no guidance")
+    if batch_size < 1:
+        raise WeitError(f"batch size must be at least 1, got {batch_size}", "e.g. 64")
+    scheduler = sample_scheduler(scheduler_config)
+    if steps > scheduler.config.num_train_timesteps:
+        raise WeitError(f"{steps} sampling steps exceed the {scheduler.config.num_train_timesteps} training steps", "use fewer --steps")
+    scheduler.set_timesteps(steps)
+    eps_fn = denoiser if guidance_scale is None or guidance_scale == 1.0 else guided(denoiser, guidance_scale, num_classes)
+    was_training = getattr(denoiser, "training", None)
+    if isinstance(denoiser, nn.Module):
+        denoiser.eval()
+    device = torch.device(device)
+    noise = torch.randn((len(labels), *shape), generator=torch.Generator().manual_seed(seed))
+    out = []
+    try:
+        for i in range(0, len(labels), batch_size):
+            x = noise[i : i + batch_size].to(device)
+            y = labels[i : i + batch_size].to(device)
+            for t in scheduler.timesteps:
+                tt = torch.full((len(x),), int(t), dtype=torch.int64, device=device)
+                eps = eps_fn(x, tt, y).float()
+                x = scheduler.step(eps, t, x, eta=0.0).prev_sample  # DDIM's step keeps no state between calls
+            out.append(x.clamp(-1.0, 1.0).float().cpu())
+    finally:
+        if was_training:
+            denoiser.train()
+    return torch.cat(out) if out else torch.empty(0, *shape)
+
+
+# ---------------------------------------------------------------------------------------------- pictures
+def grid_image(images: Tensor, nrow: int | None = None, padding: int = 2):
+    """A PIL image of `images` ((N, C, H, W) in [-1, 1]) laid out by torchvision's make_grid:
+    `nrow` per row (default ⌈√N⌉), white padding; gray stays one channel ('L'), RGB is 'RGB'."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or len(images) == 0:
+        raise WeitError(f"a grid needs (N, 1 or 3, H, W) images with N ≥ 1, got {tuple(images.shape)}", "check the samples")
+    x = images.detach().float().cpu().add(1.0).div(2.0).clamp(0.0, 1.0)
+    grid = make_grid(x, nrow=nrow or math.ceil(math.sqrt(len(x))), padding=padding, pad_value=1.0)
+    pixels = grid.mul(255.0).add(0.5).clamp(0, 255).to(torch.uint8)  # round half up, as torchvision's save_image
+    if images.shape[1] == 1:
+        return Image.fromarray(pixels[0].numpy())  # 2-D uint8: mode L
+    return Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())  # (H, W, 3) uint8: RGB
+
+
+def save_grid(images: Tensor, path: Path, *, nrow: int | None = None, force: bool = False) -> None:
+    """Write a PNG grid atomically. PIL writes no time stamp or text chunk: same images, same bytes."""
+    from weit_cli.io.files import atomic_file, check_output
+
+    path = Path(path)
+    check_output(path, force)
+    img = grid_image(images, nrow=nrow)
+    with atomic_file(path, replace=force) as tmp:
+        img.save(tmp, format="PNG")
