@@ -327,8 +327,8 @@ def inspect(
         for k in ("weit_format", "weit_version", "kron_order", "sha256", "bundle_sha256", "producer"):
             if r.get(k):
                 rows.append((k, r[k]))
-        shown = {(k, str(v)) for k, v in rows}
-        rows += [row for row in _provenance_rows(r.get("provenance") or {}, full) if (row[0], row[1]) not in shown]
+        shown = {(k.replace("_", " "), str(v)) for k, v in rows}  # a scalers file's bundle_sha256 is in both
+        rows += [(k, v) for k, v in _provenance_rows(r.get("provenance") or {}, full) if (k.replace("_", " "), v) not in shown]
         _table(r["path"], rows)
 
     run(go, as_json, render)
