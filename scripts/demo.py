@@ -97,6 +97,7 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     from rich.table import Table
 
+    from weit_cli.cli import print_table
     from weit_cli.data.images import load_data
     from weit_cli.tasks.classification import evaluate
 
@@ -116,10 +117,10 @@ def main() -> None:
         rows.append({"depth": depth, "width": width, "heads": heads, "params": params, "val_acc": val, "test_acc": test, "note": what})
         table.add_row(str(depth), str(width), str(heads), f"{params:,}", f"{100 * val:.2f}%", f"{100 * test:.2f}%", what)
     console = Console()
-    console.print(table)
+    print_table(table)  # whole, also when piped (`make demo | tee`, CI logs)
     if t_pretrain is not None:
         console.print(f"pretrain wall time {t_pretrain:.0f}s ({torch.get_num_threads()} threads in this process); "
-                      f"files in {rel(out)}/")
+                      f"files in {rel(out)}/", soft_wrap=True)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({
             "recipe": rel(recipe_path), "overrides": args.overrides, "data": data.description,

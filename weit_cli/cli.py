@@ -114,7 +114,6 @@ def _fail(message: str, hint: str, code: int, as_json: bool) -> None:
 
 
 def _table(title: str, rows: list[tuple[str, Any]]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=title, show_header=False, title_justify="left")
@@ -122,7 +121,23 @@ def _table(title: str, rows: list[tuple[str, Any]]) -> None:
     t.add_column()
     for k, v in rows:
         t.add_row(k, v if isinstance(v, str) else json.dumps(v, default=str))
-    Console().print(t)
+    print_table(t)
+
+
+def print_table(table) -> None:
+    """Print a rich table whole. On a terminal rich fits it to the window; elsewhere (CI logs, `| tee`,
+    a file) it would wrap every cell at 80 columns, so there the table is as wide as its content
+    and the title goes on its own line (a title is wrapped to the table's width)."""
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console()
+    if not console.is_terminal:
+        title, table.title = table.title, None
+        console = Console(width=max(Console(width=1_000_000).measure(table).maximum, 1))
+        if title:
+            console.print(title if isinstance(title, Text) else Text(str(title)), soft_wrap=True)
+    console.print(table)
 
 
 def _human(n: int) -> str:
@@ -287,9 +302,10 @@ def pretrain(
 @app.command()
 def inspect(
     file: Annotated[Path, typer.Argument(help="A bundle, scalers file, or dense checkpoint.")],
+    full: Annotated[bool, typer.Option("--full", help="Every provenance field as its own row (the resolved recipe too).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show a file's kind, metadata, architecture, templates and parameter counts."""
+    """Show a file's kind, metadata, architecture, templates, parameter counts and where it came from."""
 
     def go():
         from weit_cli.commands.inspect import inspect as insp
@@ -303,14 +319,36 @@ def inspect(
         if r.get("nested"):
             rows.append(("nested sizes", r["nested"]))
         rows += [(f"params {k}", _human(v)) for k, v in r.get("params", {}).items()]
-        for k in ("weit_format", "weit_version", "kron_order", "sha256", "bundle_sha256"):
+        for k in ("weit_format", "weit_version", "kron_order", "sha256", "bundle_sha256", "producer"):
             if r.get(k):
                 rows.append((k, r[k]))
-        if r.get("provenance"):
-            rows.append(("provenance", r["provenance"]))
+        shown = {(k.replace("_", " "), str(v)) for k, v in rows}  # a scalers file's bundle_sha256 is in both
+        rows += [(k, v) for k, v in _provenance_rows(r.get("provenance") or {}, full) if (k.replace("_", " "), v) not in shown]
         _table(r["path"], rows)
 
     run(go, as_json, render)
+
+
+def _provenance_rows(prov: dict[str, Any], full: bool) -> list[tuple[str, str]]:
+    """Provenance as rows a person reads: the command first, then every plain field, and one level
+    into records (`reconstruction_error qkv`); the resolved recipe and deeper records only with
+    --full, where every leaf is a row named by its dotted path. --json has the record as written."""
+    def leaves(prefix: str, v: Any, depth: int):
+        if isinstance(v, dict) and v and depth != 0:
+            for k, x in v.items():
+                yield from leaves(f"{prefix}.{k}" if prefix else str(k), x, depth - 1)
+        elif not isinstance(v, dict) or full:
+            if v is None or v == "":
+                return
+            yield prefix, v if isinstance(v, str) else json.dumps(v, default=str)
+
+    rows = []
+    for k in sorted(prov, key=lambda k: k != "command"):  # stable: the record's own order otherwise
+        if k == "recipe" and not full:
+            continue
+        for name, value in leaves(k, prov[k], -1 if full else 1):
+            rows.append((name if full else name.replace(".", " ").replace("_", " "), value))
+    return rows
 
 
 class _StepProgress:
@@ -481,15 +519,23 @@ def list_archs(as_json: JsonOpt = False) -> None:
     run(go, as_json, lambda r: print("\n".join(r["families"])))
 
 
-@app.callback()
-def main(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    """Eager: runs while the options are parsed, before click asks for a subcommand (a plain option
+    of the root callback only runs when one follows, so `weit --version` was 'Missing command')."""
+    if value:
         from weit_cli import __version__
 
         print(f"weit {__version__}")
         raise typer.Exit(0)
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
 
 
 if __name__ == "__main__":

@@ -94,8 +94,28 @@ def finetune(
     dist = setup_distributed(device)
     try:
         return _run(dist=dist, **options)
+    except OutputError as e:  # a full disk, a folder gone read-only
+        if dist[0] != 0:
+            raise
+        raise _after_failed_write(e, out_dir, resume) from None
     finally:
         cleanup_distributed()
+
+
+def _after_failed_write(e: OutputError, out_dir: Path, resume: bool) -> OutputError:
+    """What a failed write (a full disk) leaves. Before the first epoch's checkpoint there is nothing
+    to continue from, so a fresh run removes its folder: the same command runs again once there is
+    space, with no --force. After it, the folder stays and --resume continues from the last epoch
+    saved (the checkpoint is written atomically first, so it is always whole)."""
+    if (out_dir / STATE).is_file():
+        return OutputError(e.message, "free some space, then continue with the same command plus --resume")
+    partial = out_dir.is_dir() and all(
+        p.name in ("args.json", "metrics.json") or p.name.endswith((".tmp", ".old")) for p in out_dir.iterdir()
+    )
+    if partial and not resume:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return OutputError(e.message, "nothing was kept (no epoch finished); free some space and run it again")
+    return e
 
 
 def _check_options(epochs, init, source, lr, warmup, schedule, min_lr_ratio, batch_size, weight_decay, grad_clip, label_smoothing):

@@ -18,7 +18,8 @@ from typing import Any, ClassVar
 import torch
 import weit_cli.core.kron as kron
 from weit_cli import __version__
-from weit_cli.core.bundle import Bundle
+from weit_cli.core.bundle import Bundle, state_problems
+from weit_cli.errors import InputError
 from weit_cli.io.files import atomic_dir, atomic_file, one_thread, write_safetensors
 
 #: Streams the composed dense weights into one safetensors file at the given path.
@@ -126,6 +127,14 @@ def write_model(sized: Bundle, out: Path, dtype: torch.dtype, provenance: dict[s
 
     dense = _Streamer(sized)
     spec_list = [(k, sized.dense_shape(k), dtype_of(k), (lambda k=k: dense(k, dtype_of(k)))) for k in sized.dense_keys()]
+    # Last line of defence, for every family: what is about to be written must be exactly the model
+    # of the target size, or the user gets a file its library refuses (or, worse, loads partly).
+    problems = state_problems(sized.adapter, sized.arch, {k: shape for k, shape, *_ in spec_list})
+    if problems:
+        raise InputError(
+            f"the model to write does not match {sized.adapter.describe(sized.arch)}: {'; '.join(problems)}",
+            "nothing was written; the bundle or scalers file is damaged (check it with 'weit inspect')",
+        )
     return exporter.write(Path(out), sized.arch, lambda path: write_safetensors(path, spec_list, meta), force)
 
 
