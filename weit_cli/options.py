@@ -1,9 +1,32 @@
-"""Defaults of the training commands' options, written once: the library's keyword defaults read them,
-and so do the Typer options in cli.py. (Recipe defaults live in recipe.py's pydantic models.)"""
+"""Defaults of the commands' options, written once: the library's keyword defaults read them, and so
+do the Typer options in cli.py (tests/test_options.py checks that the two agree for every option a
+command shares with its library function). Recipe defaults live in recipe.py's pydantic models.
+
+This module imports nothing heavy: `weit --help` reads it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Resizing:
+    """How a bundle becomes a model of another size (docs/method.md §4)."""
+
+    depth_rule: str = "auto"  # auto | prefix | interp | stack | interleave | identity
+    width_rule: str = "tile"  # tile (Net2Net, lossless for integer ratios) | tile-nodiv
+
+
+@dataclass(frozen=True)
+class MaterializeOptions(Resizing):
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    calibrate_batches: int = 20  # BatchNorm models, with --calibrate DATA
+    calibrate_batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    num_templates: int = 16  # per template type, capped at each type's full rank
 
 
 @dataclass(frozen=True)
@@ -18,7 +41,8 @@ class ShortTraining:
 
 
 @dataclass(frozen=True)
-class FitScalersOptions(ShortTraining):
+class FitScalersOptions(ShortTraining, Resizing):
+    distill: float = 0.0  # weight of KL(the bundle's largest model ‖ target) in the loss (0: off)
     calibrate_batches: int = 20  # BatchNorm models: batches that re-estimate the running statistics
     # A checkpoint costs a write of the target's scalers, small parameters and optimizer state, a
     # few times smaller than the bundle; every 50 steps loses at most a quarter of a default fit.
@@ -27,12 +51,20 @@ class FitScalersOptions(ShortTraining):
 
 @dataclass(frozen=True)
 class FinetuneOptions:
+    init: str = "weit"  # weit | random | weight-selection
     lr: float = 5e-4
+    warmup: float = 0.0  # epochs
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.0
     batch_size: int = 64  # over all processes
     weight_decay: float = 0.05
     grad_clip: float = 1.0  # 0: off
+    label_smoothing: float = 0.0
 
 
+SEED = 0  # every command's --seed
+MATERIALIZE = MaterializeOptions()
+EXTRACT = ExtractOptions()
 DISTILL = ShortTraining()
 FIT_SCALERS = FitScalersOptions()
 FINETUNE = FinetuneOptions()

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from weit_cli.core.bundle import Bundle
 from weit_cli.errors import WeitError
-from weit_cli.options import DISTILL
+from weit_cli.options import DISTILL, SEED
 
 
 def check_options(steps: int, lr: float, batch_size: int, temperature: float) -> None:
@@ -44,7 +44,7 @@ def distill(
     batch_size: int = DISTILL.batch_size,
     temperature: float = DISTILL.temperature,
     train_small: bool = True,
-    seed: int = 0,
+    seed: int = SEED,
     device: str | torch.device | None = None,
     on_step: Callable[[Any], None] | None = None,
 ) -> tuple[Bundle, dict[str, Any]]:

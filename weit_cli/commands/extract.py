@@ -11,7 +11,7 @@ from weit_cli.arch._registry import detect_family
 from weit_cli.core.bundle import Bundle, from_dense
 from weit_cli.errors import WeitError
 from weit_cli.io.files import check_output, checkpoint_sha256, load_dense, save_tensors
-from weit_cli.options import DISTILL
+from weit_cli.options import DISTILL, EXTRACT, SEED
 
 
 def extract_templates(
@@ -19,7 +19,7 @@ def extract_templates(
     out: Path,
     *,
     template_size: int | None = None,
-    num_templates: int = 16,
+    num_templates: int = EXTRACT.num_templates,
     num_heads: int | None = None,
     img_size: int | None = None,
     data: str | None = None,
@@ -27,7 +27,7 @@ def extract_templates(
     distill_lr: float | None = None,
     batch_size: int | None = None,
     temperature: float = DISTILL.temperature,
-    seed: int = 0,
+    seed: int = SEED,
     device: str | None = None,
     force: bool = False,
     on_step: Callable[[Any], None] | None = None,

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from weit_cli.errors import InputError, OutputError, WeitError
 from weit_cli.io.files import checkpoint_sha256
-from weit_cli.options import FINETUNE
+from weit_cli.options import FINETUNE, SEED
 
 
 INITS = ("weit", "random", "weight-selection")
@@ -50,21 +50,21 @@ def finetune(
     *,
     data: str,
     epochs: int,
-    init: str = "weit",
+    init: str = FINETUNE.init,
     source: Path | None = None,
     lr: float = FINETUNE.lr,
-    warmup: float = 0.0,
-    schedule: str = "cosine",
-    min_lr_ratio: float = 0.0,
+    warmup: float = FINETUNE.warmup,
+    schedule: str = FINETUNE.schedule,
+    min_lr_ratio: float = FINETUNE.min_lr_ratio,
     batch_size: int = FINETUNE.batch_size,
     weight_decay: float = FINETUNE.weight_decay,
     grad_clip: float = FINETUNE.grad_clip,
-    label_smoothing: float = 0.0,
+    label_smoothing: float = FINETUNE.label_smoothing,
     train_subset: float | int | None = None,
-    data_seed: int = 0,
+    data_seed: int = SEED,
     val_fraction: float = 0.1,
     reset_head: bool = False,
-    seed: int = 0,
+    seed: int = SEED,
     resume: bool = False,
     force: bool = False,
     device: str | None = None,

@@ -34,7 +34,7 @@ from weit_cli.core.bundle import Bundle, check_state, load_bundle, resize
 from weit_cli.errors import InputError, WeitError
 from weit_cli.io.checkpoint import checkpoint_for, checkpoint_paths
 from weit_cli.io.files import KIND_SCALERS, base_metadata, check_output, remove_stale_temps, save_tensors
-from weit_cli.options import FIT_SCALERS
+from weit_cli.options import FIT_SCALERS, SEED
 from weit_cli.training.nested import composed_forward
 
 
@@ -55,11 +55,11 @@ def fit_scalers(
     train_subset: float | int | None = None,
     train_small: bool = True,
     reset_head: bool = False,
-    distill: float = 0.0,
+    distill: float = FIT_SCALERS.distill,
     temperature: float = FIT_SCALERS.temperature,
-    depth_rule: str = "auto",
-    width_rule: str = "tile",
-    seed: int = 0,
+    depth_rule: str = FIT_SCALERS.depth_rule,
+    width_rule: str = FIT_SCALERS.width_rule,
+    seed: int = SEED,
     device: str | None = None,
     force: bool = False,
     resume: bool = False,

@@ -17,6 +17,7 @@ from weit_cli.io.files import check_output, one_thread, read_header, sha256
 from weit_cli.core.bundle import load_scalers
 from weit_cli.core.bundle import plan_target
 from weit_cli.io.export import exporter_for, write_model
+from weit_cli.options import MATERIALIZE, SEED
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,14 +32,14 @@ def materialize(
     mlp_ratio: float | None = None,
     num_heads: int | None = None,
     num_classes: int | None = None,
-    depth_rule: str = "auto",
-    width_rule: str = "tile",
+    depth_rule: str = MATERIALIZE.depth_rule,
+    width_rule: str = MATERIALIZE.width_rule,
     scalers: Path | None = None,
-    dtype: str = "float32",
+    dtype: str = MATERIALIZE.dtype,
     calibrate: str | None = None,
-    calibrate_batches: int = 20,
-    calibrate_batch_size: int = 64,
-    seed: int = 0,
+    calibrate_batches: int = MATERIALIZE.calibrate_batches,
+    calibrate_batch_size: int = MATERIALIZE.calibrate_batch_size,
+    seed: int = SEED,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
