@@ -207,7 +207,7 @@ def main() -> None:
     mb = 1e6
     print(f"ViT-B/16 (86.6M params), bundle N={args.num_templates}: {info['bundle_bytes'] / mb:.1f} MB; "
           f"{args.repeats} repeats, median wall time; peak = max extra memory over the repeats")
-    print(f"| variant | median time (s) | min time (s) | peak extra memory (MB) | file (MB) |\n|---|---|---|---|---|")
+    print("| variant | median time (s) | min time (s) | peak extra memory (MB) | file (MB) |\n|---|---|---|---|---|")
     for v, r in res.items():
         print(f"| {v} | {r['seconds_median']:.2f} | {r['seconds_min']:.2f} | {r['peak_extra_bytes_max'] / mb:.0f} "
               f"| {r['file_bytes'] / mb:.0f} |")

@@ -27,14 +27,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from weit_cli.commands.pretrain import pretrain
 from weit_cli.core.bundle import load_bundle
 from weit_cli.data.images import load_data
-from weit_cli.training.nested import NestedModel, largest_arch
-from weit_cli.commands.pretrain import pretrain
 from weit_cli.recipe import load_recipe
-from weit_cli.training.batches import Batches
-from weit_cli.training.optim import adamw, clip_grad, lr_at, set_lr
 from weit_cli.tasks.classification import evaluate
+from weit_cli.training.batches import Batches
+from weit_cli.training.nested import NestedModel, largest_arch
+from weit_cli.training.optim import adamw, clip_grad, lr_at, set_lr
 
 RECIPE = ROOT / "recipes" / "vit-fashion-small.yaml"
 

@@ -28,11 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from weit_cli.tasks.classification import Classification  # noqa: E402
-from weit_cli.training.nested import NestedModel, SandwichLoss, initial_bundle, sample_sizes
 from weit_cli.recipe import load_recipe
-from weit_cli.training.optim import adamw
+from weit_cli.tasks.classification import Classification  # noqa: E402
 from weit_cli.training.dist import device_autocast
+from weit_cli.training.nested import (
+    NestedModel,
+    SandwichLoss,
+    initial_bundle,
+    sample_sizes,
+)
+from weit_cli.training.optim import adamw
 
 
 def main() -> None:

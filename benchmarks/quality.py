@@ -160,12 +160,12 @@ class Bench:
         cfg, a = self.cfg, self.args
         recipe = rcp.load_recipe(ROOT / cfg["recipe"], cfg["overrides"] + a.overrides)
         # Pretraining is shared by every variant with the same recipe; finetuning runs by the tag.
-        self.pre = self.work / f"pretrain-{rcp.sha256(recipe)[:10]}"
+        self.pre = self.work / f"pretrain-{rcp.digest(recipe)[:10]}"
         self.pre.mkdir(exist_ok=True)
         # Finetuning results are keyed by everything that shapes them, so no budget or variant can
         # pick up another's cached runs.
         shaping = {k: cfg[k] for k in ("targets", "epochs", "fit_steps", "subset", "transfer_subset")}
-        shaping.update(recipe=rcp.sha256(recipe), lr=a.lr, warmup=a.warmup, schedule=a.schedule,
+        shaping.update(recipe=rcp.digest(recipe), lr=a.lr, warmup=a.warmup, schedule=a.schedule,
                        batch_size=a.batch_size, fit_lr=a.fit_lr, fit_distill=a.fit_distill)
         key = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:10]
         self.runs = self.work / f"{a.tag or 'default'}-{key}"
@@ -174,7 +174,7 @@ class Bench:
         # The dense model takes the same data and optimiser settings, not the template/nested ones.
         shared = [o for o in cfg["overrides"] + a.overrides if not o.startswith(("templates.", "nested."))]
         dense_recipe = rcp.load_recipe(ROOT / cfg["recipe"], shared)
-        dense = self.cached(self.work / f"dense-{rcp.sha256(dense_recipe)[:10]}", lambda: self.pretrain_dense(dense_recipe))
+        dense = self.cached(self.work / f"dense-{rcp.digest(dense_recipe)[:10]}", lambda: self.pretrain_dense(dense_recipe))
         self.dense = Path(dense["path"])
         largest = recipe.largest()
         if isinstance(largest[0], tuple) and len(set(largest[0])) == 1:  # ResNet: the same depth in every stage
@@ -192,7 +192,7 @@ class Bench:
             "tag": a.tag,
             "command": "benchmarks/quality.py " + " ".join(sys.argv[1:]),
             "settings": {
-                "recipe": cfg["recipe"], "family": recipe.family, "recipe_overrides": cfg["overrides"] + a.overrides, "recipe_sha256": rcp.sha256(recipe),
+                "recipe": cfg["recipe"], "family": recipe.family, "recipe_overrides": cfg["overrides"] + a.overrides, "recipe_sha256": rcp.digest(recipe),
                 "targets": sizes, "largest": largest, "epochs": cfg["epochs"], "finetune_subset": cfg["subset"],
                 "finetune": {"lr": a.lr, "warmup_epochs": a.warmup, "schedule": a.schedule, "batch_size": a.batch_size,
                              "weight_decay": 0.05, "grad_clip": 1.0, "seed": 0, "data_seed": 0},
@@ -277,8 +277,8 @@ class Bench:
 
     def one(self, task: str, depth: int, width: int, method: str, largest) -> dict:
         """Initialise one target size by one method, then finetune it on `task`."""
-        from weit_cli.commands.materialize import materialize
         from weit_cli.commands.finetune import finetune
+        from weit_cli.commands.materialize import materialize
 
         cfg, a = self.cfg, self.args
         bundle = self.pre / "bundle.safetensors"
@@ -339,7 +339,7 @@ class Bench:
 def rcp_sha(recipe) -> str:
     from weit_cli import recipe as rcp
 
-    return rcp.sha256(recipe)[:10]
+    return rcp.digest(recipe)[:10]
 
 
 def grow_dense(dense: Path, out: Path, depth: int, width: int) -> dict:
@@ -347,9 +347,9 @@ def grow_dense(dense: Path, out: Path, depth: int, width: int) -> dict:
     (enough templates to span every layer), then depth interp + Net2Net width tiling."""
     import torch
 
-    from weit_cli.io.export import write_model
     from weit_cli.arch._registry import detect_family
     from weit_cli.core.bundle import from_dense, resize
+    from weit_cli.io.export import write_model
     from weit_cli.io.files import load_dense
 
     state, hints = load_dense(dense)

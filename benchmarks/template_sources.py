@@ -87,18 +87,18 @@ def main(argv: list[str] | None = None) -> int:
 def run(work: Path, cfg: dict, qcfg: dict, quality, args) -> dict:
     from weit_cli import recipe as rcp
     from weit_cli.commands.extract import extract_templates
-    from weit_cli.commands.materialize import materialize
     from weit_cli.commands.fit_scalers import fit_scalers
+    from weit_cli.commands.materialize import materialize
 
     # The pretrained bundle and the dense model: quality.py's stages, cached in the same folder.
     bench = quality.Bench(work, qcfg, SimpleNamespace(overrides=[], tag=""))
     recipe = rcp.load_recipe(ROOT / qcfg["recipe"], qcfg["overrides"])
-    bench.pre = work / f"pretrain-{rcp.sha256(recipe)[:10]}"
+    bench.pre = work / f"pretrain-{rcp.digest(recipe)[:10]}"
     bench.pre.mkdir(exist_ok=True)
     pre = bench.cached(bench.pre / "bundle", lambda: bench.pretrain_bundle(qcfg["overrides"]))
     shared = [o for o in qcfg["overrides"] if not o.startswith(("templates.", "nested."))]
     dense_recipe = rcp.load_recipe(ROOT / qcfg["recipe"], shared)
-    dense = bench.cached(work / f"dense-{rcp.sha256(dense_recipe)[:10]}", lambda: bench.pretrain_dense(dense_recipe))
+    dense = bench.cached(work / f"dense-{rcp.digest(dense_recipe)[:10]}", lambda: bench.pretrain_dense(dense_recipe))
 
     out = work / "template-sources"
     (out / "models").mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,7 @@ def run(work: Path, cfg: dict, qcfg: dict, quality, args) -> dict:
     return {
         "budget": args.budget,
         "settings": {
-            "recipe": qcfg["recipe"], "recipe_overrides": qcfg["overrides"], "recipe_sha256": rcp.sha256(recipe),
+            "recipe": qcfg["recipe"], "recipe_overrides": qcfg["overrides"], "recipe_sha256": rcp.digest(recipe),
             "template_size": p, "templates_per_type": n, "pretrain_steps": recipe.train.steps,
             "distill": {"steps": cfg["distill_steps"], "lr": 1e-3, "batch_size": 64, "temperature": 1.0, "seed": 0},
             "fit": {"steps": cfg["fit_steps"], "lr": 1e-3, "batch_size": 64, "train_subset": cfg["subset"], "seed": 0},

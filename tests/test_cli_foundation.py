@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import weit
 
 from weit_cli.errors import EXIT_INPUT, EXIT_OUTPUT, EXIT_USAGE
 from weit_cli.io.files import read_header, sha256
-
-from conftest import weit
 
 TIMM_VIT = "vit_base_patch16_224"
 
@@ -39,8 +38,7 @@ def umask() -> int:
 @torch.no_grad()
 def in_memory_logits(bundle_path: Path, x, depth_rule="auto", width_rule="tile", **sizes):
     """What the files should hold: the bundle resized and composed in memory."""
-    from weit_cli.core.bundle import plan_target
-    from weit_cli.core.bundle import load_bundle, resize
+    from weit_cli.core.bundle import load_bundle, plan_target, resize
 
     bundle, _ = load_bundle(bundle_path)
     target = plan_target(bundle, **sizes)

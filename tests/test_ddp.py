@@ -52,8 +52,8 @@ def test_two_process_ddp_gives_identical_templates(tmp_path):
     tensors, meta = load_weit(out, "weit.templates")
     assert json.loads(meta["provenance"])["world_size"] == 2
     # Training moved the parameters away from their (seeded) start.
-    from weit_cli.training.nested import initial_bundle
     from weit_cli.recipe import load_recipe
+    from weit_cli.training.nested import initial_bundle
 
     start = initial_bundle(load_recipe(recipe), 10).to_tensors()
     assert not torch.equal(start["templates.qkv"], tensors["templates.qkv"])

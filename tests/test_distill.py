@@ -10,11 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import save_timm_dir
+from conftest import save_timm_dir, weit
 
 from weit_cli.errors import EXIT_USAGE
-
-from conftest import weit
 
 pytest.importorskip("sklearn")
 

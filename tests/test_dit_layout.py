@@ -136,6 +136,7 @@ def test_label_dropout_in_train_mode_draws_once_per_embedder():
 
 def test_from_pretrained_loads_a_minimal_config_and_weits_own_safetensors(tmp_path):
     from diffusers import DiTTransformer2DModel
+
     from weit_cli.io.files import write_safetensors
 
     m, x, t, y = make(), *inputs()

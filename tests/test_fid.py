@@ -14,7 +14,6 @@ from weit_cli.errors import InputError
 from weit_cli.io.files import sha256
 from weit_cli.tasks import fid
 
-
 QUICK = dict(train_subset=1200, epochs=3, batch_size=64)  # trains in about a second on the digits
 
 

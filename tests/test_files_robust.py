@@ -16,7 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from weit_cli.errors import InputError, OutputError
-from weit_cli.io.files import KIND_TEMPLATES, base_metadata, load_weit, read_header, save_tensors
+from weit_cli.io.files import (
+    KIND_TEMPLATES,
+    base_metadata,
+    load_weit,
+    read_header,
+    save_tensors,
+)
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -20,8 +20,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import TINY_VIT_ARGS, make_tiny_resnet, make_tiny_vit, save_timm_dir, tiny_resnet_args, weit
+from conftest import (
+    TINY_VIT_ARGS,
+    make_tiny_resnet,
+    make_tiny_vit,
+    save_timm_dir,
+    tiny_resnet_args,
+    weit,
+)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="scikit-learn (digits) not installed")
 

@@ -12,10 +12,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    TINY_HEAD_DIM,
+    make_tiny_resnet,
+    save_timm_dir,
+    tiny_resnet_args,
+    weit,
+)
 
-from conftest import TINY_HEAD_DIM, make_tiny_resnet, save_timm_dir, tiny_resnet_args, weit
 from weit_cli.errors import EXIT_INPUT, EXIT_OUTPUT
-from weit_cli.io.files import KIND_SCALERS, KIND_TEMPLATES, base_metadata, load_weit, read_header, save_tensors, sha256
+from weit_cli.io.files import (
+    KIND_SCALERS,
+    base_metadata,
+    load_weit,
+    read_header,
+    save_tensors,
+    sha256,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

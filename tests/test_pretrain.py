@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from weit_cli.core.bundle import load_bundle
 from weit_cli.commands.materialize import materialize
+from weit_cli.commands.pretrain import pretrain
+from weit_cli.core.bundle import load_bundle
 from weit_cli.errors import EXIT_INTERRUPTED, OutputError, WeitError
 from weit_cli.io.files import load_weit
-from weit_cli.commands.pretrain import pretrain
+from weit_cli.recipe import digest, load_recipe
 from weit_cli.training.nested import NestedModel, sample_sizes
-from weit_cli.recipe import load_recipe, sha256
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="scikit-learn (digits) not installed")
 
@@ -59,7 +59,7 @@ def test_two_step_pretrain_through_the_cli(tiny_recipe, tmp_path):
     assert (arch["depth"], arch["width"], arch["num_heads"], arch["nested"]) == (2, 32, 2, {"depths": [1, 2], "widths": [16, 32]})
     prov = json.loads(meta["provenance"])
     resolved = out.with_name("bundle.recipe.yaml")
-    assert prov["recipe_sha256"] == sha256(load_recipe(resolved)) == r["recipe_sha256"]
+    assert prov["recipe_sha256"] == digest(load_recipe(resolved)) == r["recipe_sha256"]
     assert prov["steps"] == 2 and prov["seed"] == 0 and "digits" in prov["data"] and prov["command"].startswith("weit pretrain")
     assert resolved.read_text().startswith("# weit pretrain") and "lr: 0.005" in resolved.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle.recipe.yaml", "bundle.safetensors", "tiny.yaml"]  # no checkpoint left

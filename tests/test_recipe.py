@@ -11,7 +11,15 @@ import pytest
 from pydantic import BaseModel
 
 from weit_cli.errors import WeitError
-from weit_cli.recipe import Recipe, apply_override, dump, load_recipe, recipe_path_for, sha256, validate
+from weit_cli.recipe import (
+    Recipe,
+    apply_override,
+    digest,
+    dump,
+    load_recipe,
+    recipe_path_for,
+    validate,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -107,7 +115,7 @@ def test_sha_ignores_formatting_but_not_values():
     a = validate({"nested": {"depths": [2, 1], "widths": [64, 32]}, "model": {"head_dim": 32}})
     b = validate({"model": {"head_dim": 32}, "nested": {"widths": [32, 64], "depths": [1, 2]}})
     c = validate({"model": {"head_dim": 32}, "nested": {"widths": [32, 64], "depths": [1, 2]}, "seed": 1})
-    assert sha256(a) == sha256(b) != sha256(c)
+    assert digest(a) == digest(b) != digest(c)
     assert recipe_path_for(Path("out/b.safetensors")) == Path("out/b.recipe.yaml")
 
 

@@ -7,8 +7,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from weit_cli.core.resize import (
+    Axis,
+    LayerSource,
+    depth_plan,
+    mix_layers,
+    resize_axis,
+    resize_width,
+    width_index,
+)
 from weit_cli.errors import WeitError
-from weit_cli.core.resize import Axis, LayerSource, depth_plan, mix_layers, resize_axis, resize_width, width_index
 
 PROPS = settings(max_examples=30, deadline=None, derandomize=True)
 

@@ -16,11 +16,10 @@ from conftest import (
     make_tiny_resnet,
     save_timm_dir,
     tiny_resnet_args,
+    weit,
 )
 
 from weit_cli.errors import EXIT_INPUT, EXIT_USAGE, WeitError
-
-from conftest import weit
 
 FULL_RANK = TINY_RESNET_P**2 * 9  # 3×3 templates; the 1×1 set is capped at its own full rank (64)
 BLOCKS = ("basic", "bottleneck")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from weit_cli.errors import WeitError
 
-
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**63 - 1  # torch, numpy (mod 2**32) and random all take it
+MAX_PARAMS = 20_000_000_000  # refuse sizes no machine could hold, before allocating anything
 
 
 def check_seed(seed: int, name: str = "seed") -> None:

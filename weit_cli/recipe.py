@@ -15,13 +15,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import (
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from weit_cli.arch._registry import adapters, get_adapter, list_families
 from weit_cli.errors import InputError, WeitError
+from weit_cli.limits import MAX_SEED
 from weit_cli.section import Section as _Section
-
-MAX_SEED = 2**63 - 1  # torch, numpy (mod 2**32) and random all take it
 
 
 def _default_family() -> str:
@@ -120,6 +126,7 @@ class DataSection(_Section):
     source: str = Field("fashion-mnist", description="fashion-mnist, fashion-mnist:/folder, mnist5k, digits, or an image-folder path.")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of the training images held out for validation (seeded).")
     train_subset: float | int | None = Field(None, description="Train on a seeded part only: a fraction in (0, 1] or an image count.")
+    batch_size: int = Field(128, ge=1, description="Images per step over all processes (split evenly across DDP ranks).")
 
     @field_validator("train_subset", mode="before")
     @classmethod
@@ -127,7 +134,6 @@ class DataSection(_Section):
         if isinstance(v, bool):  # YAML `true` would otherwise become 1.0, "all of it"
             raise ValueError("must be a fraction in (0, 1] or an image count, not a boolean")
         return v
-    batch_size: int = Field(128, ge=1, description="Images per step over all processes (split evenly across DDP ranks).")
 
 
 class TrainSection(_Section):
@@ -313,7 +319,7 @@ def to_plain(recipe: Recipe) -> dict[str, Any]:
     return d
 
 
-def sha256(recipe: Recipe) -> str:
+def digest(recipe: Recipe) -> str:
     """Identity of the resolved recipe (independent of comments, key order and overrides syntax)."""
     return hashlib.sha256(yaml.safe_dump(to_plain(recipe), sort_keys=True).encode()).hexdigest()
 

@@ -29,12 +29,13 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from weit_cli.errors import InputError, WeitError
-from weit_cli.core.resize import Axis
 from weit_cli.arch._registry import register
 from weit_cli.arch._timm import TimmFamily
 from weit_cli.arch.base import Hints, LayerGroup, TemplateType
+from weit_cli.core.resize import Axis
 from weit_cli.core.selection import evenly_spaced
+from weit_cli.errors import InputError, WeitError
+from weit_cli.limits import MAX_PARAMS
 from weit_cli.section import Section
 
 STAGES = 4  # timm's ResNet always has layer1..layer4
@@ -43,7 +44,6 @@ STEMS = ("", "deep", "deep_tiered")
 EXPANSION = {"basic": 1, "bottleneck": 4}
 TIMM_NAME = {"basic": "resnet18", "bottleneck": "resnet50"}  # model_args override every size
 DEFAULT_TEMPLATE_SIZE = 16  # default p: gcd of the templated widths, at most this
-MAX_PARAMS = 20_000_000_000
 BN_STATS = ("weight", "bias", "running_mean", "running_var")
 RECIPE_STEMS = {"deep": "deep", "deep_tiered": "deep_tiered", "7x7": ""}  # recipe name → timm stem_type
 

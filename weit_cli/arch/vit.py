@@ -30,12 +30,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from weit_cli.errors import InputError, WeitError
-from weit_cli.core.resize import Axis
 from weit_cli.arch._registry import register
 from weit_cli.arch._timm import TimmFamily
 from weit_cli.arch.base import Hints, LayerGroup, TemplateType
+from weit_cli.core.resize import Axis
 from weit_cli.core.selection import evenly_spaced, head_aligned
+from weit_cli.errors import InputError, WeitError
+from weit_cli.limits import MAX_PARAMS
 from weit_cli.section import Section
 
 TEMPLATED = {
@@ -69,7 +70,6 @@ ATTENTION: list[tuple[str, dict[int, str]]] = [
     (r"blocks\.\d+\.attn\.proj\.weight", {1: "attn"}),
 ]
 
-MAX_PARAMS = 20_000_000_000  # refuse sizes no machine could hold, before allocating anything
 TIMM_ARCHITECTURE = "vit_base_patch16_224"  # any timm ViT name: model_args override every size
 
 

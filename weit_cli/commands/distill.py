@@ -16,8 +16,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from typing import Any
+
 import torch
 from torch import Tensor, nn
+
 from weit_cli.core.bundle import Bundle
 from weit_cli.errors import WeitError
 from weit_cli.options import DISTILL, SEED
@@ -51,12 +53,12 @@ def distill(
     """Train `bundle` (templates + scalers [+ small]) to imitate the dense `teacher_state` on `splits`
     (a data.DataSplits); returns the distilled bundle and what happened (held-out accuracies before and
     after, teacher accuracy, losses, time)."""
-    from weit_cli.training.nested import composed_forward
-    from weit_cli.training.batches import Batches
-    from weit_cli.training.loop import Loop, Plan
-    from weit_cli.training.optim import adamw, lr_at
-    from weit_cli.training.dist import resolve_device, seed_everything
     from weit_cli.tasks.classification import Classification
+    from weit_cli.training.batches import Batches
+    from weit_cli.training.dist import resolve_device, seed_everything
+    from weit_cli.training.loop import Loop, Plan
+    from weit_cli.training.nested import composed_forward
+    from weit_cli.training.optim import adamw, lr_at
 
     check_options(steps, lr, batch_size, temperature)
     ad, arch = bundle.adapter, bundle.arch

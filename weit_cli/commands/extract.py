@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
 import torch
+
 from weit_cli.arch._registry import detect_family
 from weit_cli.core.bundle import Bundle, from_dense
 from weit_cli.errors import WeitError
@@ -69,8 +71,8 @@ def extract_templates(
     }
     report = None
     if data is not None:
-        from weit_cli.data.images import load_data
         from weit_cli.commands.distill import distill
+        from weit_cli.data.images import load_data
 
         splits = load_data(data, img_size=arch.img_size, in_chans=arch.in_chans, seed=seed)
         bundle, report = distill(

@@ -25,12 +25,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
 import torch
 from torch import Tensor, nn
+
 from weit_cli.errors import InputError, OutputError, WeitError
 from weit_cli.io.files import checkpoint_sha256
 from weit_cli.options import FINETUNE, SEED
-
 
 INITS = ("weit", "random", "weight-selection")
 SCHEDULES = ("cosine", "constant")
@@ -72,9 +73,8 @@ def finetune(
     on_step: Callable[[Any], None] | None = None,
 ) -> dict[str, Any]:
     """Train MODEL's architecture on `data` for `epochs`; returns a summary. Every rank calls this."""
-    from weit_cli.training.dist import cleanup_distributed, setup_distributed
-
     from weit_cli.limits import check_seed
+    from weit_cli.training.dist import cleanup_distributed, setup_distributed
 
     model, out_dir = Path(model), Path(out_dir)
     _check_options(epochs, init, source, lr, warmup, schedule, min_lr_ratio, batch_size, weight_decay, grad_clip, label_smoothing)
@@ -224,11 +224,11 @@ def initial_state(adapter, arch, init: str, weights, source: Path | None, seed: 
 def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, min_lr_ratio, batch_size, weight_decay,
          grad_clip, label_smoothing, train_subset, data_seed, val_fraction, reset_head, seed, resume, eval_batch_size,
          on_step, dist) -> dict[str, Any]:
+    from weit_cli.tasks.classification import Classification
     from weit_cli.training.batches import Batches
+    from weit_cli.training.dist import barrier, seed_everything
     from weit_cli.training.loop import Loop, Plan
     from weit_cli.training.optim import adamw
-    from weit_cli.training.dist import barrier, seed_everything
-    from weit_cli.tasks.classification import Classification
 
     rank, world, dev = dist
     t_begin = time.perf_counter()
@@ -429,8 +429,8 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _write_model(adapter, arch, state: dict[str, Tensor], out: Path, provenance: dict[str, Any]) -> None:
     """A timm local-dir folder, written like `materialize` writes (atomically, replacing the old one)."""
-    from weit_cli.io.export import write_model
     from weit_cli.core.bundle import Bundle
+    from weit_cli.io.export import write_model
 
     dense = Bundle(adapter, arch, {}, {}, state)  # a bundle with no templates: every tensor is 'small'
     write_model(dense, out, torch.float32, {"command": "finetune", **provenance}, force=True)

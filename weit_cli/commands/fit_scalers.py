@@ -28,12 +28,26 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
 import torch
 from torch import Tensor, nn
-from weit_cli.core.bundle import Bundle, check_state, load_bundle, resize
+
+from weit_cli.core.bundle import (
+    Bundle,
+    check_state,
+    load_bundle,
+    resize,
+    templates_record,
+)
 from weit_cli.errors import InputError, WeitError
 from weit_cli.io.checkpoint import checkpoint_for, checkpoint_paths
-from weit_cli.io.files import KIND_SCALERS, base_metadata, check_output, remove_stale_temps, save_tensors
+from weit_cli.io.files import (
+    KIND_SCALERS,
+    base_metadata,
+    check_output,
+    remove_stale_temps,
+    save_tensors,
+)
 from weit_cli.options import FIT_SCALERS, SEED
 from weit_cli.training.nested import composed_forward
 
@@ -72,11 +86,11 @@ def fit_scalers(
     beside `out` (see the module doc)."""
     from weit_cli.core.bundle import plan_target
     from weit_cli.io.files import sha256
-    from weit_cli.training.loop import Loop, Plan, check_resume
-    from weit_cli.training.optim import adamw, lr_at
-    from weit_cli.training.dist import resolve_device, seed_everything
     from weit_cli.tasks.classification import Classification
     from weit_cli.training.batches import Batches
+    from weit_cli.training.dist import resolve_device, seed_everything
+    from weit_cli.training.loop import Loop, Plan, check_resume
+    from weit_cli.training.optim import adamw, lr_at
 
     out = Path(out)
     ckpt = checkpoint_for(out)
@@ -89,12 +103,9 @@ def fit_scalers(
         raise WeitError(f"--distill must be in [0, 1], got {distill}", "0 turns distillation off, 0.5 weighs KL and CE equally")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise WeitError(f"--temperature must be positive, got {temperature}", "1.0 is plain KL on the logits")
-    from weit_cli.core.resize import DEPTH_RULES, WIDTH_RULES
+    from weit_cli.core.resize import check_rules
 
-    if depth_rule not in DEPTH_RULES:
-        raise WeitError(f"unknown depth rule '{depth_rule}'", f"choose one of: {', '.join(DEPTH_RULES)}")
-    if width_rule not in WIDTH_RULES:
-        raise WeitError(f"unknown width rule '{width_rule}'", f"choose one of: {', '.join(WIDTH_RULES)}")
+    check_rules(depth_rule, width_rule)
     if calibrate_batches < 1:
         raise WeitError(f"--calibrate-batches must be at least 1, got {calibrate_batches}", "20 batches is typical")
     warmup = max(1, steps // 10) if warmup is None else warmup
@@ -230,10 +241,7 @@ def fit_scalers(
 
     tensors = {f"scalers.{k}": v.detach().cpu() for k, v in scalers.items()}
     tensors.update({f"small.{k}": v.detach().cpu() for k, v in small.items()})
-    templates_meta = {
-        t: {"count": v.shape[0], "p": v.shape[1], "q": v.shape[2], "kernel": list(v.shape[3:])}
-        for t, v in bundle.templates.items()
-    }
+    templates_meta = templates_record(bundle.templates)
     if bn_stats is not None:
         provenance["bn_statistics"] = bn_stats
     meta = base_metadata(

@@ -5,10 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
 from weit_cli.arch._registry import detect_family, get_adapter
 from weit_cli.core.bundle import Bundle, load_bundle, tensor_problems
 from weit_cli.errors import InputError, WeitError
-from weit_cli.io.files import KIND_SCALERS, KIND_TEMPLATES, load_dense, load_weit, read_header, weights_file
+from weit_cli.io.files import (
+    KIND_SCALERS,
+    KIND_TEMPLATES,
+    load_dense,
+    load_weit,
+    read_header,
+    weights_file,
+)
 
 
 def inspect(path: Path) -> dict[str, Any]:

@@ -3,22 +3,20 @@ an ordinary checkpoint; BatchNorm statistics can be re-estimated on data."""
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-import torch
-from weit_cli.core.bundle import Bundle, load_bundle, resize
-from weit_cli.errors import WeitError
-from weit_cli.core.resize import DEPTH_RULES, WIDTH_RULES
-from weit_cli.io.files import check_output, one_thread, read_header, sha256
-from weit_cli.core.bundle import load_scalers
-from weit_cli.core.bundle import plan_target
-from weit_cli.io.export import exporter_for, write_model
-from weit_cli.options import MATERIALIZE, SEED
 
+import torch
+
+from weit_cli.core.bundle import Bundle, load_bundle, load_scalers, plan_target, resize
+from weit_cli.core.resize import check_rules
+from weit_cli.errors import WeitError
+from weit_cli.io.export import exporter_for, write_model
+from weit_cli.io.files import check_output, one_thread, read_header, sha256
+from weit_cli.options import MATERIALIZE, SEED
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,10 +47,7 @@ def materialize(
     check_output(out, force)
     if dtype not in DTYPES:
         raise WeitError(f"unknown dtype '{dtype}'", f"choose one of: {', '.join(DTYPES)}")
-    if depth_rule not in DEPTH_RULES:
-        raise WeitError(f"unknown depth rule '{depth_rule}'", f"choose one of: {', '.join(DEPTH_RULES)}")
-    if width_rule not in WIDTH_RULES:
-        raise WeitError(f"unknown width rule '{width_rule}'", f"choose one of: {', '.join(WIDTH_RULES)}")
+    check_rules(depth_rule, width_rule)
     if calibrate is not None and (calibrate_batches < 1 or calibrate_batch_size < 2):
         raise WeitError(
             f"--calibrate needs at least 1 batch of 2 or more images, got {calibrate_batches} × {calibrate_batch_size}",
@@ -115,8 +110,8 @@ def _fitted_bn_statistics(path: Path) -> str | None:
 
 def _calibrate(sized: Bundle, source: str, batches: int, batch_size: int, seed: int, progress) -> tuple[Bundle, str]:
     """Re-estimate the BatchNorm running statistics of the materialized model on `source`."""
-    from weit_cli.training.calibrate import recalibrate_bn, recalibrated
     from weit_cli.data.images import load_data
+    from weit_cli.training.calibrate import recalibrate_bn, recalibrated
 
     ad, arch = sized.adapter, sized.arch
     if not ad.batchnorm:

@@ -25,25 +25,34 @@ import time
 from functools import partial
 from pathlib import Path
 from typing import Any
+
 import torch
 from torch import nn
+
 from weit_cli import recipe as rcp
 from weit_cli.core.bundle import Bundle
-from weit_cli.training.calibrate import recalibrate_bn
 from weit_cli.errors import InputError, WeitError
-from weit_cli.io.files import atomic_file, check_output, remove_stale_temps, save_tensors
+from weit_cli.io.checkpoint import checkpoint_for, checkpoint_paths
+from weit_cli.io.files import (
+    atomic_file,
+    check_output,
+    remove_stale_temps,
+    save_tensors,
+)
 from weit_cli.tasks.base import Task
 from weit_cli.tasks.classification import Classification
 from weit_cli.training.batches import Batches
-from weit_cli.training.loop import Loop, Plan, check_resume
-from weit_cli.training.progress import StepCallback
-from weit_cli.training.optim import adamw, lr_at
+from weit_cli.training.calibrate import recalibrate_bn
 from weit_cli.training.dist import barrier, cleanup_distributed, setup_distributed
-from weit_cli.io.checkpoint import checkpoint_for, checkpoint_paths
-from weit_cli.training.nested import initial_bundle
-from weit_cli.training.nested import NestedModel
-from weit_cli.training.nested import SandwichLoss
-from weit_cli.training.nested import sample_sizes
+from weit_cli.training.loop import Loop, Plan, check_resume
+from weit_cli.training.nested import (
+    NestedModel,
+    SandwichLoss,
+    initial_bundle,
+    sample_sizes,
+)
+from weit_cli.training.optim import adamw, lr_at
+from weit_cli.training.progress import StepCallback
 
 
 def pretrain(
@@ -95,7 +104,7 @@ def _run(recipe, output, recipe_out, ckpt, resume, dist_info, callback, command)
     splits = task.load_data(
         recipe.data.source, m, seed=recipe.seed, val_fraction=recipe.data.val_fraction, train_subset=recipe.data.train_subset,
     )
-    recipe_sha = rcp.sha256(recipe)
+    recipe_sha = rcp.digest(recipe)
     bundle = initial_bundle(recipe, splits.num_classes)
     net = NestedModel(bundle).to(dev)
     calib = None

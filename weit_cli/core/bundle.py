@@ -4,22 +4,27 @@ them that every command shares — extraction from a dense model, resizing, comp
 from __future__ import annotations
 
 import functools
-import math
-
 import json
-from pathlib import Path
-from typing import Any
-import torch
-import weit_cli.core.kron as kron
-from weit_cli.arch._registry import get_adapter
-from weit_cli.errors import InputError, WeitError
-from weit_cli.io.files import KIND_SCALERS, KIND_TEMPLATES, load_weit, sha256
+import math
 import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
 from torch import Tensor
-from weit_cli.arch._registry import Adapter
-from weit_cli.io.files import base_metadata
+
+import weit_cli.core.kron as kron
+from weit_cli.arch._registry import Adapter, get_adapter
 from weit_cli.core.resize import depth_plan, mix_layers, resize_width
+from weit_cli.errors import InputError, WeitError
+from weit_cli.io.files import (
+    KIND_SCALERS,
+    KIND_TEMPLATES,
+    base_metadata,
+    load_weit,
+    sha256,
+)
 
 
 def load_scalers(path: Path, bundle: Bundle, bundle_sha: str, target: Any) -> Bundle:
@@ -124,11 +129,15 @@ class Bundle:
 
     def metadata(self, **provenance: Any) -> dict[str, str]:
         arch = {**self.arch.to_dict(), **{k: v for k, v in self.extra.items() if k == "nested"}}
-        templates = {
-            t: {"count": v.shape[0], "p": v.shape[1], "q": v.shape[2], "kernel": list(v.shape[3:])}
-            for t, v in self.templates.items()
-        }
-        return base_metadata(KIND_TEMPLATES, architecture=arch, templates=templates, provenance=provenance)
+        return base_metadata(KIND_TEMPLATES, architecture=arch, templates=templates_record(self.templates), provenance=provenance)
+
+
+def templates_record(templates: dict[str, Tensor]) -> dict[str, dict[str, Any]]:
+    """The `templates` metadata of bundles and scalers files: count and block shape per type."""
+    return {
+        t: {"count": v.shape[0], "p": v.shape[1], "q": v.shape[2], "kernel": list(v.shape[3:])}
+        for t, v in templates.items()
+    }
 
 
 def bundle_from_tensors(tensors: dict[str, Tensor], meta: dict[str, str], source: str = "file") -> Bundle:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
 import torch
 from torch import Tensor
-from weit_cli.errors import WeitError
 
+from weit_cli.errors import WeitError
 
 DepthRule = Literal["auto", "prefix", "interp", "stack", "interleave", "identity"]
 WidthRule = Literal["tile", "tile-nodiv"]
@@ -26,6 +27,14 @@ class LayerSource:
 
     sources: tuple[tuple[int, float], ...]
     zero_residual: bool = False
+
+
+def check_rules(depth_rule: str, width_rule: str) -> None:
+    """Refuse an unknown rule up front (before any file is read)."""
+    if depth_rule not in DEPTH_RULES:
+        raise WeitError(f"unknown depth rule '{depth_rule}'", f"choose one of: {', '.join(DEPTH_RULES)}")
+    if width_rule not in WIDTH_RULES:
+        raise WeitError(f"unknown width rule '{width_rule}'", f"choose one of: {', '.join(WIDTH_RULES)}")
 
 
 def depth_plan(old: int, new: int, rule: str) -> list[LayerSource]:

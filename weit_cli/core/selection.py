@@ -21,8 +21,10 @@ family module's docstring spells out its rule):
 from __future__ import annotations
 
 from typing import Any
+
 import torch
 from torch import Tensor
+
 from weit_cli.errors import WeitError
 
 
@@ -68,11 +70,11 @@ def weight_selection(source: dict[str, Tensor], src_arch: Any, dst_arch: Any, fr
         x = source[key]
         for dim, name in axes.items():
             x = x.index_select(dim, idx[name])
-        out[key] = _fitted(key, x, ref)
+        out[key] = _check_fits(key, x, ref)
     return out
 
 
-def _fitted(key: str, x: Tensor, ref: Tensor) -> Tensor:
+def _check_fits(key: str, x: Tensor, ref: Tensor) -> Tensor:
     if tuple(x.shape) != tuple(ref.shape):
         raise WeitError(
             f"selected '{key}' has shape {tuple(x.shape)}, the target needs {tuple(ref.shape)}",

@@ -20,11 +20,12 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
-from weit_cli.errors import InputError, WeitError
 
+from weit_cli.errors import InputError, WeitError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]

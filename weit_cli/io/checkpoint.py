@@ -7,11 +7,12 @@ import json
 import random
 from pathlib import Path
 from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
-from weit_cli.errors import InputError
 
+from weit_cli.errors import InputError
 
 CHECKPOINT_FORMAT = "weit.checkpoint.1"
 

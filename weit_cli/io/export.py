@@ -8,14 +8,15 @@ file instead (`SafetensorsFile`), its header holding the family exporter's metad
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
+
 import torch
+
 import weit_cli.core.kron as kron
 from weit_cli import __version__
 from weit_cli.core.bundle import Bundle, state_problems

@@ -7,11 +7,10 @@ Reads check the header size before parsing and never unpickle.
 
 from __future__ import annotations
 
-import math
-
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -21,11 +20,12 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
 import torch
 from torch import Tensor
+
 from weit_cli import FORMAT_VERSION, KRON_ORDER, __version__
 from weit_cli.errors import InputError, OutputError
-
 
 KIND_TEMPLATES = "weit.templates"
 KIND_SCALERS = "weit.scalers"

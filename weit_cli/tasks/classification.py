@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
 import torch
 from torch import Tensor, nn
+
 from weit_cli.tasks.base import Batch, Forward, Task
 from weit_cli.training.dist import device_autocast
 

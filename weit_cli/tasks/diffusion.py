@@ -24,11 +24,12 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from weit_cli.errors import InputError, WeitError
 
+from weit_cli.errors import InputError, WeitError
 
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 

@@ -22,11 +22,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from weit_cli.errors import InputError, OutputError, WeitError
 
+from weit_cli.errors import InputError, OutputError, WeitError
 
 JUDGE_ARCH = "weit-judge-cnn-bn-v1"  # bump when JudgeNet changes: old cached judges then stop matching
 #: Training settings; part of the cache key. One pass over 20k images with a one-cycle schedule:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
 import torch
 from torch import Tensor
+
 from weit_cli.errors import InputError
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from weit_cli.errors import InputError, WeitError
 
+from weit_cli.errors import InputError, WeitError
 
 STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 

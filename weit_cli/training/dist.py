@@ -7,8 +7,10 @@ import os
 import random
 from contextlib import nullcontext
 from typing import NamedTuple
+
 import numpy as np
 import torch
+
 from weit_cli.errors import WeitError
 from weit_cli.limits import check_seed
 
@@ -17,10 +19,6 @@ class Dist(NamedTuple):
     rank: int
     world_size: int
     device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def setup_distributed(device: str | None = None) -> Dist:

@@ -26,10 +26,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
 import torch
 from torch import Tensor
+
 from weit_cli.errors import EXIT_INTERRUPTED, InputError, WeitError
-from weit_cli.io.checkpoint import checkpoint_exists, checkpoint_paths, load_checkpoint, save_checkpoint
+from weit_cli.io.checkpoint import (
+    checkpoint_exists,
+    checkpoint_paths,
+    load_checkpoint,
+    save_checkpoint,
+)
 from weit_cli.training import optim
 from weit_cli.training.batches import Batches
 from weit_cli.training.dist import barrier, device_autocast, mean_over_ranks

@@ -7,15 +7,17 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from typing import Any
-import torch
 from functools import partial
+from typing import Any
+
+import torch
 from torch import Tensor, nn
+
 from weit_cli import recipe as rcp
 from weit_cli.arch._registry import get_adapter
 from weit_cli.core.bundle import Bundle, from_dense, resize
-from weit_cli.training.calibrate import STAT_SUFFIXES, recalibrated
 from weit_cli.tasks.base import Task
+from weit_cli.training.calibrate import STAT_SUFFIXES, recalibrated
 
 
 def largest_arch(recipe: rcp.Recipe, num_classes: int):
@@ -66,6 +68,7 @@ def initial_bundle(recipe: rcp.Recipe, num_classes: int) -> Bundle:
 
 
 def _enc(key: str) -> str:
+    """A dense key as a ParameterDict name: nn.Module names may not contain dots."""
     return key.replace(".", "/")
 
 

@@ -4,6 +4,7 @@ and one optimiser step (training/loop.py refuses a non-finite loss)."""
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor
 
