@@ -170,6 +170,17 @@ def test_dt_policy_pads_like_a_full_window(tiny):
     assert long.shape == (3,)
 
 
+def test_model_that_does_not_fit_the_environment(tiny):
+    from transformers import DecisionTransformerConfig, DecisionTransformerModel
+
+    cheetah = DecisionTransformerModel(DecisionTransformerConfig(state_dim=17, act_dim=6, hidden_size=32, n_layer=1, n_head=1))
+    with pytest.raises(WeitError) as e:
+        T.DecisionTransformerPolicy.for_data(cheetah, T.prepare(tiny), context=5)
+    assert "\n" not in str(e.value) and "17 state features and 6 actions; Hopper-v5 has 11 and 3" in str(e.value)
+    with pytest.raises(WeitError):
+        T.check_fits(11, 3, "Hopper-v4")
+
+
 def test_dt_rollout_is_reproducible(tiny):
     cs = T.prepare(tiny)
     policy = T.DecisionTransformerPolicy.for_data(tiny_dt(context=5), cs, context=5)

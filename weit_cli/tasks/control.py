@@ -281,6 +281,16 @@ def rollout(
     )
 
 
+def check_fits(state_dim: int, act_dim: int, env_id: str, what: str = "the model") -> None:
+    """Refuse a model whose state or action size is not the environment's, before any rollout."""
+    e = env_info(env_id)
+    if (state_dim, act_dim) != (e.obs_dim, e.act_dim):
+        raise WeitError(
+            f"{what} takes {state_dim} state features and {act_dim} actions; {env_id} has {e.obs_dim} and {e.act_dim}",
+            "use a model made for this environment, or set the model's state_dim/act_dim",
+        )
+
+
 class DecisionTransformerPolicy:
     """transformers' DecisionTransformerModel as a rollout policy: states normalised with the
     training data's statistics, returns-to-go scaled, the last `context` steps left-padded to
@@ -299,6 +309,7 @@ class DecisionTransformerPolicy:
 
     @classmethod
     def for_data(cls, model: torch.nn.Module, data: ControlSet, *, context: int) -> DecisionTransformerPolicy:
+        check_fits(model.config.state_dim, model.config.act_dim, data.env_id)
         return cls(model, data.state_mean, data.state_std, context=context, rtg_scale=data.rtg_scale)
 
     @torch.no_grad()
