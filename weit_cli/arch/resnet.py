@@ -1,4 +1,4 @@
-"""timm `ResNet` (docs/method.md, "ResNets"): the convolutions of the residual blocks are templated — every 3×3 conv
+"""timm `ResNet` (docs/method.md §1, convolution templates): the convolutions of the residual blocks are templated — every 3×3 conv
 shares one template set, every 1×1 conv (bottleneck ends, projection shortcuts) another, each template
 carrying its spatial kernel (docs/method.md §1). Stem, BatchNorm and classifier are small parameters.
 

@@ -1,5 +1,5 @@
 """`weit extract-templates`: a template bundle from a dense checkpoint by the shared truncated SVD
-(docs/method.md, "Extraction"), optionally refined by distillation on data (commands/distill.py)."""
+(docs/method.md §3), optionally refined by distillation on data (commands/distill.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Constraint-based pretraining (docs/method.md, "Pretraining"): train templates, scalers and small parameters so that every
+"""Constraint-based pretraining (README "Commands"; figures in docs/benchmarks.md "Pretraining"): train templates, scalers and small parameters so that every
 nested size composes into a good timm model.
 
 Every step trains the largest size, the smallest and `nested.sandwich` random sizes in between. Each
