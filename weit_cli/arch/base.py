@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
-from weit_cli.core.resize import Axis
+from weit_cli.core.resize import Axis, ZeroRuns
 
 if TYPE_CHECKING:
     from weit_cli.section import Section
@@ -119,6 +119,11 @@ class Adapter(ABC):
         """Keys within a block zeroed to make an added block the identity (default: `identity_zero`)."""
         return self.identity_zero
 
+    def identity_rows(self, arch) -> dict[str, ZeroRuns]:
+        """Keys within a block of which only some row runs are zeroed to make an added block the
+        identity (e.g. adaLN-Zero's gates); the rest of the tensor keeps the copied block's values."""
+        return {}
+
     @abstractmethod
     def layer_groups(self, arch) -> list[LayerGroup]:
         """The runs of repeated blocks whose counts the depth rules change."""
@@ -189,4 +194,4 @@ def _option(v: Any) -> str:
     return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
 
-__all__ = ["Adapter", "Axis", "Hints", "LayerGroup", "TemplateType"]
+__all__ = ["Adapter", "Axis", "ZeroRuns", "Hints", "LayerGroup", "TemplateType"]
