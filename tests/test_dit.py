@@ -347,3 +347,19 @@ def test_a_dit_recipe_section_validates_and_builds(tmp_path):
         path.write_text(body)
         with pytest.raises(Exception, match=words):
             load_recipe(path)
+
+
+def test_training_commands_refuse_a_dit_until_its_task_is_wired(dit_dir, full_bundle, tmp_path):
+    """The classification commands refuse a generation family before any work, in one line."""
+    weit("materialize", full_bundle, "-o", tmp_path / "m")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {family: dit, sample_size: 8, patch_size: 2, head_dim: 8}\nnested: {depths: [1, 2], widths: [16, 32]}\n")
+    for args in (
+        ("fit-scalers", full_bundle, "--data", "digits", "-o", tmp_path / "s.safetensors"),
+        ("extract-templates", dit_dir, "--data", "digits", "-o", tmp_path / "b.safetensors"),
+        ("finetune", tmp_path / "m", "--data", "digits", "--epochs", 1, "-o", tmp_path / "f"),
+        ("pretrain", recipe, "-o", tmp_path / "p.safetensors"),
+    ):
+        r = weit(*args, expect=EXIT_USAGE)
+        assert f"'weit {args[0]}" in r.stderr and "a dit is a generation model" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "r.yaml"]

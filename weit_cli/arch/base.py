@@ -71,6 +71,9 @@ class Adapter(ABC):
     #: Whether the family has BatchNorm running statistics (resized statistics may need recalibration).
     batchnorm: ClassVar[bool] = False
     hints: ClassVar[Hints] = Hints()
+    #: The task (`tasks.base.Task.name`) that trains this family's models: the training commands
+    #: refuse a family of another task before any work (`check_task`).
+    task: ClassVar[str] = "classification"
 
     # --- architecture -------------------------------------------------------------------------
     @abstractmethod
@@ -139,6 +142,16 @@ class Adapter(ABC):
     def size_options(self, arch) -> list[str]:
         """The command-line options that ask `materialize` for `arch`'s size."""
         return ["--depth", _option(arch.depth), "--width", _option(arch.width)]
+
+    def check_task(self, task: str, command: str) -> None:
+        """Refuse, with one line, a command whose task does not train this family's models."""
+        if task != self.task:
+            from weit_cli.errors import WeitError
+
+            raise WeitError(
+                f"'weit {command}' trains {task} models; a {self.family} is a {self.task} model, which it does not train yet",
+                "extract-templates (without --data), materialize and inspect work for every family",
+            )
 
     # --- weight selection (core/selection.py) -------------------------------------------------
     @abstractmethod

@@ -185,6 +185,7 @@ class DiTAdapter(Adapter):
     classifier = ()  # the class tables live in every block; a DiT keeps its class count (target_arch)
     no_decay = ("embedding_table.weight",)  # DiT trains with no weight decay at all; embeddings at least
     hints = Hints(guessed=("--num-heads", "--img-size"))
+    task = "generation"  # tasks/diffusion.py (ε-prediction DDPM), on the gen branch
 
     @cached_property
     def exporter(self) -> DiffusersFolder:
