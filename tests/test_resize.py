@@ -163,3 +163,20 @@ def test_net2net_growth_is_lossless_for_integer_ratios(d_in, d_out, k, m, seed):
 def test_resize_axis_checks_runs():
     with pytest.raises(ValueError, match="expected 3×4"):
         resize_axis(torch.zeros(10), 0, 4, 8, runs=3)
+
+
+def test_zero_runs_zeroes_whole_runs_of_one_dimension():
+    """The identity path's row-run zeroing (adaLN-Zero gates): the same runs of dense rows and of a
+    scaler grid's rows (dim 1 of an (N, a, b) stack)."""
+    from weit_cli.core.resize import ZeroRuns
+
+    gates = ZeroRuns(6, (2, 5))
+    x = torch.arange(1, 6 * 4 * 3 + 1, dtype=torch.float32).reshape(24, 3)
+    y = gates(x)
+    for r in range(6):
+        rows = slice(4 * r, 4 * r + 4)
+        assert (not y[rows].any()) if r in (2, 5) else torch.equal(y[rows], x[rows])
+    s = torch.randn(2, 12, 5)
+    assert torch.equal(gates(s, dim=1), gates(s.transpose(0, 1)).transpose(0, 1))
+    with pytest.raises(ValueError, match="equal runs"):
+        gates(torch.zeros(7, 2))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
-from weit_cli.core.resize import Axis
+from weit_cli.core.resize import Axis, ZeroRuns
 
 if TYPE_CHECKING:
     from weit_cli.section import Section
@@ -71,6 +71,9 @@ class Adapter(ABC):
     #: Whether the family has BatchNorm running statistics (resized statistics may need recalibration).
     batchnorm: ClassVar[bool] = False
     hints: ClassVar[Hints] = Hints()
+    #: The task (`tasks.base.Task.name`) that trains this family's models: the training commands
+    #: refuse a family of another task before any work (`check_task`).
+    task: ClassVar[str] = "classification"
 
     # --- architecture -------------------------------------------------------------------------
     @abstractmethod
@@ -119,6 +122,11 @@ class Adapter(ABC):
         """Keys within a block zeroed to make an added block the identity (default: `identity_zero`)."""
         return self.identity_zero
 
+    def identity_rows(self, arch) -> dict[str, ZeroRuns]:
+        """Keys within a block of which only some row runs are zeroed to make an added block the
+        identity (e.g. adaLN-Zero's gates); the rest of the tensor keeps the copied block's values."""
+        return {}
+
     @abstractmethod
     def layer_groups(self, arch) -> list[LayerGroup]:
         """The runs of repeated blocks whose counts the depth rules change."""
@@ -134,6 +142,16 @@ class Adapter(ABC):
     def size_options(self, arch) -> list[str]:
         """The command-line options that ask `materialize` for `arch`'s size."""
         return ["--depth", _option(arch.depth), "--width", _option(arch.width)]
+
+    def check_task(self, task: str, command: str) -> None:
+        """Refuse, with one line, a command whose task does not train this family's models."""
+        if task != self.task:
+            from weit_cli.errors import WeitError
+
+            raise WeitError(
+                f"'weit {command}' trains {task} models; a {self.family} is a {self.task} model, which it does not train yet",
+                "extract-templates (without --data), materialize and inspect work for every family",
+            )
 
     # --- weight selection (core/selection.py) -------------------------------------------------
     @abstractmethod
@@ -189,4 +207,4 @@ def _option(v: Any) -> str:
     return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
 
-__all__ = ["Adapter", "Axis", "Hints", "LayerGroup", "TemplateType"]
+__all__ = ["Adapter", "Axis", "ZeroRuns", "Hints", "LayerGroup", "TemplateType"]

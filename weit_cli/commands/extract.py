@@ -61,6 +61,10 @@ def extract_templates(
         hints["img_size"] = img_size
     adapter = detect_family(state.keys())
     arch = adapter.infer_arch(state, hints)
+    if data is not None:
+        from weit_cli.tasks.classification import Classification
+
+        adapter.check_task(Classification.name, "extract-templates --data")
     bundle, errors = from_dense(adapter, arch, state, template_size, num_templates)
     provenance = {
         "command": "extract-templates",

@@ -235,6 +235,7 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
     if batch_size % world:
         raise WeitError(f"--batch-size {batch_size} does not split over {world} processes", f"use a multiple of {world}")
     adapter, arch, weights = read_model(model, need_weights=init == "weit")
+    adapter.check_task(Classification.name, "finetune")
     task = Classification(label_smoothing)
     splits = task.load_data(data, arch, seed=data_seed, val_fraction=val_fraction, train_subset=train_subset)
     new_head = reset_head or splits.num_classes != arch.num_classes

@@ -118,6 +118,7 @@ def fit_scalers(
 
     bundle, bsha = load_bundle(bundle_path)
     arch0 = bundle.arch
+    bundle.adapter.check_task(Classification.name, "fit-scalers")
     task = Classification()
     splits = task.load_data(data, arch0, seed=seed, train_subset=train_subset)
     if num_classes is None:

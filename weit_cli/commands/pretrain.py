@@ -72,6 +72,7 @@ def pretrain(
     if data is not None:
         overrides.append(f"data.source={data}")
     recipe = rcp.load_recipe(recipe_path, overrides)
+    recipe.adapter.check_task(Classification.name, "pretrain")
     if data is not None:
         recipe.data.source = data  # keep the string exactly (a YAML parse could turn '1' into a number)
     output = Path(output)

@@ -345,7 +345,7 @@ def resize(b: Bundle, target: Any, depth_rule: str = "auto", width_rule: str = "
     """The bundle's parameters at `target` size (docs/method.md §4). Differentiable: pretraining uses it too."""
     scalers, small = dict(b.scalers), dict(b.small)
     ad = b.adapter
-    identity = ad.identity_suffixes(target)
+    identity, identity_rows = ad.identity_suffixes(target), ad.identity_rows(target)
     for g_old, g_new in zip(ad.layer_groups(b.arch), ad.layer_groups(target)):
         old_n, new_n = g_old.count - g_old.first, g_new.count - g_new.first
         if old_n == new_n:
@@ -369,6 +369,8 @@ def resize(b: Bundle, target: Any, depth_rule: str = "auto", width_rule: str = "
                         w = w.round().to(layers[0].dtype)
                     if src.zero_residual and suffix in identity:
                         w = torch.zeros_like(w)
+                    elif src.zero_residual and suffix in identity_rows:  # a scaler grid's rows are dim 1
+                        w = identity_rows[suffix](w, dim=1 if store is scalers else 0)
                     store[g_new.prefix.format(g_new.first + j) + suffix] = w
     old_sizes, new_sizes = ad.sizes(b.arch), ad.sizes(target)
     if old_sizes != new_sizes:

@@ -102,6 +102,25 @@ class Axis:
     runs: int = 1
 
 
+@dataclass(frozen=True)
+class ZeroRuns:
+    """Zero some of the `runs` equal runs of one dimension of a tensor: for a block whose residual
+    branches are closed by part of a tensor rather than all of it (adaLN-Zero's gate chunks of the
+    modulation matrix, whose shift and scale chunks an added block keeps). Equal runs of the dense rows
+    are equal runs of a scaler grid's rows too, so one spec serves both."""
+
+    runs: int
+    zero: tuple[int, ...]
+
+    def __call__(self, x: Tensor, dim: int = 0) -> Tensor:
+        if x.shape[dim] % self.runs:
+            raise ValueError(f"dimension {dim} has {x.shape[dim]} entries, not {self.runs} equal runs")
+        parts = list(x.split(x.shape[dim] // self.runs, dim))
+        for r in self.zero:
+            parts[r] = torch.zeros_like(parts[r])
+        return torch.cat(parts, dim)
+
+
 def width_index(old: int, new: int, runs: int = 1) -> Tensor:
     """Target position → source position: prefix when shrinking, cyclic tiling when growing."""
     base = torch.arange(new) % old

@@ -2,8 +2,8 @@
 the streaming core) into the files an `Exporter` lays out.
 
 A family names its exporter (`Adapter.exporter`): the folder another library loads — timm's local-dir
-today; a diffusers or transformers (`save_pretrained`) layout is another `Exporter` subclass that a
-family module defines, with no change here. An output ending in .safetensors gets the bare weights
+(`TimmLocalDir`) or diffusers' model folder (`DiffusersFolder`); a transformers (`save_pretrained`)
+layout would be another `Exporter` subclass, with no change to the streaming core. An output ending in .safetensors gets the bare weights
 file instead (`SafetensorsFile`), its header holding the family exporter's metadata."""
 
 from __future__ import annotations
@@ -85,6 +85,56 @@ class TimmLocalDir(Exporter):
         args = ", ".join(f"{k}={v!r}" for k, v in cfg["model_args"].items())
         load = f"timm.create_model('{cfg['architecture']}', checkpoint_path='{out}', {args})"
         return {"format": SafetensorsFile.format, "architecture": cfg["architecture"], "model_args": cfg["model_args"], "load": load}
+
+
+class DiffusersFolder(Exporter):
+    """diffusers' model folder: config.json (diffusers' own layout: `_class_name`,
+    `_diffusers_version` and the model's init arguments, as `save_config` writes it) and
+    diffusion_pytorch_model.safetensors, for `<class>.from_pretrained(folder)`. `config(arch)` is the
+    family's config without `_diffusers_version`, which is the installed diffusers' (read from its
+    package metadata: importing diffusers takes seconds).
+
+    `companions(arch)` names other JSON files written into the same folder, atomically with the model:
+    the hook for the generation task's `scheduler_config.json`, which diffusers' schedulers read from
+    the same folder (`DDPMScheduler.from_pretrained(folder)`)."""
+
+    format = "diffusers"
+    weights_name = "diffusion_pytorch_model.safetensors"
+
+    def __init__(
+        self, config: Callable[[Any], dict[str, Any]], companions: Callable[[Any], dict[str, dict[str, Any]]] | None = None
+    ):
+        self._config = config
+        self.companions = companions or (lambda arch: {})
+
+    def config(self, arch) -> dict[str, Any]:
+        from importlib.metadata import version
+
+        return {**self._config(arch), "_diffusers_version": version("diffusers")}
+
+    def metadata(self, arch) -> dict[str, str]:
+        return {"config": json.dumps(self.config(arch), sort_keys=True)}
+
+    def write(self, out: Path, arch, weights: WriteWeights, force: bool) -> list[str]:
+        files = {"config.json": self.config(arch), **self.companions(arch)}
+        with atomic_dir(out, force) as tmp, one_thread():
+            weights(tmp / self.weights_name)
+            for name, content in files.items():
+                (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+        return [str(out / self.weights_name), *(str(out / name) for name in files)]
+
+    def summary(self, arch, out: Path) -> dict[str, Any]:
+        cfg = self.config(arch)
+        load = f"diffusers.{cfg['_class_name']}.from_pretrained('{out}')"
+        return {"format": self.format, "class_name": cfg["_class_name"], "config": cfg, "load": load}
+
+    def bare_summary(self, arch, out: Path) -> dict[str, Any]:
+        cfg = self.config(arch)
+        load = (
+            f"m = diffusers.{cfg['_class_name']}.from_config(CONFIG); "
+            f"m.load_state_dict(safetensors.torch.load_file('{out}')), CONFIG being the file's 'config' metadata"
+        )
+        return {"format": SafetensorsFile.format, "class_name": cfg["_class_name"], "config": cfg, "load": load}
 
 
 class SafetensorsFile(Exporter):

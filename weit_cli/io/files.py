@@ -341,11 +341,14 @@ def base_metadata(kind: str, **fields: Any) -> dict[str, str]:
     return meta
 
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
+WEIGHT_FILES = (
+    "model.safetensors", "pytorch_model.bin", "model.pth", "model.pt",  # timm's, in its order of preference
+    "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",  # diffusers' model folders
+)
 
 
 def weights_file(folder: Path) -> Path | None:
-    """The weights file of a timm model folder, in timm's order of preference."""
+    """The weights file of a timm or diffusers model folder, in their order of preference."""
     return next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
 
 
@@ -358,10 +361,21 @@ def checkpoint_sha256(path: Path) -> str:
     return sha256(path)
 
 
-def load_dense(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """A dense checkpoint: timm local-dir folder, bare safetensors, or a torch file (weights only).
+def _library_config(conf: Any) -> dict[str, Any]:
+    """The init arguments of a config saved by diffusers' `save_config` (it names the model's
+    `_class_name`): every top-level key is one, kept as written, `_class_name` included, so that a
+    family can tell a model of another class."""
+    if not isinstance(conf, dict) or not isinstance(conf.get("_class_name"), str):
+        return {}
+    return dict(conf)
 
-    Returns the state dict and hints about the architecture (model_args from config.json or metadata).
+
+def load_dense(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A dense checkpoint: timm local-dir or diffusers model folder, bare safetensors, or a torch file
+    (weights only).
+
+    Returns the state dict and hints about the architecture (timm's model_args, or a diffusers
+    config's keys, from config.json or the file's metadata).
     """
     path = Path(path)
     if not path.exists():
@@ -375,16 +389,25 @@ def load_dense(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
                 hints.update(conf.get("model_args") or {})
                 if isinstance(conf.get("pretrained_cfg"), dict):  # input size of size-agnostic CNNs
                     hints["pretrained_cfg"] = conf["pretrained_cfg"]
-            except (ValueError, AttributeError):
+                hints.update(_library_config(conf))
+            except (ValueError, AttributeError, UnicodeDecodeError):
                 raise InputError(f"{cfg} is not valid JSON", "fix or remove it") from None
         found = weights_file(path)
         if found is None:
-            raise InputError(f"{path} holds no model.safetensors or pytorch_model.bin", "point to a timm model folder or file")
+            raise InputError(
+                f"{path} holds no model.safetensors, pytorch_model.bin or diffusion_pytorch_model.safetensors",
+                "point to a timm or diffusers model folder, or a weights file",
+            )
         path = found
     if path.suffix == ".safetensors":
         meta = read_header(path).get("__metadata__") or {}
         if meta.get("kind") in (KIND_TEMPLATES, KIND_SCALERS):
             raise InputError(f"{path} is a {meta['kind']} file, not a dense checkpoint", "pass a timm model file or folder")
+        if "config" in meta:  # a bare file that a library-config exporter wrote (its config.json)
+            try:
+                hints = {**_library_config(json.loads(meta["config"])), **hints}
+            except (ValueError, AttributeError):
+                pass
         for key in ("model_args", "pretrained_cfg"):
             if key in meta:
                 try:
