@@ -361,7 +361,9 @@ def checkpoint_sha256(path: Path) -> str:
 def load_dense(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """A dense checkpoint: timm local-dir folder, bare safetensors, or a torch file (weights only).
 
-    Returns the state dict and hints about the architecture (model_args from config.json or metadata).
+    Returns the state dict and hints about the architecture: timm's `model_args` (from config.json or
+    the header) as keys, its `pretrained_cfg`, and under `config` the whole config.json (or a header's
+    `config` entry), for libraries whose config is not timm's (a transformers config).
     """
     path = Path(path)
     if not path.exists():
@@ -373,6 +375,7 @@ def load_dense(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
             try:
                 conf = json.loads(cfg.read_text())
                 hints.update(conf.get("model_args") or {})
+                hints["config"] = conf
                 if isinstance(conf.get("pretrained_cfg"), dict):  # input size of size-agnostic CNNs
                     hints["pretrained_cfg"] = conf["pretrained_cfg"]
             except (ValueError, AttributeError):
@@ -385,7 +388,7 @@ def load_dense(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         meta = read_header(path).get("__metadata__") or {}
         if meta.get("kind") in (KIND_TEMPLATES, KIND_SCALERS):
             raise InputError(f"{path} is a {meta['kind']} file, not a dense checkpoint", "pass a timm model file or folder")
-        for key in ("model_args", "pretrained_cfg"):
+        for key in ("model_args", "pretrained_cfg", "config"):
             if key in meta:
                 try:
                     value = json.loads(meta[key])
