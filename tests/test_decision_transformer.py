@@ -339,3 +339,22 @@ def test_a_corrupt_weights_file_is_refused(dt_dir, tmp_path):
 )
 def test_impossible_sizes_are_refused(dt_bundle, tmp_path, args, says):
     _bad(tmp_path, "materialize", dt_bundle, *args, code=EXIT_USAGE, says=says)
+
+
+def test_old_causal_mask_buffers_are_skipped_as_transformers_does(dt_dir, dt_bundle, tmp_path):
+    """transformers before 4.2x saved GPT-2's `attn.bias` and `attn.masked_bias` buffers (the Hub's DT
+    checkpoints hold them, as pytorch_model.bin); from_pretrained skips them, and so does weit."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(dt_dir / "model.safetensors"))
+    for layer in range(TINY["n_layer"]):
+        state[f"encoder.h.{layer}.attn.bias"] = torch.tril(torch.ones(30, 30, dtype=torch.bool)).view(1, 1, 30, 30)
+        state[f"encoder.h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(state, old / "pytorch_model.bin")
+    shutil.copy(dt_dir / "config.json", old / "config.json")
+    assert json.loads(weit("inspect", old, "--json").stdout)["architecture"]["depth"] == 2
+    weit("extract-templates", old, "-o", tmp_path / "old.safetensors", "-n", FULL)
+    got, want = load_file(str(tmp_path / "old.safetensors")), load_file(str(dt_bundle))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)  # the provenance differs

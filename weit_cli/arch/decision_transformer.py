@@ -178,6 +178,9 @@ class DecisionTransformerAdapter(Adapter):
     # minGPT's rule (which the DT authors' code follows): no decay on embedding tables.
     no_decay = ("wpe.weight", "wte.weight", "embed_timestep.weight")
     hints = Hints(guessed=("--num-heads",))
+    # GPT-2's causal-mask buffers, saved by transformers before 4.2x (the DT checkpoints on the Hub
+    # have them) and skipped by from_pretrained since.
+    ignored_keys = (BLOCK + r"attn\.(bias|masked_bias)",)
 
     # ------------------------------------------------------------------ architecture
     def arch_from_dict(self, d: dict[str, Any]) -> DecisionTransformerArch:

@@ -58,6 +58,7 @@ def extract_templates(
     if img_size is not None:
         hints["img_size"] = img_size
     adapter = detect_family(state.keys())
+    state = adapter.loadable(state)
     arch = adapter.infer_arch(state, hints)
     bundle, errors = from_dense(adapter, arch, state, template_size, num_templates)
     provenance = {
