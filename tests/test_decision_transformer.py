@@ -116,15 +116,15 @@ def test_materialized_sizes_load_with_from_pretrained(dt_bundle, tmp_path, depth
 
 def test_bare_safetensors_holds_the_config_and_extracts_again(dt_dir, dt_bundle, tmp_path):
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     out = tmp_path / "dt.safetensors"
-    weit("materialize", dt_bundle, "-o", out)
+    result = json.loads(weit("materialize", dt_bundle, "-o", out, "--json").stdout)
     with safe_open(str(out), "pt") as f:
-        cfg = json.loads(f.metadata()["config"])
-    fields = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}
-    model = DecisionTransformerModel(DecisionTransformerConfig(**fields))
-    model.load_state_dict(load_file(str(out)))
+        assert json.loads(f.metadata()["config"]) == result["export"]["config"]
+    # the load instruction the command prints, run as printed
+    scope = {"json": json, "safetensors": __import__("safetensors.torch"), "transformers": transformers}
+    exec(result["export"]["load"], scope)
+    model = scope["m"]
     batch = episode_batch()
     torch.testing.assert_close(action_preds(model, batch), action_preds(DecisionTransformerModel.from_pretrained(dt_dir), batch), atol=1e-5, rtol=1e-5)
     # The header's config says the head count, so the bare file extracts without --num-heads.

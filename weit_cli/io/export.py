@@ -110,12 +110,12 @@ class TransformersFolder(Exporter):
     def bare_summary(self, arch, out: Path) -> dict[str, Any]:
         cfg = self.config(arch)
         cls = cfg["architectures"][0]
-        fields = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}
+        config = f"json.loads(safetensors.safe_open('{out}', 'pt').metadata()['config'])"
         load = (
-            f"m = transformers.{cls}(transformers.{self.config_class}(**config)); "
+            f"m = transformers.{cls}(transformers.{self.config_class}(**{config})); "
             f"m.load_state_dict(safetensors.torch.load_file('{out}'))"
         )
-        return {"format": SafetensorsFile.format, "class": cls, "config": fields, "load": load}
+        return {"format": SafetensorsFile.format, "class": cls, "config": cfg, "load": load}
 
 
 def _write_folder(out: Path, config: dict[str, Any], weights: WriteWeights, force: bool) -> list[str]:
