@@ -1039,7 +1039,7 @@ def test_json_success_is_one_object_for_every_command(ws, tmp_path):
         assert "error" not in obj, what
         if "-o" in args:
             assert (tmp_path / obj["output"]).exists(), what
-    assert sorted(_one_json_object(weit("list-archs", "--json", cwd=tmp_path))["families"]) == ["dit", "resnet", "vit"]
+    assert sorted(_one_json_object(weit("list-archs", "--json", cwd=tmp_path))["families"]) == ["decision-transformer", "dit", "resnet", "vit"]
 
 
 ERROR_RUNS = {

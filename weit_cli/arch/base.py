@@ -68,6 +68,9 @@ class Adapter(ABC):
     classifier: ClassVar[tuple[str, ...]] = ()
     #: Parameter names (suffixes) that get no weight decay besides every vector (norms, biases).
     no_decay: ClassVar[tuple[str, ...]] = ()
+    #: Keys (regular expressions) the family's own library skips when it loads a checkpoint, such as
+    #: buffers that older versions of it saved; `loadable` drops them before weit reads a state dict.
+    ignored_keys: ClassVar[tuple[str, ...]] = ()
     #: Whether the family has BatchNorm running statistics (resized statistics may need recalibration).
     batchnorm: ClassVar[bool] = False
     hints: ClassVar[Hints] = Hints()
@@ -83,6 +86,14 @@ class Adapter(ABC):
     @abstractmethod
     def matches(self, keys) -> bool:
         """Whether a dense state dict's keys have this family's layout (`detect_family`)."""
+
+    def loadable(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`state` without the keys its library would skip on load (`ignored_keys`), so that a
+        checkpoint the library itself loads is not refused for them."""
+        if not self.ignored_keys:
+            return state
+        skip = re.compile("|".join(f"(?:{p})" for p in self.ignored_keys))
+        return {k: v for k, v in state.items() if not skip.fullmatch(k)}
 
     @abstractmethod
     def infer_arch(self, state: dict[str, Tensor], hints: dict[str, Any]):

@@ -60,6 +60,7 @@ def extract_templates(
     if img_size is not None:
         hints["img_size"] = img_size
     adapter = detect_family(state.keys())
+    state = adapter.loadable(state)
     arch = adapter.infer_arch(state, hints)
     if data is not None:
         from weit_cli.tasks.classification import Classification

@@ -195,6 +195,9 @@ def read_model(path: Path, need_weights: bool) -> tuple[Any, Any, dict[str, Tens
         state, hints = load_dense(path)
         weights = state
     adapter = detect_family(state.keys())
+    state = adapter.loadable(state)
+    if weights is not None:
+        weights = state  # the same weights, less the keys the family's library skips on load
     arch = adapter.infer_arch(state, hints)
     if weights is not None:
         from weit_cli.core.bundle import check_state

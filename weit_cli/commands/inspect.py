@@ -97,6 +97,7 @@ def _inspect_dense(path: Path) -> dict[str, Any]:
     state, hints = load_dense(path)
     try:
         adapter = detect_family(state.keys())
+        state = adapter.loadable(state)
         arch = adapter.infer_arch(state, hints)
         arch_d, desc = arch.to_dict(), adapter.describe(arch)
     except WeitError as e:

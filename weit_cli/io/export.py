@@ -2,9 +2,10 @@
 the streaming core) into the files an `Exporter` lays out.
 
 A family names its exporter (`Adapter.exporter`): the folder another library loads — timm's local-dir
-(`TimmLocalDir`) or diffusers' model folder (`DiffusersFolder`); a transformers (`save_pretrained`)
-layout would be another `Exporter` subclass, with no change to the streaming core. An output ending in .safetensors gets the bare weights
-file instead (`SafetensorsFile`), its header holding the family exporter's metadata."""
+(`TimmLocalDir`), diffusers' model folder (`DiffusersFolder`) or a Hugging Face transformers folder
+as `save_pretrained` writes it (`TransformersFolder`); another layout is another `Exporter`
+subclass, with no change to the streaming core. An output ending in .safetensors gets the bare
+weights file instead (`SafetensorsFile`), its header holding the family exporter's metadata."""
 
 from __future__ import annotations
 
@@ -70,10 +71,7 @@ class TimmLocalDir(Exporter):
         }
 
     def write(self, out: Path, arch, weights: WriteWeights, force: bool) -> list[str]:
-        with atomic_dir(out, force) as tmp, one_thread():
-            weights(tmp / "model.safetensors")
-            (tmp / "config.json").write_text(json.dumps(self.config(arch), indent=2, sort_keys=True) + "\n")
-        return [str(out / "model.safetensors"), str(out / "config.json")]
+        return _write_folder(out, self.config(arch), weights, force)
 
     def summary(self, arch, out: Path) -> dict[str, Any]:
         cfg = self.config(arch)
@@ -135,6 +133,49 @@ class DiffusersFolder(Exporter):
             f"m.load_state_dict(safetensors.torch.load_file('{out}')), CONFIG being the file's 'config' metadata"
         )
         return {"format": SafetensorsFile.format, "class_name": cfg["_class_name"], "config": cfg, "load": load}
+
+
+class TransformersFolder(Exporter):
+    """A Hugging Face transformers folder, as `save_pretrained` lays it out: config.json (the config
+    class's fields with `model_type` and `architectures`) and model.safetensors, for
+    `transformers.<architectures[0]>.from_pretrained(folder)`. `config(arch)` is the family's
+    config.json; `config_class` names its transformers config class (to rebuild a bare file)."""
+
+    format = "transformers"
+
+    def __init__(self, config: Callable[[Any], dict[str, Any]], config_class: str):
+        self.config = config
+        self.config_class = config_class
+
+    def metadata(self, arch) -> dict[str, str]:
+        # The whole config.json: a bare file then holds all that from_pretrained would read.
+        return {"config": json.dumps(self.config(arch), sort_keys=True)}
+
+    def write(self, out: Path, arch, weights: WriteWeights, force: bool) -> list[str]:
+        return _write_folder(out, self.config(arch), weights, force)
+
+    def summary(self, arch, out: Path) -> dict[str, Any]:
+        cfg = self.config(arch)
+        cls = cfg["architectures"][0]
+        return {"format": self.format, "class": cls, "config": cfg, "load": f"transformers.{cls}.from_pretrained('{out}')"}
+
+    def bare_summary(self, arch, out: Path) -> dict[str, Any]:
+        cfg = self.config(arch)
+        cls = cfg["architectures"][0]
+        config = f"json.loads(safetensors.safe_open('{out}', 'pt').metadata()['config'])"
+        load = (
+            f"m = transformers.{cls}(transformers.{self.config_class}(**{config})); "
+            f"m.load_state_dict(safetensors.torch.load_file('{out}'))"
+        )
+        return {"format": SafetensorsFile.format, "class": cls, "config": cfg, "load": load}
+
+
+def _write_folder(out: Path, config: dict[str, Any], weights: WriteWeights, force: bool) -> list[str]:
+    """model.safetensors and config.json in a folder that appears whole or not at all."""
+    with atomic_dir(out, force) as tmp, one_thread():
+        weights(tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return [str(out / "model.safetensors"), str(out / "config.json")]
 
 
 class SafetensorsFile(Exporter):

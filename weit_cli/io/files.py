@@ -371,11 +371,12 @@ def _library_config(conf: Any) -> dict[str, Any]:
 
 
 def load_dense(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """A dense checkpoint: timm local-dir or diffusers model folder, bare safetensors, or a torch file
-    (weights only).
+    """A dense checkpoint: a timm local-dir, diffusers or transformers model folder, a bare
+    safetensors file, or a torch file (weights only).
 
-    Returns the state dict and hints about the architecture (timm's model_args, or a diffusers
-    config's keys, from config.json or the file's metadata).
+    Returns the state dict and hints about the architecture: timm's `model_args` (from config.json or
+    the header) as keys, its `pretrained_cfg`, under `config` the whole config.json (or a header's
+    `config` entry) for libraries whose config is not timm's, and a diffusers config's keys.
     """
     path = Path(path)
     if not path.exists():
@@ -387,6 +388,7 @@ def load_dense(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
             try:
                 conf = json.loads(cfg.read_text())
                 hints.update(conf.get("model_args") or {})
+                hints["config"] = conf
                 if isinstance(conf.get("pretrained_cfg"), dict):  # input size of size-agnostic CNNs
                     hints["pretrained_cfg"] = conf["pretrained_cfg"]
                 hints.update(_library_config(conf))
@@ -408,7 +410,7 @@ def load_dense(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
                 hints = {**_library_config(json.loads(meta["config"])), **hints}
             except (ValueError, AttributeError):
                 pass
-        for key in ("model_args", "pretrained_cfg"):
+        for key in ("model_args", "pretrained_cfg", "config"):
             if key in meta:
                 try:
                     value = json.loads(meta[key])
