@@ -185,8 +185,9 @@ def extract_templates_cmd(
         d = r.get("distillation")
         if d:
             rows += [(f"rel. error {t} (distilled)", f"{e:.3e}") for t, e in d["relative_error_after"].items()]
-            rows.append(("teacher accuracy", f"{d['teacher_acc']:.4f} on {d['eval_split']}"))
-            rows.append(("student accuracy", f"{d['student_acc_before']:.4f} (SVD) → {d['student_acc_after']:.4f} ({d['steps']} steps)"))
+            k, name = ("acc", "accuracy") if "teacher_acc" in d else ("loss", "loss")
+            rows.append((f"teacher {name}", f"{d[f'teacher_{k}']:.4f} on {d['eval_split']}"))
+            rows.append((f"student {name}", f"{d[f'student_{k}_before']:.4f} (SVD) → {d[f'student_{k}_after']:.4f} ({d['steps']} steps)"))
         rows += [(f"params {k}", _human(v)) for k, v in r["params"].items()]
         _table("extract-templates", rows)
         for w in r.get("warnings", []):
@@ -289,6 +290,8 @@ def pretrain(
         for name in ("largest", "smallest"):
             if f"val_acc_{name}" in v:
                 rows.append((f"val acc {name}", f"{100 * v[f'val_acc_{name}']:.2f}%"))
+            elif f"val_loss_{name}" in v:
+                rows.append((f"val loss {name}", f"{v[f'val_loss_{name}']:.4f}"))
         rows += [(f"params {k}", _human(n)) for k, n in r["params"].items()]
         rows += [("device", f"{r['device']} × {r['world_size']}"), ("wall", f"{r['wall_s']:.1f}s")]
         _table("pretrain", rows)
@@ -438,13 +441,18 @@ def fit_scalers_cmd(
             ("model", r["description"]),
             ("trained", f"{', '.join(r['trained'])} ({_human(r['params'])} values), {r['steps']} steps in {r['fit_seconds']:.1f}s"),
             ("loss", f"{r['loss_first']:.4f} → {r['loss_last']:.4f}"),
-            ("val accuracy", f"{r['val_acc_before']:.4f} → {r['val_acc_after']:.4f} ({r['val_count']} images)"),
+            _before_after(r),
             *([("BN statistics", r["bn_statistics"])] if r.get("bn_statistics") else []),
             ("bundle sha256", r["bundle_sha256"]),
             ("next", _materialize_hint(r)),
         ])
 
     run(go, as_json, render)
+
+
+def _before_after(r: dict[str, Any]) -> tuple[str, str]:
+    k = "acc" if "val_acc_before" in r else "loss"
+    return f"val {r['metric']}", f"{r[f'val_{k}_before']:.4f} → {r[f'val_{k}_after']:.4f} ({r['val_count']} images)"
 
 
 def _materialize_hint(r: dict[str, Any]) -> str:
@@ -498,14 +506,18 @@ def finetune(
         if int(os.environ.get("RANK", "0")) != 0:
             return
         f, b = r["final"], r["best"] or {}
-        pct = lambda v: "–" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+        k = "acc" if "test_acc_by_epoch" in r else "loss"
+        if k == "acc":
+            pct = lambda v: "–" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+        else:
+            pct = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
         _table("finetune", [
             ("run", r["output"]),
             ("model", f"{r['description']} ({r['init']['init']} init{', new head' if r['new_head'] else ''})"),
             ("trained", f"{r['epochs']} epochs, {r['steps']} steps, {r['world_size']} process(es) on {r['device']}"),
-            ("test acc by epoch", " ".join(pct(a) for a in r["test_acc_by_epoch"])),
-            ("last", f"val {pct(f.get('val_acc'))}, test {pct(f.get('test_acc'))}"),
-            ("best", f"epoch {b.get('epoch', '–')}: val {pct(b.get('val_acc'))}, test {pct(b.get('test_acc'))}"),
+            (f"test {k} by epoch", " ".join(pct(a) for a in r[f"test_{k}_by_epoch"])),
+            ("last", f"val {pct(f.get(f'val_{k}'))}, test {pct(f.get(f'test_{k}'))}"),
+            ("best", f"epoch {b.get('epoch', '–')}: val {pct(b.get(f'val_{k}'))}, test {pct(b.get(f'test_{k}'))}"),
             ("wrote", ", ".join(r["files"])),
         ])
 
