@@ -223,9 +223,14 @@ def composed_forward(module: nn.Module, sized: Bundle) -> Callable[..., Tensor]:
     `sized` (gradients reach its tensors)."""
     from torch.func import functional_call
 
+    # Buffers a state dict does not hold (a sin-cos position code recomputed from the size) are the
+    # module's own; strict=True then still refuses any weight the bundle lacks.
+    stored = set(module.state_dict())
+    own = {k: v for k, v in module.named_buffers() if k not in stored}
+
     def forward(*inputs: Tensor) -> Tensor:
         with torch.autocast(inputs[0].device.type, enabled=False):  # compose in float32, even under bf16 autocast
-            state = sized.state_dict()
+            state = {**own, **sized.state_dict()}
         return sized.adapter.apply(lambda *a, **k: functional_call(module, state, a, k, strict=True), *inputs)
 
     return forward
