@@ -14,7 +14,16 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from weit_cli.options import DISTILL, EXTRACT, FINETUNE, FIT_SCALERS, MATERIALIZE, SEED
+from weit_cli.options import (
+    DISTILL,
+    EVALUATE,
+    EXTRACT,
+    FINETUNE,
+    FIT_SCALERS,
+    MATERIALIZE,
+    SAMPLE,
+    SEED,
+)
 
 
 class _Weit(typer.Typer):
@@ -523,6 +532,77 @@ def finetune(
 
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints the summary
     run(go, as_json and main_rank, render)
+
+
+@app.command()
+def sample(
+    model: Annotated[Path, typer.Argument(help="A materialized generator: a diffusers folder (config.json, weights, scheduler_config.json) or .safetensors.")],
+    output: OutOpt,
+    cls: Annotated[Optional[int], typer.Option("--class", help="Class of every image (default: all classes in turn, one grid column each).")] = None,
+    n: Annotated[int, typer.Option("-n", help="Images in the grid.")] = SAMPLE.n,
+    steps: Annotated[int, typer.Option(help="DDIM sampling steps.")] = SAMPLE.steps,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1: none).")] = SAMPLE.guidance,
+    seed: Annotated[int, typer.Option(help="Seed of the starting noise: the same seed gives the same PNG bytes.")] = SEED,
+    batch_size: Annotated[int, typer.Option(help="Images per sampling batch (the images do not depend on it).")] = SAMPLE.batch_size,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if present).")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Draw a seeded PNG grid of samples from a materialized image generator."""
+
+    def go():
+        from weit_cli.commands.sample import sample_grid
+
+        return sample_grid(model, output, cls=cls, n=n, steps=steps, guidance=guidance, seed=seed,
+                           batch_size=batch_size, device=device, force=force)
+
+    def render(r):
+        what = f"class {r['class']}" if r["class"] is not None else "every class in turn"
+        _table("sample", [
+            ("wrote", r["output"]),
+            ("model", r["description"]),
+            ("images", f"{r['n']} ({what}), {r['steps']} DDIM steps, guidance {r['guidance']:g}, seed {r['seed']}"),
+            ("scheduler", r["scheduler"]),
+            ("sha256", r["sha256"]),
+        ])
+
+    run(go, as_json, render)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="A materialized model (folder or .safetensors), any family.")],
+    data: Annotated[str, typer.Option(help="fashion-mnist, fashion-mnist:/folder, mnist5k, digits, or an image folder (its test split is used).")],
+    num_samples: Annotated[int, typer.Option(help="Generators: images sampled (balanced over the classes) and real test images compared.")] = EVALUATE.num_samples,
+    steps: Annotated[int, typer.Option(help="Generators: DDIM sampling steps.")] = SAMPLE.steps,
+    guidance: Annotated[float, typer.Option(help="Generators: classifier-free guidance scale (1: none).")] = SAMPLE.guidance,
+    seed: Annotated[int, typer.Option(help="Seed of the data split and the samples.")] = SEED,
+    batch_size: Annotated[int, typer.Option(help="Images per evaluation batch.")] = EVALUATE.batch_size,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if present).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score a model on data: classifiers by test accuracy and loss; generators by a Fréchet distance in
+    weit's judge-classifier features (not Inception-FID) and the class accuracy of their samples."""
+
+    def go():
+        from weit_cli.commands.sample import evaluate as ev
+
+        return ev(model, data=data, num_samples=num_samples, steps=steps, guidance=guidance, seed=seed,
+                  batch_size=batch_size, device=device)
+
+    def render(r):
+        rows = [("model", r["description"]), ("data", r["split"])]
+        rows += [(k.replace("_", " "), f"{v:.4f}") for k, v in r.items() if k.endswith(("_acc", "_loss")) and isinstance(v, float)]
+        if "fid_judge" in r:
+            rows += [
+                ("FID (judge)", f"{r['fid_judge']:.4f} ({r['n_fake']} samples vs {r['n_real']} real)"),
+                ("class accuracy", f"{100 * r['class_accuracy']:.2f}% of samples judged their class"),
+                ("judge sha256", f"{r['judge_sha256']} (test accuracy {100 * r['judge_test_accuracy']:.1f}%)"),
+                ("note", r["note"]),
+            ]
+        _table("evaluate", rows)
+
+    run(go, as_json, render)
 
 
 @app.command("list-archs")
