@@ -60,10 +60,14 @@ class Task(ABC):
     higher_is_better: ClassVar[bool] = True  # which checkpoint is "best"
 
     @classmethod
-    @abstractmethod
     def from_options(cls, *, label_smoothing: float = 0.0) -> Task:
         """The task with the commands' options (tasks/_registry.task_for); refuses, in one line, an
-        option it does not have that is set."""
+        option it does not have that is set. Default: a task with none of them."""
+        if label_smoothing:
+            from weit_cli.errors import WeitError
+
+            raise WeitError(f"label smoothing ({label_smoothing}) is a classification option; this model's task is {cls.name}", "leave it at 0")
+        return cls()
 
     @abstractmethod
     def load_data(self, source: str, arch: Any, *, seed: int = 0, val_fraction: float = 0.1,

@@ -60,12 +60,6 @@ class Generation(Task):
         self.scheduler = train_scheduler(scheduler_config)
         self.num_classes: int | None = None  # the data's, set by load_data: its index is the null class
 
-    @classmethod
-    def from_options(cls, *, label_smoothing: float = 0.0) -> Generation:
-        if label_smoothing:
-            raise WeitError(f"label smoothing ({label_smoothing}) is a classification option; this model is a generator", "leave it at 0")
-        return cls()
-
     def load_data(self, source: str, arch: Any, *, seed: int = 0, val_fraction: float = 0.1,
                   train_subset: float | int | None = None):
         from weit_cli.data.images import load_data
