@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from weit_cli.errors import OutputError, WeitError
+from weit_cli.arch.dit import DiTDenoiser
 from weit_cli.tasks import diffusion as dif
 
 NUM_CLASSES = 4
@@ -44,7 +45,7 @@ def toy_images(n: int = 32, seed: int = 0):
 
 # ---------------------------------------------------------------------------------------------- loss
 def test_loss_is_seeded_finite_and_falls_with_training():
-    den = dif.DiTDenoiser(tiny_dit())
+    den = DiTDenoiser(tiny_dit())
     sch = dif.train_scheduler()
     x, y = toy_images()
 
@@ -84,14 +85,14 @@ def test_label_dropout_uses_the_null_row_and_the_generator():
 
 
 def test_labels_out_of_range_are_refused():
-    den = dif.DiTDenoiser(tiny_dit())
+    den = DiTDenoiser(tiny_dit())
     x, _ = toy_images(4)
     with pytest.raises(WeitError, match="0..4"):
         dif.diffusion_loss(den, x, torch.tensor([0, 1, 2, 5]), dif.train_scheduler(), torch.Generator(), num_classes=NUM_CLASSES)
 
 
 def test_adapter_turns_off_diffusers_unseeded_label_dropout():
-    den = dif.DiTDenoiser(tiny_dit()).train()
+    den = DiTDenoiser(tiny_dit()).train()
     x, y = toy_images(64)
     t = torch.full((64,), 500)
     torch.manual_seed(0)
@@ -106,7 +107,7 @@ def test_adapter_keeps_the_eps_half_of_a_learned_sigma_output():
     t = torch.tensor([1, 10, 100])
     full = model(x, timestep=t, class_labels=y).sample
     assert full.shape[1] == 2
-    assert torch.equal(dif.DiTDenoiser(model)(x, t, y), full[:, :1])
+    assert torch.equal(DiTDenoiser(model)(x, t, y), full[:, :1])
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -115,7 +116,7 @@ def _sample(den, labels, **kw):
 
 
 def test_sampling_is_seeded_and_independent_of_the_batch_size():
-    den = dif.DiTDenoiser(tiny_dit())
+    den = DiTDenoiser(tiny_dit())
     labels = torch.arange(6) % NUM_CLASSES
     a = _sample(den, labels, seed=7, batch_size=6)
     assert a.shape == (6, *SHAPE) and a.dtype == torch.float32 and a.min() >= -1 and a.max() <= 1
@@ -127,7 +128,7 @@ def test_sampling_is_seeded_and_independent_of_the_batch_size():
 
 
 def test_guidance_scale_one_is_no_guidance():
-    den = dif.DiTDenoiser(tiny_dit())
+    den = DiTDenoiser(tiny_dit())
     labels = torch.arange(4)
     assert torch.equal(_sample(den, labels, guidance_scale=1.0), _sample(den, labels))
     assert not torch.allclose(_sample(den, labels, guidance_scale=4.0), _sample(den, labels))
@@ -142,14 +143,14 @@ def test_guidance_scale_one_is_no_guidance():
 @pytest.mark.parametrize("kw", [dict(steps=0), dict(guidance_scale=-1.0), dict(guidance_scale=float("nan")), dict(batch_size=0), dict(steps=1001)])
 def test_bad_sampling_options_are_one_line_errors(kw):
     with pytest.raises(WeitError):
-        _sample(dif.DiTDenoiser(tiny_dit()), torch.arange(2), **kw)
+        _sample(DiTDenoiser(tiny_dit()), torch.arange(2), **kw)
 
 
 # ---------------------------------------------------------------------------------------------- pictures
 def test_png_grid_same_samples_same_bytes(tmp_path):
     from PIL import Image
 
-    den = dif.DiTDenoiser(tiny_dit())
+    den = DiTDenoiser(tiny_dit())
     paths = []
     for i in range(2):
         s = _sample(den, torch.arange(5) % NUM_CLASSES, seed=3)
@@ -192,7 +193,7 @@ def test_scheduler_config_beside_a_model_folder(tmp_path):
     # and weit samples from what is on disk
     conf = dif.load_scheduler_config(folder)
     assert conf["beta_schedule"] == "linear"
-    assert torch.equal(_sample(dif.DiTDenoiser(loaded), y, scheduler_config=conf), _sample(dif.DiTDenoiser(model), y))
+    assert torch.equal(_sample(DiTDenoiser(loaded), y, scheduler_config=conf), _sample(DiTDenoiser(model), y))
 
 
 def test_missing_or_foreign_scheduler_config_is_an_input_error(tmp_path):

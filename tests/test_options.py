@@ -18,6 +18,8 @@ LIBRARY = {
     "fit-scalers": ("weit_cli.commands.fit_scalers", "fit_scalers"),
     "finetune": ("weit_cli.commands.finetune", "finetune"),
     "pretrain": ("weit_cli.commands.pretrain", "pretrain"),
+    "sample": ("weit_cli.commands.sample", "sample_grid"),
+    "evaluate": ("weit_cli.commands.sample", "evaluate"),
 }
 RENAMED = {"no_small": None, "source": "source", "output": None, "as_json": None}
 

@@ -14,7 +14,16 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from weit_cli.options import DISTILL, EXTRACT, FINETUNE, FIT_SCALERS, MATERIALIZE, SEED
+from weit_cli.options import (
+    DISTILL,
+    EVALUATE,
+    EXTRACT,
+    FINETUNE,
+    FIT_SCALERS,
+    MATERIALIZE,
+    SAMPLE,
+    SEED,
+)
 
 
 class _Weit(typer.Typer):
@@ -185,8 +194,9 @@ def extract_templates_cmd(
         d = r.get("distillation")
         if d:
             rows += [(f"rel. error {t} (distilled)", f"{e:.3e}") for t, e in d["relative_error_after"].items()]
-            rows.append(("teacher accuracy", f"{d['teacher_acc']:.4f} on {d['eval_split']}"))
-            rows.append(("student accuracy", f"{d['student_acc_before']:.4f} (SVD) → {d['student_acc_after']:.4f} ({d['steps']} steps)"))
+            k, name = ("acc", "accuracy") if "teacher_acc" in d else ("loss", "loss")
+            rows.append((f"teacher {name}", f"{d[f'teacher_{k}']:.4f} on {d['eval_split']}"))
+            rows.append((f"student {name}", f"{d[f'student_{k}_before']:.4f} (SVD) → {d[f'student_{k}_after']:.4f} ({d['steps']} steps)"))
         rows += [(f"params {k}", _human(v)) for k, v in r["params"].items()]
         _table("extract-templates", rows)
         for w in r.get("warnings", []):
@@ -289,6 +299,8 @@ def pretrain(
         for name in ("largest", "smallest"):
             if f"val_acc_{name}" in v:
                 rows.append((f"val acc {name}", f"{100 * v[f'val_acc_{name}']:.2f}%"))
+            elif f"val_loss_{name}" in v:
+                rows.append((f"val loss {name}", f"{v[f'val_loss_{name}']:.4f}"))
         rows += [(f"params {k}", _human(n)) for k, n in r["params"].items()]
         rows += [("device", f"{r['device']} × {r['world_size']}"), ("wall", f"{r['wall_s']:.1f}s")]
         _table("pretrain", rows)
@@ -438,13 +450,18 @@ def fit_scalers_cmd(
             ("model", r["description"]),
             ("trained", f"{', '.join(r['trained'])} ({_human(r['params'])} values), {r['steps']} steps in {r['fit_seconds']:.1f}s"),
             ("loss", f"{r['loss_first']:.4f} → {r['loss_last']:.4f}"),
-            ("val accuracy", f"{r['val_acc_before']:.4f} → {r['val_acc_after']:.4f} ({r['val_count']} images)"),
+            _before_after(r),
             *([("BN statistics", r["bn_statistics"])] if r.get("bn_statistics") else []),
             ("bundle sha256", r["bundle_sha256"]),
             ("next", _materialize_hint(r)),
         ])
 
     run(go, as_json, render)
+
+
+def _before_after(r: dict[str, Any]) -> tuple[str, str]:
+    k = "acc" if "val_acc_before" in r else "loss"
+    return f"val {r['metric']}", f"{r[f'val_{k}_before']:.4f} → {r[f'val_{k}_after']:.4f} ({r['val_count']} images)"
 
 
 def _materialize_hint(r: dict[str, Any]) -> str:
@@ -498,19 +515,94 @@ def finetune(
         if int(os.environ.get("RANK", "0")) != 0:
             return
         f, b = r["final"], r["best"] or {}
-        pct = lambda v: "–" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+        k = "acc" if "test_acc_by_epoch" in r else "loss"
+        if k == "acc":
+            pct = lambda v: "–" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+        else:
+            pct = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
         _table("finetune", [
             ("run", r["output"]),
             ("model", f"{r['description']} ({r['init']['init']} init{', new head' if r['new_head'] else ''})"),
             ("trained", f"{r['epochs']} epochs, {r['steps']} steps, {r['world_size']} process(es) on {r['device']}"),
-            ("test acc by epoch", " ".join(pct(a) for a in r["test_acc_by_epoch"])),
-            ("last", f"val {pct(f.get('val_acc'))}, test {pct(f.get('test_acc'))}"),
-            ("best", f"epoch {b.get('epoch', '–')}: val {pct(b.get('val_acc'))}, test {pct(b.get('test_acc'))}"),
+            (f"test {k} by epoch", " ".join(pct(a) for a in r[f"test_{k}_by_epoch"])),
+            ("last", f"val {pct(f.get(f'val_{k}'))}, test {pct(f.get(f'test_{k}'))}"),
+            ("best", f"epoch {b.get('epoch', '–')}: val {pct(b.get(f'val_{k}'))}, test {pct(b.get(f'test_{k}'))}"),
             ("wrote", ", ".join(r["files"])),
         ])
 
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints the summary
     run(go, as_json and main_rank, render)
+
+
+@app.command()
+def sample(
+    model: Annotated[Path, typer.Argument(help="A materialized generator: a diffusers folder (config.json, weights, scheduler_config.json) or .safetensors.")],
+    output: OutOpt,
+    cls: Annotated[Optional[int], typer.Option("--class", help="Class of every image (default: all classes in turn, one grid column each).")] = None,
+    n: Annotated[int, typer.Option("-n", help="Images in the grid.")] = SAMPLE.n,
+    steps: Annotated[int, typer.Option(help="DDIM sampling steps.")] = SAMPLE.steps,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1: none).")] = SAMPLE.guidance,
+    seed: Annotated[int, typer.Option(help="Seed of the starting noise: the same seed gives the same PNG bytes.")] = SEED,
+    batch_size: Annotated[int, typer.Option(help="Images per sampling batch (the images do not depend on it).")] = SAMPLE.batch_size,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if present).")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Draw a seeded PNG grid of samples from a materialized image generator."""
+
+    def go():
+        from weit_cli.commands.sample import sample_grid
+
+        return sample_grid(model, output, cls=cls, n=n, steps=steps, guidance=guidance, seed=seed,
+                           batch_size=batch_size, device=device, force=force)
+
+    def render(r):
+        what = f"class {r['class']}" if r["class"] is not None else "every class in turn"
+        _table("sample", [
+            ("wrote", r["output"]),
+            ("model", r["description"]),
+            ("images", f"{r['n']} ({what}), {r['steps']} DDIM steps, guidance {r['guidance']:g}, seed {r['seed']}"),
+            ("scheduler", r["scheduler"]),
+            ("sha256", r["sha256"]),
+        ])
+
+    run(go, as_json, render)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="A materialized model (folder or .safetensors), any family.")],
+    data: Annotated[str, typer.Option(help="fashion-mnist, fashion-mnist:/folder, mnist5k, digits, or an image folder (its test split is used).")],
+    num_samples: Annotated[int, typer.Option(help="Generators: images sampled (balanced over the classes) and real test images compared.")] = EVALUATE.num_samples,
+    steps: Annotated[int, typer.Option(help="Generators: DDIM sampling steps.")] = SAMPLE.steps,
+    guidance: Annotated[float, typer.Option(help="Generators: classifier-free guidance scale (1: none).")] = SAMPLE.guidance,
+    seed: Annotated[int, typer.Option(help="Seed of the data split and the samples.")] = SEED,
+    batch_size: Annotated[int, typer.Option(help="Images per evaluation batch.")] = EVALUATE.batch_size,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if present).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score a model on data: classifiers by test accuracy and loss; generators by a Fréchet distance in
+    weit's judge-classifier features (not Inception-FID) and the class accuracy of their samples."""
+
+    def go():
+        from weit_cli.commands.sample import evaluate as ev
+
+        return ev(model, data=data, num_samples=num_samples, steps=steps, guidance=guidance, seed=seed,
+                  batch_size=batch_size, device=device)
+
+    def render(r):
+        rows = [("model", r["description"]), ("data", r["split"])]
+        rows += [(k.replace("_", " "), f"{v:.4f}") for k, v in r.items() if k.endswith(("_acc", "_loss")) and isinstance(v, float)]
+        if "fid_judge" in r:
+            rows += [
+                ("FID (judge)", f"{r['fid_judge']:.4f} ({r['n_fake']} samples vs {r['n_real']} real)"),
+                ("class accuracy", f"{100 * r['class_accuracy']:.2f}% of samples judged their class"),
+                ("judge sha256", f"{r['judge_sha256']} (test accuracy {100 * r['judge_test_accuracy']:.1f}%)"),
+                ("note", r["note"]),
+            ]
+        _table("evaluate", rows)
+
+    run(go, as_json, render)
 
 
 @app.command("list-archs")

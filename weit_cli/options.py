@@ -68,3 +68,23 @@ EXTRACT = ExtractOptions()
 DISTILL = ShortTraining()
 FIT_SCALERS = FitScalersOptions()
 FINETUNE = FinetuneOptions()
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """`weit sample` and the samples `weit evaluate` draws from a generator."""
+
+    n: int = 64  # images
+    steps: int = 50  # DDIM steps (η = 0)
+    guidance: float = 1.0  # classifier-free guidance scale (1: none, the conditional ε)
+    batch_size: int = 64  # images per sampling batch (the images do not depend on it)
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    num_samples: int = 1000  # generated (balanced over the classes) and real test images compared
+    batch_size: int = 256  # classification: images per evaluation batch
+
+
+SAMPLE = SampleOptions()
+EVALUATE = EvaluateOptions()

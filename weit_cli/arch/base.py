@@ -74,8 +74,8 @@ class Adapter(ABC):
     #: Whether the family has BatchNorm running statistics (resized statistics may need recalibration).
     batchnorm: ClassVar[bool] = False
     hints: ClassVar[Hints] = Hints()
-    #: The task (`tasks.base.Task.name`) that trains this family's models: the training commands
-    #: refuse a family of another task before any work (`check_task`).
+    #: The task (`tasks.base.Task.name`) that trains this family's models; every command gets it
+    #: from here (`tasks._registry.task_for`).
     task: ClassVar[str] = "classification"
 
     # --- architecture -------------------------------------------------------------------------
@@ -154,15 +154,16 @@ class Adapter(ABC):
         """The command-line options that ask `materialize` for `arch`'s size."""
         return ["--depth", _option(arch.depth), "--width", _option(arch.width)]
 
-    def check_task(self, task: str, command: str) -> None:
-        """Refuse, with one line, a command whose task does not train this family's models."""
-        if task != self.task:
-            from weit_cli.errors import WeitError
+    # --- the task's call (tasks/) ---------------------------------------------------------------
+    def apply(self, call, *inputs):
+        """The task's output from `call`, which runs this family's module (plain, or with composed
+        weights through `torch.func.functional_call`) on positional and keyword arguments. Default:
+        the module's own output on the task's inputs (x → logits)."""
+        return call(*inputs)
 
-            raise WeitError(
-                f"'weit {command}' trains {task} models; a {self.family} is a {self.task} model, which it does not train yet",
-                "extract-templates (without --data), materialize and inspect work for every family",
-            )
+    def task_forward(self, module: nn.Module) -> nn.Module:
+        """`module` as its task calls it (`Task.outputs`, `Task.evaluate`); by default itself."""
+        return module
 
     # --- weight selection (core/selection.py) -------------------------------------------------
     @abstractmethod

@@ -116,6 +116,16 @@ class DiTModelSection(Section):
     in_channels: Literal[1, 3] = Field(1, description="Image channels: 1 (gray) or 3 (RGB); the model predicts noise of as many.")
     head_dim: int = Field(64, ge=1, description="Channels per attention head, fixed across sizes (DiT-S/B/L: 64).")
 
+    # The names the image data loaders read (as a ViT's model section), so the task loads data for a
+    # recipe as for a model.
+    @property
+    def img_size(self) -> int:
+        return self.sample_size
+
+    @property
+    def in_chans(self) -> int:
+        return self.in_channels
+
     @model_validator(mode="after")
     def _patches(self):
         if self.sample_size % self.patch_size:
@@ -185,7 +195,7 @@ class DiTAdapter(Adapter):
     classifier = ()  # the class tables live in every block; a DiT keeps its class count (target_arch)
     no_decay = ("embedding_table.weight",)  # DiT trains with no weight decay at all; embeddings at least
     hints = Hints(guessed=("--num-heads", "--img-size"))
-    task = "generation"  # tasks/diffusion.py (ε-prediction DDPM), on the gen branch
+    task = "generation"  # tasks/generation.py (ε-prediction DDPM)
 
     @cached_property
     def exporter(self) -> DiffusersFolder:
@@ -289,9 +299,18 @@ class DiTAdapter(Adapter):
         return new
 
     def build(self, arch: DiTArch) -> nn.Module:
+        """diffusers' module with its own label dropout off (see `DiTDenoiser`)."""
         from diffusers import DiTTransformer2DModel
 
-        return DiTTransformer2DModel(**arch.model_args())
+        return _no_label_dropout(DiTTransformer2DModel(**arch.model_args()))
+
+    def apply(self, call, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """(x_t, t, y) → ε: diffusers' `.sample`, its first `in_channels` channels when the model
+        predicts a learned variance too (out_channels = 2·in, as facebook's checkpoints)."""
+        return _eps(call, x, t, y)
+
+    def task_forward(self, module: nn.Module) -> nn.Module:
+        return DiTDenoiser(module)
 
     def describe(self, arch: DiTArch) -> str:
         return (
@@ -319,9 +338,11 @@ class DiTAdapter(Adapter):
         return {"_class_name": CLASS_NAME, **arch.model_args()}
 
     def companion_files(self, arch: DiTArch) -> dict[str, dict[str, Any]]:
-        """Other JSON files of the exported folder. None yet: the generation task's scheduler config
-        (`scheduler_config.json`, read by `DDPMScheduler.from_pretrained(folder)`) goes here."""
-        return {}
+        """The noise process beside the model: `scheduler_config.json`, which
+        `DDIMScheduler.from_pretrained(folder)` (or DDPM…) reads and `weit sample` samples with."""
+        from weit_cli.tasks.diffusion import SCHEDULER_FILE, scheduler_file_config
+
+        return {SCHEDULER_FILE: scheduler_file_config()}
 
     # ------------------------------------------------------------------ structure
     def default_template_size(self, arch: DiTArch) -> int:
@@ -426,6 +447,42 @@ class DiTAdapter(Adapter):
         over = {t: n for t, n in recipe.templates.counts(tuple(TEMPLATED)).items() if n > limit}
         if over:
             raise ValueError(f"templates.count {over} exceeds {limit} = size² (the most {p}×{p} templates can span)")
+
+
+def _no_label_dropout(model: nn.Module) -> nn.Module:
+    from diffusers.models.embeddings import LabelEmbedding
+
+    for m in model.modules():
+        if isinstance(m, LabelEmbedding):
+            m.dropout_prob = 0.0
+    return model
+
+
+class DiTDenoiser(nn.Module):
+    """(x_t, t, y) → ε for a diffusers `DiTTransformer2DModel` (`DiTAdapter.apply`).
+
+    Turns diffusers' own label dropout off (`LabelEmbedding.dropout_prob = 0`, an attribute, not a
+    weight or a config entry). In train mode diffusers drops labels with the global, unseeded RNG,
+    and independently in every block's embedder and again in the output layer's (block 0's), so one
+    image would be conditioned on its class in some blocks and on 'no class' in others. The
+    generation task drops labels itself, once per image, from its generator
+    (tasks/diffusion.noised). The null row of the table stays: `null_class` still selects it. With
+    `out_channels` = 2·in (a learned variance) weit trains the ε half only; the other half then
+    gets no gradient."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = _no_label_dropout(model)
+        self.in_channels = int(model.config.in_channels)
+        self.num_classes = int(model.config.num_embeds_ada_norm)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        return _eps(self.model, x, t, y)
+
+
+def _eps(call, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    out = call(x, timestep=t, class_labels=y).sample
+    return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
 
 
 def _one_size(hints: dict[str, Any]) -> int:

@@ -40,6 +40,7 @@ def distill(
     bundle: Bundle,
     teacher_state: dict[str, Tensor],
     splits,
+    task,
     *,
     steps: int = DISTILL.steps,
     lr: float = DISTILL.lr,
@@ -51,9 +52,8 @@ def distill(
     on_step: Callable[[Any], None] | None = None,
 ) -> tuple[Bundle, dict[str, Any]]:
     """Train `bundle` (templates + scalers [+ small]) to imitate the dense `teacher_state` on `splits`
-    (a data.DataSplits); returns the distilled bundle and what happened (held-out accuracies before and
+    (a data.DataSplits, loaded by `task`, the family's); returns the distilled bundle and what happened (held-out accuracies before and
     after, teacher accuracy, losses, time)."""
-    from weit_cli.tasks.classification import Classification
     from weit_cli.training.batches import Batches
     from weit_cli.training.dist import resolve_device, seed_everything
     from weit_cli.training.loop import Loop, Plan
@@ -68,13 +68,13 @@ def distill(
             "distil on data with the classes the checkpoint was trained for",
         )
     dev = resolve_device(device)
-    task = Classification()
     seed_everything(seed)
 
     teacher = ad.build(arch).to(dev)
     with torch.no_grad():
         teacher.load_state_dict({k: v.to(dev) for k, v in teacher_state.items()}, strict=True)
     teacher.eval().requires_grad_(False)
+    teacher = ad.task_forward(teacher)
 
     module = ad.build(arch).to(dev)
     learnable = {n for n, _ in module.named_parameters()}  # the rest are buffers (BatchNorm statistics)
@@ -105,12 +105,12 @@ def distill(
         finally:
             module.train()
 
-    teacher_acc = task.evaluate(teacher, held_out, device=dev)
+    teacher_score = task.evaluate(teacher, held_out, device=dev)
     before = student_eval()
     batches = Batches(splits.train, batch_size, seed)
     warmup = max(1, steps // 10)
 
-    def loss_step(batch):  # CE on the labels + T²·KL(teacher ‖ student)
+    def loss_step(batch):  # the task's loss + its distance to the teacher (CE + T²·KL; ε-MSE + MSE to the teacher's ε)
         batch = task.prepare(batch)
         with torch.no_grad():
             t_out = task.outputs(teacher, batch)
@@ -145,9 +145,9 @@ def distill(
         "train_small": train_small,
         "seed": seed,
         "eval_split": f"{split} ({held_out.tensors[0].shape[0]} images)",
-        "teacher_acc": teacher_acc.metric,
-        "student_acc_before": before.metric,
-        "student_acc_after": after.metric,
+        f"teacher_{task.metric_key}": teacher_score.metric,
+        f"student_{task.metric_key}_before": before.metric,
+        f"student_{task.metric_key}_after": after.metric,
         "student_loss_before": before.loss,
         "student_loss_after": after.loss,
         "loss_first": sum(losses[:window]) / window,

@@ -62,10 +62,11 @@ def extract_templates(
     adapter = detect_family(state.keys())
     state = adapter.loadable(state)
     arch = adapter.infer_arch(state, hints)
+    task = None
     if data is not None:
-        from weit_cli.tasks.classification import Classification
+        from weit_cli.tasks._registry import task_for
 
-        adapter.check_task(Classification.name, "extract-templates --data")
+        task = task_for(adapter)
     bundle, errors = from_dense(adapter, arch, state, template_size, num_templates)
     provenance = {
         "command": "extract-templates",
@@ -77,11 +78,10 @@ def extract_templates(
     report = None
     if data is not None:
         from weit_cli.commands.distill import distill
-        from weit_cli.data.images import load_data
 
-        splits = load_data(data, img_size=arch.img_size, in_chans=arch.in_chans, seed=seed)
+        splits = task.load_data(data, arch, seed=seed)
         bundle, report = distill(
-            bundle, state, splits, steps=distill_steps, lr=distill_lr, batch_size=batch_size,
+            bundle, state, splits, task, steps=distill_steps, lr=distill_lr, batch_size=batch_size,
             temperature=temperature, seed=seed, device=device, on_step=on_step,
         )
         report["relative_error_after"] = _relative_errors(bundle, state)

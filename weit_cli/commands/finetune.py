@@ -227,7 +227,7 @@ def initial_state(adapter, arch, init: str, weights, source: Path | None, seed: 
 def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, min_lr_ratio, batch_size, weight_decay,
          grad_clip, label_smoothing, train_subset, data_seed, val_fraction, reset_head, seed, resume, eval_batch_size,
          on_step, dist) -> dict[str, Any]:
-    from weit_cli.tasks.classification import Classification
+    from weit_cli.tasks._registry import task_for
     from weit_cli.training.batches import Batches
     from weit_cli.training.dist import barrier, seed_everything
     from weit_cli.training.loop import Loop, Plan
@@ -238,10 +238,16 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
     if batch_size % world:
         raise WeitError(f"--batch-size {batch_size} does not split over {world} processes", f"use a multiple of {world}")
     adapter, arch, weights = read_model(model, need_weights=init == "weit")
-    adapter.check_task(Classification.name, "finetune")
-    task = Classification(label_smoothing)
+    task = task_for(adapter, label_smoothing=label_smoothing)
     splits = task.load_data(data, arch, seed=data_seed, val_fraction=val_fraction, train_subset=train_subset)
     new_head = reset_head or splits.num_classes != arch.num_classes
+    if new_head and not adapter.classifier:
+        raise WeitError(
+            f"this model's {arch.num_classes} classes are part of every block and cannot be replaced (the data has {splits.num_classes})",
+            "finetune on data with the model's classes, without --reset-head",
+        )
+    key = task.metric_key  # val_acc / test_acc, or val_loss / test_loss
+    better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
     if new_head:
         arch = replace(arch, num_classes=splits.num_classes)
         if weights is not None:
@@ -264,11 +270,11 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
     with torch.no_grad():
         net.load_state_dict(state0, strict=True)
     net.to(dev).train()
-    train_mod: nn.Module = net
+    train_mod: nn.Module = adapter.task_forward(net)  # the task's call signature (net itself for a classifier)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        train_mod = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+        train_mod = DistributedDataParallel(train_mod, device_ids=[dev.index] if dev.type == "cuda" else None)
     named = dict(net.named_parameters())
     opt = adamw(named, lr=lr, weight_decay=weight_decay, no_decay_keys=adapter.no_decay)
     batches = Batches(splits.train, batch_size // world, seed=seed, rank=rank, world_size=world)
@@ -281,13 +287,15 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
     start_epoch, wall, finished, improved = 0, 0.0, 0, False
     state_path = out_dir / STATE
 
+    scored = adapter.task_forward(net)
+
     def evaluate_all(epoch: int, train_loss: float | None) -> dict[str, Any]:
-        val = task.evaluate(net, splits.val, eval_batch_size, dev) if len(splits.val) else None
-        test = task.evaluate(net, splits.test, eval_batch_size, dev) if splits.test is not None and len(splits.test) else None
+        val = task.evaluate(scored, splits.val, eval_batch_size, dev) if len(splits.val) else None
+        test = task.evaluate(scored, splits.test, eval_batch_size, dev) if splits.test is not None and len(splits.test) else None
         return {
             "epoch": epoch, "step": epoch * per_epoch, "train_loss": train_loss,
-            "val_acc": val.metric if val else None, "val_loss": val.loss if val else None,
-            "test_acc": test.metric if test else None, "test_loss": test.loss if test else None,
+            f"val_{key}": val.metric if val else None, "val_loss": val.loss if val else None,
+            f"test_{key}": test.metric if test else None, "test_loss": test.loss if test else None,
         }
 
     def end_epoch(epoch: int, train_loss: float, lr_now: float, seconds: float) -> dict[str, float]:
@@ -301,10 +309,10 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
         wall += seconds + (time.perf_counter() - t1)
         rec.update(lr=lr_now, train_s=round(seconds, 3), wall_s=round(wall, 3))
         metrics.append(rec)
-        improved = rec["val_acc"] is not None and (best is None or rec["val_acc"] > best["val_acc"])
+        improved = rec[f"val_{key}"] is not None and (best is None or better(rec[f"val_{key}"], best[f"val_{key}"]))
         if improved:
-            best = {"epoch": epoch, "val_acc": rec["val_acc"], "test_acc": rec["test_acc"]}
-        return {k: rec[k] for k in ("val_acc", "test_acc") if rec[k] is not None}
+            best = {"epoch": epoch, f"val_{key}": rec[f"val_{key}"], f"test_{key}": rec[f"test_{key}"]}
+        return {k: rec[k] for k in (f"val_{key}", f"test_{key}") if rec[k] is not None}
 
     def write_epoch(epoch: int) -> None:  # after the epoch's checkpoint (the loop's order, for --resume)
         cpu = {k: v.detach().cpu() for k, v in net.state_dict().items()}
@@ -372,7 +380,8 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
         "resumed_from_epoch": start_epoch if resume else None,
         "final": final,
         "best": best,
-        "test_acc_by_epoch": [m.get("test_acc") for m in metrics],
+        "metric": task.metric_name,
+        f"test_{key}_by_epoch": [m.get(f"test_{key}") for m in metrics],
         "data": splits.description,
         "device": str(dev),
         "world_size": world,

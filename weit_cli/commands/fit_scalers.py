@@ -86,7 +86,7 @@ def fit_scalers(
     beside `out` (see the module doc)."""
     from weit_cli.core.bundle import plan_target
     from weit_cli.io.files import sha256
-    from weit_cli.tasks.classification import Classification
+    from weit_cli.tasks._registry import task_for
     from weit_cli.training.batches import Batches
     from weit_cli.training.dist import resolve_device, seed_everything
     from weit_cli.training.loop import Loop, Plan, check_resume
@@ -118,8 +118,7 @@ def fit_scalers(
 
     bundle, bsha = load_bundle(bundle_path)
     arch0 = bundle.arch
-    bundle.adapter.check_task(Classification.name, "fit-scalers")
-    task = Classification()
+    task = task_for(bundle.adapter)
     splits = task.load_data(data, arch0, seed=seed, train_subset=train_subset)
     if num_classes is None:
         num_classes = splits.num_classes
@@ -162,7 +161,7 @@ def fit_scalers(
         with torch.no_grad():
             teacher_mod.load_state_dict(bundle.state_dict(), strict=True)
         teacher_mod.requires_grad_(False)
-        teacher = teacher_mod
+        teacher = bundle.adapter.task_forward(teacher_mod)
 
     trainable = {f"scalers.{k}": v for k, v in scalers.items()}
     trainable.update({f"small.{k}": v for k, v in small.items() if k in learnable and (train_small or k in new_head)})
@@ -269,8 +268,9 @@ def fit_scalers(
         "params": sum(v.numel() for v in trainable.values()),
         "loss_first": sum(losses[:window]) / window,
         "loss_last": sum(losses[-window:]) / window,
-        "val_acc_before": before.metric,
-        "val_acc_after": after.metric,
+        f"val_{task.metric_key}_before": before.metric,
+        f"val_{task.metric_key}_after": after.metric,
+        "metric": task.metric_name,
         "val_count": after.count,
         "fit_seconds": fit_time,
         "data": splits.description,

@@ -39,8 +39,8 @@ from weit_cli.io.files import (
     remove_stale_temps,
     save_tensors,
 )
+from weit_cli.tasks._registry import task_for
 from weit_cli.tasks.base import Task
-from weit_cli.tasks.classification import Classification
 from weit_cli.training.batches import Batches
 from weit_cli.training.calibrate import recalibrate_bn
 from weit_cli.training.dist import barrier, cleanup_distributed, setup_distributed
@@ -72,7 +72,7 @@ def pretrain(
     if data is not None:
         overrides.append(f"data.source={data}")
     recipe = rcp.load_recipe(recipe_path, overrides)
-    recipe.adapter.check_task(Classification.name, "pretrain")
+    task = task_for(recipe.adapter, label_smoothing=recipe.train.label_smoothing)  # refuses options of another task
     if data is not None:
         recipe.data.source = data  # keep the string exactly (a YAML parse could turn '1' into a number)
     output = Path(output)
@@ -86,12 +86,12 @@ def pretrain(
 
     dist_info = setup_distributed(device)
     try:
-        return _run(recipe, output, recipe_out, ckpt, resume, dist_info, callback, command)
+        return _run(recipe, task, output, recipe_out, ckpt, resume, dist_info, callback, command)
     finally:
         cleanup_distributed()
 
 
-def _run(recipe, output, recipe_out, ckpt, resume, dist_info, callback, command) -> dict[str, Any]:
+def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callback, command) -> dict[str, Any]:
     rank, world, dev = dist_info
     t_start = time.perf_counter()
     tr, ns = recipe.train, recipe.nested
@@ -101,7 +101,6 @@ def _run(recipe, output, recipe_out, ckpt, resume, dist_info, callback, command)
             f"use a multiple of {world}: --set data.batch_size={recipe.data.batch_size // world * world or world}",
         )
     m = recipe.model
-    task = Classification(tr.label_smoothing)
     splits = task.load_data(
         recipe.data.source, m, seed=recipe.seed, val_fraction=recipe.data.val_fraction, train_subset=recipe.data.train_subset,
     )
@@ -214,7 +213,7 @@ def _validate(task: Task, net: NestedModel, ds, largest, smallest, dev, calibrat
     out = {}
     for name, (d, w) in (("largest", largest), ("smallest", smallest)):
         r = task.evaluate(net.frozen(d, w, calibrate), ds, batch_size=512, device=dev)
-        out[f"val_acc_{name}"] = r.metric
+        out[f"val_{task.metric_key}_{name}"] = r.metric
         out[f"val_loss_{name}"] = r.loss
     return out
 

@@ -14,8 +14,8 @@ unlike image classification:
   (diffusion's noise and timesteps) does it in `prepare`, once, so that a student and its teacher
   see the same noised input, and in the loss step, so that the draw order is the loop's.
 
-Generation (ε-prediction MSE, scored by its loss) and control (action MSE) are meant to be new files
-beside `classification.py`, without touching the loop, the core or this one.
+Generation (generation.py: ε-prediction MSE, scored by its loss) and control (action MSE) are files
+beside `classification.py`; a family names its task (`Adapter.task`), `_registry.task_for` builds it.
 """
 
 from __future__ import annotations
@@ -56,7 +56,18 @@ class Task(ABC):
 
     name: ClassVar[str]
     metric_name: ClassVar[str]  # for reports: "accuracy"
+    metric_key: ClassVar[str] = "acc"  # the metric's short name in result keys: val_acc, test_acc
     higher_is_better: ClassVar[bool] = True  # which checkpoint is "best"
+
+    @classmethod
+    def from_options(cls, *, label_smoothing: float = 0.0) -> Task:
+        """The task with the commands' options (tasks/_registry.task_for); refuses, in one line, an
+        option it does not have that is set. Default: a task with none of them."""
+        if label_smoothing:
+            from weit_cli.errors import WeitError
+
+            raise WeitError(f"label smoothing ({label_smoothing}) is a classification option; this model's task is {cls.name}", "leave it at 0")
+        return cls()
 
     @abstractmethod
     def load_data(self, source: str, arch: Any, *, seed: int = 0, val_fraction: float = 0.1,

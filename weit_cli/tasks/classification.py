@@ -34,6 +34,10 @@ class Classification(Task):
     def __init__(self, label_smoothing: float = 0.0):
         self.label_smoothing = label_smoothing
 
+    @classmethod
+    def from_options(cls, *, label_smoothing: float = 0.0) -> Classification:
+        return cls(label_smoothing)
+
     def load_data(self, source: str, arch: Any, *, seed: int = 0, val_fraction: float = 0.1,
                   train_subset: float | int | None = None):
         from weit_cli.data.images import load_data

@@ -3,12 +3,12 @@ classifier-free guidance, PNG grids, and the scheduler config written beside a m
 
 Everything here works on a *denoiser*: any callable (x_t, t, y) → ε with x_t (N, C, H, W) in the
 data's scale, t (N,) int64 timesteps and y (N,) int64 class labels, where label `num_classes` is the
-null class (see `null_class`). `DiTDenoiser` adapts a diffusers `DiTTransformer2DModel`; weit's own
-composed forward fits the same signature, so training, sampling and evaluation never care which.
-What diffusers' DiT holds and how it behaves: docs/dit-layout.md.
+null class (see `null_class`). A family turns its module into one (`Adapter.task_forward`, and
+`Adapter.apply` for weit's composed forward), so training, sampling and evaluation never care which.
+What the diffusers denoiser holds and how it behaves: the layout notes in docs/ (linked from arch/).
 
 Pixel space, Fashion-MNIST. **Decision: images stay at their native 28×28** (no pad or resize to 32):
-28 is divisible by patch sizes 2, 4, 7 and 14, diffusers' DiT takes any `sample_size` divisible by
+28 is divisible by patch sizes 2, 4, 7 and 14, diffusers' denoiser Transformer takes any `sample_size` divisible by
 its patch, and the judge classifier of `tasks/fid.py` then sees exactly the pixels of the data set.
 Patch 4 (7×7 = 49 tokens) is the CPU/test default; patch 2 (196 tokens) is the quality choice. Data
 come from `data/images.load_data`, already in [-1, 1] (mean 0.5, std 0.5), the scale DDPM's
@@ -35,7 +35,7 @@ Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 SCHEDULER_FILE = "scheduler_config.json"  # diffusers' SchedulerMixin.config_name
 
-#: The noise process: DiT's (and ADM's) linear β schedule over 1000 steps, ε-prediction, x₀ clipped to
+#: The noise process: the diffusion Transformer paper's (and ADM's) linear β schedule over 1000 steps, ε-prediction, x₀ clipped to
 #: [-1, 1] when sampling (pixel data). `timestep_spacing="trailing"` only matters for sampling: with
 #: few DDIM steps it starts at t = 999 (pure noise) rather than 980 ("Common diffusion noise
 #: schedules and sample steps are flawed", Lin et al. 2023); it is stored here so that the config on
@@ -79,6 +79,15 @@ def save_scheduler_config(scheduler, folder: Path) -> Path:
     return path
 
 
+def scheduler_file_config() -> dict:
+    """`scheduler_config.json` of an exported model: the training noise process (`SCHEDULER`) as
+    diffusers' `save_config` names it. Written without importing diffusers (seconds); the
+    schedulers fill in their other settings' defaults when they read it."""
+    from importlib.metadata import version
+
+    return {"_class_name": "DDPMScheduler", "_diffusers_version": version("diffusers"), **SCHEDULER}
+
+
 def load_scheduler_config(folder: Path) -> dict:
     """The scheduler config saved beside a model, as a plain dict for `train_/sample_scheduler`."""
     path = Path(folder) / SCHEDULER_FILE
@@ -99,15 +108,15 @@ def load_scheduler_config(folder: Path) -> dict:
 def null_class(num_classes: int) -> int:
     """The label of 'no class' for classifier-free guidance: `num_classes`, i.e. the extra last row of
     diffusers' `LabelEmbedding.embedding_table` ((num_classes + 1) × D: `CombinedTimestepLabelEmbeddings`
-    always builds it with dropout 0.1, hence always with the extra row), as `DiTPipeline` uses 1000
+    always builds it with dropout 0.1, hence always with the extra row), as diffusers' class-conditional pipeline uses 1000
     for ImageNet's 1000 classes."""
     return num_classes
 
 
-def drop_labels(y: Tensor, num_classes: int, p: float, generator: torch.Generator) -> Tensor:
+def drop_labels(y: Tensor, num_classes: int, p: float, generator: torch.Generator | None) -> Tensor:
     """Replace each label by the null class with probability `p` (CFG training), seeded."""
     if not 0.0 <= p <= 1.0:
-        raise WeitError(f"label dropout must be in [0, 1], got {p}", "e.g. 0.1 (DiT's), or 0 for no guidance")
+        raise WeitError(f"label dropout must be in [0, 1], got {p}", "e.g. 0.1, or 0 for no guidance")
     if p == 0.0:
         return y
     drop = torch.rand(y.shape[0], generator=generator).to(y.device) < p
@@ -122,60 +131,32 @@ def _check_labels(y: Tensor, num_classes: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- training
-def diffusion_loss(denoiser: Denoiser, x0: Tensor, y: Tensor, scheduler, generator: torch.Generator, *, num_classes: int, label_dropout: float = 0.1) -> Tensor:
-    """DDPM's simple loss: MSE between the true noise and the denoiser's ε at a uniform random step.
-
-    t ~ U{0, …, T−1}, ε ~ N(0, I), x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε (`scheduler.add_noise`), labels dropped
-    to the null class with probability `label_dropout` so that the same model learns the
-    unconditional ε that guidance needs. All draws come from `generator` (CPU), in a fixed order.
-    """
+def noised(x0: Tensor, y: Tensor, scheduler, generator: torch.Generator | None, *, num_classes: int, label_dropout: float = 0.1):
+    """(x_t, t, y', ε): t ~ U{0, …, T−1}, ε ~ N(0, I), x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε (`scheduler.add_noise`),
+    labels y' dropped to the null class with probability `label_dropout`, so that the same model
+    learns the unconditional ε that guidance needs. All draws come from `generator` (None: the global
+    CPU generator), on the CPU, in this fixed order."""
     _check_labels(y, num_classes)
     n, device = x0.shape[0], x0.device
     t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(device)
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=x0.dtype)
     y = drop_labels(y, num_classes, label_dropout, generator)
-    x_t = scheduler.add_noise(x0, noise, t)
+    return scheduler.add_noise(x0, noise, t), t, y, noise
+
+
+def diffusion_loss(denoiser: Denoiser, x0: Tensor, y: Tensor, scheduler, generator: torch.Generator | None, *, num_classes: int, label_dropout: float = 0.1) -> Tensor:
+    """DDPM's simple loss: MSE between the true noise and the denoiser's ε at a uniform random step
+    (the draws of `noised`)."""
+    x_t, t, y, noise = noised(x0, y, scheduler, generator, num_classes=num_classes, label_dropout=label_dropout)
     eps = denoiser(x_t, t, y)
     return F.mse_loss(eps.float(), noise.float())
 
 
-# ---------------------------------------------------------------------------------------------- diffusers
-class DiTDenoiser(nn.Module):
-    """(x_t, t, y) → ε for a diffusers `DiTTransformer2DModel`.
-
-    - Returns `.sample`, and only its first `in_channels` channels when the model predicts a learned
-      variance too (`out_channels` = 2·in, as facebook's DiT checkpoints do; `DiTPipeline` splits the
-      same way). weit trains the ε half only; the variance half then gets no gradient.
-    - Turns diffusers' own label dropout off (`LabelEmbedding.dropout_prob = 0`, an attribute, not a
-      weight or a config entry). In train mode diffusers drops labels with the global, unseeded RNG,
-      and independently in every block's embedder and again in the output layer's (block 0's), so one
-      image would be conditioned on its class in some blocks and on 'no class' in others.
-      `diffusion_loss` drops labels itself, once per image, from its generator. The null row of the
-      table stays: `null_class` still selects it.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        from diffusers.models.embeddings import LabelEmbedding
-
-        self.model = model
-        for m in model.modules():
-            if isinstance(m, LabelEmbedding):
-                m.dropout_prob = 0.0
-        self.in_channels = int(model.config.in_channels)
-        self.num_classes = int(model.config.num_embeds_ada_norm)
-
-    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        out = self.model(x, timestep=t, class_labels=y).sample
-        if out.shape[1] == 2 * self.in_channels:
-            out = out[:, : self.in_channels]
-        return out
-
-
+# ---------------------------------------------------------------------------------------------- guidance
 def guided(denoiser: Denoiser, scale: float, num_classes: int) -> Denoiser:
     """Classifier-free guidance: ε = ε(y) + (s − 1)(ε(y) − ε(∅)), one forward over the doubled batch.
 
-    Written as the conditional ε plus a correction (equal to DiT's ε(∅) + s(ε(y) − ε(∅))) so that
+    Written as the conditional ε plus a correction (equal to the paper's ε(∅) + s(ε(y) − ε(∅))) so that
     s = 1 is exactly the conditional ε; s = 0 is unconditional sampling."""
 
     def eps(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
@@ -206,7 +187,7 @@ def sample(
 
     The starting noise of all N images is drawn at once from `seed` before batching, and η = 0 draws
     nothing else, so image i depends on the seed and its label only, not on `batch_size`. No guidance
-    when `guidance_scale` is None or 1 (as `DiTPipeline`, which guides only above 1): a single
+    when `guidance_scale` is None or 1 (as diffusers' pipeline, which guides only above 1): a single
     conditional pass. A label of `num_classes` asks for an unconditional sample.
     """
     from weit_cli.limits import check_seed

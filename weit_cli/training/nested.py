@@ -136,13 +136,15 @@ class NestedModel(nn.Module):
             self._timm[key] = m.to(self._device())
         return self._timm[key]
 
-    def forward(self, x: Tensor, depth, width) -> Tensor:
+    def forward(self, *inputs: Tensor, depth, width) -> Tensor:
+        """The task's output at one size on the task's inputs (x; or x_t, t, y for a denoiser)."""
         from torch.func import functional_call
 
-        return functional_call(self.module_at(depth, width), self.state_at(depth, width), (x,))
+        module, state = self.module_at(depth, width), self.state_at(depth, width)
+        return self.adapter.apply(lambda *a, **k: functional_call(module, state, a, k), *inputs)
 
     def frozen(self, depth, width, calibrate: Callable[[nn.Module], Any] | None = None):
-        """x → logits at one size, in eval mode, with the weights composed once. `calibrate(module)`
+        """The task's forward at one size, in eval mode, with the weights composed once. `calibrate(module)`
         (BatchNorm families) re-estimates the size's running statistics first, on a copy."""
         from torch.func import functional_call
 
@@ -152,14 +154,14 @@ class NestedModel(nn.Module):
             module = self.adapter.build(self.target(depth, width)).to(self._device())
             module.load_state_dict(state, strict=True)
             calibrate(module)
-            return module.eval()
+            return self.adapter.task_forward(module.eval())
         module = self.module_at(depth, width)
 
-        def run(x: Tensor) -> Tensor:
+        def run(*inputs: Tensor) -> Tensor:
             was = module.training
             module.eval()
             try:
-                return functional_call(module, state, (x,))
+                return self.adapter.apply(lambda *a, **k: functional_call(module, state, a, k), *inputs)
             finally:
                 module.train(was)
 
@@ -216,14 +218,20 @@ def sample_sizes(rng: random.Random, depths: list, widths: list[int], k: int) ->
 
 
 # ---------------------------------------------------------------------------------------------- the command
-def composed_forward(module: nn.Module, sized: Bundle) -> Callable[[Tensor], Tensor]:
-    """x → logits of `module` with the composed weights of `sized` (gradients reach its tensors)."""
+def composed_forward(module: nn.Module, sized: Bundle) -> Callable[..., Tensor]:
+    """The task's forward of `module` (x → logits; (x_t, t, y) → ε) with the composed weights of
+    `sized` (gradients reach its tensors)."""
     from torch.func import functional_call
 
-    def forward(x: Tensor) -> Tensor:
-        with torch.autocast(x.device.type, enabled=False):  # compose in float32, even under bf16 autocast
-            state = sized.state_dict()
-        return functional_call(module, state, (x,), strict=True)
+    # Buffers a state dict does not hold (a sin-cos position code recomputed from the size) are the
+    # module's own; strict=True then still refuses any weight the bundle lacks.
+    stored = set(module.state_dict())
+    own = {k: v for k, v in module.named_buffers() if k not in stored}
+
+    def forward(*inputs: Tensor) -> Tensor:
+        with torch.autocast(inputs[0].device.type, enabled=False):  # compose in float32, even under bf16 autocast
+            state = {**own, **sized.state_dict()}
+        return sized.adapter.apply(lambda *a, **k: functional_call(module, state, a, k, strict=True), *inputs)
 
     return forward
 
