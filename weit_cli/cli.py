@@ -572,7 +572,11 @@ def sample(
 @app.command()
 def evaluate(
     model: Annotated[Path, typer.Argument(help="A materialized model (folder or .safetensors), any family.")],
-    data: Annotated[str, typer.Option(help="fashion-mnist, fashion-mnist:/folder, mnist5k, digits, or an image folder (its test split is used).")],
+    data: Annotated[Optional[str], typer.Option(help="Classifiers and generators: fashion-mnist, fashion-mnist:/folder, mnist5k, digits, or an image folder (its test split is used).")] = None,
+    env: Annotated[Optional[str], typer.Option(help="Control models: the environment to roll out in, e.g. Hopper-v5 (default: the one of its control_config.json).")] = None,
+    episodes: Annotated[Optional[int], typer.Option(help=f"Control models: rollout episodes; episode i resets with seed + i (default {EVALUATE.episodes}).")] = None,
+    target_return: Annotated[Optional[float], typer.Option(help="Control models: the return to condition on (default: the best return of the training data).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Control models: cut episodes after this many steps (default: the environment's time limit).")] = None,
     num_samples: Annotated[int, typer.Option(help="Generators: images sampled (balanced over the classes) and real test images compared.")] = EVALUATE.num_samples,
     steps: Annotated[int, typer.Option(help="Generators: DDIM sampling steps.")] = SAMPLE.steps,
     guidance: Annotated[float, typer.Option(help="Generators: classifier-free guidance scale (1: none).")] = SAMPLE.guidance,
@@ -581,16 +585,28 @@ def evaluate(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if present).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Score a model on data: classifiers by test accuracy and loss; generators by a Fréchet distance in
-    weit's judge-classifier features (not Inception-FID) and the class accuracy of their samples."""
+    """Score a model: classifiers by test accuracy and loss on --data; generators by a Fréchet distance in
+    weit's judge-classifier features (not Inception-FID) and the class accuracy of their samples;
+    control models by rollouts in --env (returns, normalised score mean and spread, wall time)."""
 
     def go():
         from weit_cli.commands.sample import evaluate as ev
 
         return ev(model, data=data, num_samples=num_samples, steps=steps, guidance=guidance, seed=seed,
-                  batch_size=batch_size, device=device)
+                  batch_size=batch_size, device=device, env=env, episodes=episodes, target_return=target_return,
+                  max_steps=max_steps)
 
     def render(r):
+        if r["task"] == "control":
+            _table("evaluate", [
+                ("model", r["description"]),
+                ("rollouts", f"{r['episodes']} episodes in {r['env_id']}, target return {r['target_return']:g}, seeds {r['seed']}..{r['seed'] + r['episodes'] - 1}"),
+                ("returns", " ".join(f"{x:.1f}" for x in r["returns"])),
+                ("return", f"{r['mean_return']:.1f} ± {r['std_return']:.1f}"),
+                ("normalised score", f"{r['mean_score']:.1f} ± {r['std_score']:.1f} (0 random, 100 expert)"),
+                ("wall", f"{r['wall_s']:.2f}s"),
+            ])
+            return
         rows = [("model", r["description"]), ("data", r["split"])]
         rows += [(k.replace("_", " "), f"{v:.4f}") for k, v in r.items() if k.endswith(("_acc", "_loss")) and isinstance(v, float)]
         if "fid_judge" in r:

@@ -74,6 +74,17 @@ class Task(ABC):
                   train_subset: float | int | None = None) -> Splits:
         """`source` as splits shaped for `arch`'s inputs (image size and channels, sequence length …)."""
 
+    def classes(self, splits: Splits) -> int | None:
+        """The data's class count, which sizes a model's classifier (or its class table); None for a
+        task without classes (control), whose models take no class count."""
+        return splits.num_classes
+
+    def companion_files(self, splits: Splits) -> dict[str, dict[str, Any]]:
+        """JSON files a model trained on `splits` needs beside its weights, name → content; they ride
+        in the bundle (`core/bundle.COMPANIONS`) and are written into every exported folder. None by
+        default; control: `control_config.json` (the training split's state statistics)."""
+        return {}
+
     def prepare(self, batch: Batch) -> Batch:
         """Per-batch randomness (diffusion: noise and timesteps), drawn once per step; none by default."""
         return batch

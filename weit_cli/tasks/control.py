@@ -474,6 +474,7 @@ class Control(Task):
 
     name = "control"
     metric_name = "action_mse"
+    metric_key = "action_mse"  # val_action_mse, …
     higher_is_better = False
 
     def __init__(
@@ -556,6 +557,13 @@ class Control(Task):
                 raise WeitError(f"data source {text!r} is for {name}, not {self.env_id}", f"use {self.env_id}'s data or environment")
             return rest, name
         return text, self.env_id
+
+    def classes(self, splits: ControlSplits) -> None:
+        return None  # actions are continuous: a control model has no class count
+
+    def companion_files(self, splits: ControlSplits) -> dict[str, dict[str, Any]]:
+        """`control_config.json`: what a model trained on these windows needs to act (see the class doc)."""
+        return {CONFIG_FILE: splits.config}
 
     # ---------------------------------------------------------------------------------- the model
     def outputs(self, forward: Forward, batch: Batch) -> Tensor:
