@@ -194,7 +194,7 @@ def extract_templates_cmd(
         d = r.get("distillation")
         if d:
             rows += [(f"rel. error {t} (distilled)", f"{e:.3e}") for t, e in d["relative_error_after"].items()]
-            k, name = ("acc", "accuracy") if "teacher_acc" in d else ("loss", "loss")
+            k, name = _metric(d, "teacher_{}", (("acc", "accuracy"), ("action_mse", "action MSE"), ("loss", "loss")))
             rows.append((f"teacher {name}", f"{d[f'teacher_{k}']:.4f} on {d['eval_split']}"))
             rows.append((f"student {name}", f"{d[f'student_{k}_before']:.4f} (SVD) → {d[f'student_{k}_after']:.4f} ({d['steps']} steps)"))
         rows += [(f"params {k}", _human(v)) for k, v in r["params"].items()]
@@ -299,6 +299,8 @@ def pretrain(
         for name in ("largest", "smallest"):
             if f"val_acc_{name}" in v:
                 rows.append((f"val acc {name}", f"{100 * v[f'val_acc_{name}']:.2f}%"))
+            elif f"val_action_mse_{name}" in v:
+                rows.append((f"val action MSE {name}", f"{v[f'val_action_mse_{name}']:.4f}"))
             elif f"val_loss_{name}" in v:
                 rows.append((f"val loss {name}", f"{v[f'val_loss_{name}']:.4f}"))
         rows += [(f"params {k}", _human(n)) for k, n in r["params"].items()]
@@ -334,6 +336,9 @@ def inspect(
         for k in ("weit_format", "weit_version", "kron_order", "sha256", "bundle_sha256", "producer"):
             if r.get(k):
                 rows.append((k, r[k]))
+        for name, content in (r.get("companion_files") or {}).items():
+            said = ", ".join(f"{k} {content[k]}" for k in ("env_id", "context", "data") if content.get(k) not in (None, ""))
+            rows.append(("written beside models", f"{name}{f' ({said})' if said else ''}"))
         shown = {(k.replace("_", " "), str(v)) for k, v in rows}  # a scalers file's bundle_sha256 is in both
         rows += [(k, v) for k, v in _provenance_rows(r.get("provenance") or {}, full) if (k.replace("_", " "), v) not in shown]
         _table(r["path"], rows)
@@ -460,14 +465,21 @@ def fit_scalers_cmd(
 
 
 def _before_after(r: dict[str, Any]) -> tuple[str, str]:
-    k = "acc" if "val_acc_before" in r else "loss"
-    return f"val {r['metric']}", f"{r[f'val_{k}_before']:.4f} → {r[f'val_{k}_after']:.4f} ({r['val_count']} images)"
+    k, what = _metric(r, "val_{}_before", (("acc", "images"), ("action_mse", "windows"), ("loss", "images")))
+    return f"val {r['metric']}", f"{r[f'val_{k}_before']:.4f} → {r[f'val_{k}_after']:.4f} ({r['val_count']} {what})"
+
+
+def _metric(r: dict[str, Any], pattern: str, choices: tuple[tuple[str, str], ...]) -> tuple[str, str]:
+    """The first (metric key, label) of `choices` whose `pattern.format(key)` is in the result `r`:
+    a task's metric names its result keys (`Task.metric_key`), so a render finds which it got."""
+    return next((k, label) for k, label in choices if pattern.format(k) in r)
 
 
 def _materialize_hint(r: dict[str, Any]) -> str:
     return (
         f"weit materialize BUNDLE --scalers {r['output']} {' '.join(r['size_options'])} "
-        f"--num-classes {r['architecture']['num_classes']} -o MODEL"
+        + (f"--num-classes {r['architecture']['num_classes']} " if "num_classes" in r["architecture"] else "")
+        + "-o MODEL"
     )
 
 
@@ -515,7 +527,7 @@ def finetune(
         if int(os.environ.get("RANK", "0")) != 0:
             return
         f, b = r["final"], r["best"] or {}
-        k = "acc" if "test_acc_by_epoch" in r else "loss"
+        k, _ = _metric(r, "test_{}_by_epoch", (("acc", ""), ("action_mse", ""), ("loss", "")))
         if k == "acc":
             pct = lambda v: "–" if v is None else f"{100 * v:.2f}%"  # noqa: E731
         else:

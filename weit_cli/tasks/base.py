@@ -85,6 +85,11 @@ class Task(ABC):
         default; control: `control_config.json` (the training split's state statistics)."""
         return {}
 
+    def companions_of(self, model_path: Any) -> dict[str, dict[str, Any]]:
+        """The companion files a model already has (e.g. beside a folder `extract-templates` reads),
+        checked; {} for none."""
+        return {}
+
     def prepare(self, batch: Batch) -> Batch:
         """Per-batch randomness (diffusion: noise and timesteps), drawn once per step; none by default."""
         return batch

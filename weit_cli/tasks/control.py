@@ -565,6 +565,11 @@ class Control(Task):
         """`control_config.json`: what a model trained on these windows needs to act (see the class doc)."""
         return {CONFIG_FILE: splits.config}
 
+    def companions_of(self, model_path) -> dict[str, dict[str, Any]]:
+        """A model folder's own `control_config.json` (checked), if it has one."""
+        folder = Path(model_path)
+        return {CONFIG_FILE: load_control_config(folder)} if (folder / CONFIG_FILE).is_file() else {}
+
     # ---------------------------------------------------------------------------------- the model
     def outputs(self, forward: Forward, batch: Batch) -> Tensor:
         return action_output(forward(*model_inputs(batch))).float()
