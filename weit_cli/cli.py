@@ -536,7 +536,7 @@ def finetune(
             ("run", r["output"]),
             ("model", f"{r['description']} ({r['init']['init']} init{', new head' if r['new_head'] else ''})"),
             ("trained", f"{r['epochs']} epochs, {r['steps']} steps, {r['world_size']} process(es) on {r['device']}"),
-            (f"test {k} by epoch", " ".join(pct(a) for a in r[f"test_{k}_by_epoch"])),
+            *([(f"test {k} by epoch", " ".join(pct(a) for a in r[f"test_{k}_by_epoch"]))] if any(a is not None for a in r[f"test_{k}_by_epoch"]) else []),
             ("last", f"val {pct(f.get(f'val_{k}'))}, test {pct(f.get(f'test_{k}'))}"),
             ("best", f"epoch {b.get('epoch', '–')}: val {pct(b.get(f'val_{k}'))}, test {pct(b.get(f'test_{k}'))}"),
             ("wrote", ", ".join(r["files"])),
