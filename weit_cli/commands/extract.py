@@ -78,6 +78,7 @@ def extract_templates(
     if data is not None:
         from weit_cli.commands.distill import distill
 
+        task.adopt(files)  # the teacher's input convention
         splits = task.load_data(data, arch, seed=seed)
         bundle, report = distill(
             bundle, state, splits, task, steps=distill_steps, lr=distill_lr, batch_size=batch_size,

@@ -239,6 +239,7 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
         raise WeitError(f"--batch-size {batch_size} does not split over {world} processes", f"use a multiple of {world}")
     adapter, arch, weights = read_model(model, need_weights=init == "weit")
     task = task_for(adapter, label_smoothing=label_smoothing)
+    task.adopt(task.companions_of(model))  # data prepared as MODEL was trained on (its control_config.json)
     splits = task.load_data(data, arch, seed=data_seed, val_fraction=val_fraction, train_subset=train_subset)
     classes = task.classes(splits)
     if classes is None and reset_head:

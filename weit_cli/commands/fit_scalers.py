@@ -120,6 +120,7 @@ def fit_scalers(
     bundle, bsha = load_bundle(bundle_path)
     arch0 = bundle.arch
     task = task_for(bundle.adapter)
+    task.adopt(bundle.extra.get(COMPANIONS) or {})  # data prepared as the bundle was trained on
     splits = task.load_data(data, arch0, seed=seed, train_subset=train_subset)
     classes = task.classes(splits)
     if classes is None and (num_classes is not None or reset_head):

@@ -90,6 +90,12 @@ class Task(ABC):
         checked; {} for none."""
         return {}
 
+    def adopt(self, files: dict[str, dict[str, Any]]) -> None:
+        """Take a trained model's input conventions from its companion files before `load_data`, so
+        that data for a model that exists (fit-scalers, finetune, distillation) is prepared as it was
+        trained on (control: the context, the state statistics, the returns-to-go scale). Nothing by
+        default."""
+
     def prepare(self, batch: Batch) -> Batch:
         """Per-batch randomness (diffusion: noise and timesteps), drawn once per step; none by default."""
         return batch
