@@ -236,7 +236,9 @@ def write_model(sized: Bundle, out: Path, dtype: torch.dtype, provenance: dict[s
             f"the model to write does not match {sized.adapter.describe(sized.arch)}: {'; '.join(problems)}",
             "nothing was written; the bundle or scalers file is damaged (check it with 'weit inspect')",
         )
-    return exporter.write(Path(out), sized.arch, lambda path: write_safetensors(path, spec_list, meta), force, files)
+    # `files` only when there are any: an exporter written before companion files keeps working
+    companions = {"files": files} if files else {}
+    return exporter.write(Path(out), sized.arch, lambda path: write_safetensors(path, spec_list, meta), force, **companions)
 
 
 class _Streamer:
