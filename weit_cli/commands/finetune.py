@@ -245,7 +245,10 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
     if classes is None and reset_head:
         raise WeitError(f"--reset-head replaces a classifier; a {adapter.family} has none", "leave --reset-head out")
     new_head = reset_head or (classes is not None and classes != arch.num_classes)
-    files = task.companion_files(splits)  # written beside last/ and best/ (the control task's state statistics)
+    # Written beside last/ and best/ (the control task's state statistics); passed only when there
+    # are any, so `_write_model`'s call is the same as before for the other tasks.
+    files = task.companion_files(splits)
+    with_files = {"files": files} if files else {}
     if new_head and not adapter.classifier:
         raise WeitError(
             f"this model's {arch.num_classes} classes are part of every block and cannot be replaced (the data has {classes})",
@@ -321,9 +324,9 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
 
     def write_epoch(epoch: int) -> None:  # after the epoch's checkpoint (the loop's order, for --resume)
         cpu = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        _write_model(adapter, arch, cpu, out_dir / "last", {**origin, "epoch": epoch}, files)
+        _write_model(adapter, arch, cpu, out_dir / "last", {**origin, "epoch": epoch}, **with_files)
         if improved:
-            _write_model(adapter, arch, cpu, out_dir / "best", {**origin, "epoch": epoch}, files)
+            _write_model(adapter, arch, cpu, out_dir / "best", {**origin, "epoch": epoch}, **with_files)
         _write_json(out_dir / "metrics.json", _metrics_doc(args, origin, metrics, best))
 
     plan = Plan(
@@ -348,7 +351,7 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
         st = loop.resume()
         metrics, best, start_epoch, wall = st["metrics"], st["best"], int(st["epoch"]), float(st["wall_s"])
         if rank == 0:
-            _complete_run_folder(out_dir, adapter, arch, net, origin, args, metrics, best, start_epoch, files)
+            _complete_run_folder(out_dir, adapter, arch, net, origin, args, metrics, best, start_epoch, with_files)
     elif rank == 0:
         try:
             if out_dir.exists():
@@ -395,7 +398,7 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
     }
 
 
-def _complete_run_folder(out_dir: Path, adapter, arch, net: nn.Module, origin, args, metrics, best, epoch: int, files=None) -> None:
+def _complete_run_folder(out_dir: Path, adapter, arch, net: nn.Module, origin, args, metrics, best, epoch: int, with_files: dict | None = None) -> None:
     """On --resume: an epoch writes its checkpoint first, then last/, best/ and metrics.json; a kill in
     between leaves those one epoch behind. Write them again from the checkpoint (the very bytes the
     epoch would have written), and remove temp files a killed writer left."""
@@ -410,11 +413,12 @@ def _complete_run_folder(out_dir: Path, adapter, arch, net: nn.Module, origin, a
         except (WeitError, KeyError, ValueError, AttributeError):
             return None
 
+    with_files = with_files or {}
     cpu = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     if epoch_of(out_dir / "last") != epoch:
-        _write_model(adapter, arch, cpu, out_dir / "last", {**origin, "epoch": epoch}, files)
+        _write_model(adapter, arch, cpu, out_dir / "last", {**origin, "epoch": epoch}, **with_files)
     if best is not None and best["epoch"] == epoch and epoch_of(out_dir / "best") != epoch:
-        _write_model(adapter, arch, cpu, out_dir / "best", {**origin, "epoch": epoch}, files)
+        _write_model(adapter, arch, cpu, out_dir / "best", {**origin, "epoch": epoch}, **with_files)
     _write_json(out_dir / "metrics.json", _metrics_doc(args, origin, metrics, best))
 
 
