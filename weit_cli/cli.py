@@ -194,7 +194,7 @@ def extract_templates_cmd(
         d = r.get("distillation")
         if d:
             rows += [(f"rel. error {t} (distilled)", f"{e:.3e}") for t, e in d["relative_error_after"].items()]
-            k, name = ("acc", "accuracy") if "teacher_acc" in d else ("loss", "loss")
+            k, name = _metric(d, "teacher_{}", (("acc", "accuracy"), ("action_mse", "action MSE"), ("loss", "loss")))
             rows.append((f"teacher {name}", f"{d[f'teacher_{k}']:.4f} on {d['eval_split']}"))
             rows.append((f"student {name}", f"{d[f'student_{k}_before']:.4f} (SVD) → {d[f'student_{k}_after']:.4f} ({d['steps']} steps)"))
         rows += [(f"params {k}", _human(v)) for k, v in r["params"].items()]
@@ -299,6 +299,8 @@ def pretrain(
         for name in ("largest", "smallest"):
             if f"val_acc_{name}" in v:
                 rows.append((f"val acc {name}", f"{100 * v[f'val_acc_{name}']:.2f}%"))
+            elif f"val_action_mse_{name}" in v:
+                rows.append((f"val action MSE {name}", f"{v[f'val_action_mse_{name}']:.4f}"))
             elif f"val_loss_{name}" in v:
                 rows.append((f"val loss {name}", f"{v[f'val_loss_{name}']:.4f}"))
         rows += [(f"params {k}", _human(n)) for k, n in r["params"].items()]
@@ -334,6 +336,9 @@ def inspect(
         for k in ("weit_format", "weit_version", "kron_order", "sha256", "bundle_sha256", "producer"):
             if r.get(k):
                 rows.append((k, r[k]))
+        for name, content in (r.get("companion_files") or {}).items():
+            said = ", ".join(f"{k} {content[k]}" for k in ("env_id", "context", "data") if content.get(k) not in (None, ""))
+            rows.append(("written beside models", f"{name}{f' ({said})' if said else ''}"))
         shown = {(k.replace("_", " "), str(v)) for k, v in rows}  # a scalers file's bundle_sha256 is in both
         rows += [(k, v) for k, v in _provenance_rows(r.get("provenance") or {}, full) if (k.replace("_", " "), v) not in shown]
         _table(r["path"], rows)
@@ -460,14 +465,21 @@ def fit_scalers_cmd(
 
 
 def _before_after(r: dict[str, Any]) -> tuple[str, str]:
-    k = "acc" if "val_acc_before" in r else "loss"
-    return f"val {r['metric']}", f"{r[f'val_{k}_before']:.4f} → {r[f'val_{k}_after']:.4f} ({r['val_count']} images)"
+    k, what = _metric(r, "val_{}_before", (("acc", "images"), ("action_mse", "windows"), ("loss", "images")))
+    return f"val {r['metric']}", f"{r[f'val_{k}_before']:.4f} → {r[f'val_{k}_after']:.4f} ({r['val_count']} {what})"
+
+
+def _metric(r: dict[str, Any], pattern: str, choices: tuple[tuple[str, str], ...]) -> tuple[str, str]:
+    """The first (metric key, label) of `choices` whose `pattern.format(key)` is in the result `r`:
+    a task's metric names its result keys (`Task.metric_key`), so a render finds which it got."""
+    return next((k, label) for k, label in choices if pattern.format(k) in r)
 
 
 def _materialize_hint(r: dict[str, Any]) -> str:
     return (
         f"weit materialize BUNDLE --scalers {r['output']} {' '.join(r['size_options'])} "
-        f"--num-classes {r['architecture']['num_classes']} -o MODEL"
+        + (f"--num-classes {r['architecture']['num_classes']} " if "num_classes" in r["architecture"] else "")
+        + "-o MODEL"
     )
 
 
@@ -515,7 +527,7 @@ def finetune(
         if int(os.environ.get("RANK", "0")) != 0:
             return
         f, b = r["final"], r["best"] or {}
-        k = "acc" if "test_acc_by_epoch" in r else "loss"
+        k, _ = _metric(r, "test_{}_by_epoch", (("acc", ""), ("action_mse", ""), ("loss", "")))
         if k == "acc":
             pct = lambda v: "–" if v is None else f"{100 * v:.2f}%"  # noqa: E731
         else:
@@ -524,7 +536,7 @@ def finetune(
             ("run", r["output"]),
             ("model", f"{r['description']} ({r['init']['init']} init{', new head' if r['new_head'] else ''})"),
             ("trained", f"{r['epochs']} epochs, {r['steps']} steps, {r['world_size']} process(es) on {r['device']}"),
-            (f"test {k} by epoch", " ".join(pct(a) for a in r[f"test_{k}_by_epoch"])),
+            *([(f"test {k} by epoch", " ".join(pct(a) for a in r[f"test_{k}_by_epoch"]))] if any(a is not None for a in r[f"test_{k}_by_epoch"]) else []),
             ("last", f"val {pct(f.get(f'val_{k}'))}, test {pct(f.get(f'test_{k}'))}"),
             ("best", f"epoch {b.get('epoch', '–')}: val {pct(b.get(f'val_{k}'))}, test {pct(b.get(f'test_{k}'))}"),
             ("wrote", ", ".join(r["files"])),
@@ -572,7 +584,11 @@ def sample(
 @app.command()
 def evaluate(
     model: Annotated[Path, typer.Argument(help="A materialized model (folder or .safetensors), any family.")],
-    data: Annotated[str, typer.Option(help="fashion-mnist, fashion-mnist:/folder, mnist5k, digits, or an image folder (its test split is used).")],
+    data: Annotated[Optional[str], typer.Option(help="Classifiers and generators: fashion-mnist, fashion-mnist:/folder, mnist5k, digits, or an image folder (its test split is used).")] = None,
+    env: Annotated[Optional[str], typer.Option(help="Control models: the environment to roll out in, e.g. Hopper-v5 (default: the one of its control_config.json).")] = None,
+    episodes: Annotated[Optional[int], typer.Option(help=f"Control models: rollout episodes; episode i resets with seed + i (default {EVALUATE.episodes}).")] = None,
+    target_return: Annotated[Optional[float], typer.Option(help="Control models: the return to condition on (default: the best return of the training data).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Control models: cut episodes after this many steps (default: the environment's time limit).")] = None,
     num_samples: Annotated[int, typer.Option(help="Generators: images sampled (balanced over the classes) and real test images compared.")] = EVALUATE.num_samples,
     steps: Annotated[int, typer.Option(help="Generators: DDIM sampling steps.")] = SAMPLE.steps,
     guidance: Annotated[float, typer.Option(help="Generators: classifier-free guidance scale (1: none).")] = SAMPLE.guidance,
@@ -581,16 +597,28 @@ def evaluate(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if present).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Score a model on data: classifiers by test accuracy and loss; generators by a Fréchet distance in
-    weit's judge-classifier features (not Inception-FID) and the class accuracy of their samples."""
+    """Score a model: classifiers by test accuracy and loss on --data; generators by a Fréchet distance in
+    weit's judge-classifier features (not Inception-FID) and the class accuracy of their samples;
+    control models by rollouts in --env (returns, normalised score mean and spread, wall time)."""
 
     def go():
         from weit_cli.commands.sample import evaluate as ev
 
         return ev(model, data=data, num_samples=num_samples, steps=steps, guidance=guidance, seed=seed,
-                  batch_size=batch_size, device=device)
+                  batch_size=batch_size, device=device, env=env, episodes=episodes, target_return=target_return,
+                  max_steps=max_steps)
 
     def render(r):
+        if r["task"] == "control":
+            _table("evaluate", [
+                ("model", r["description"]),
+                ("rollouts", f"{r['episodes']} episodes in {r['env_id']}, target return {r['target_return']:g}, seeds {r['seed']}..{r['seed'] + r['episodes'] - 1}"),
+                ("returns", " ".join(f"{x:.1f}" for x in r["returns"])),
+                ("return", f"{r['mean_return']:.1f} ± {r['std_return']:.1f}"),
+                ("normalised score", f"{r['mean_score']:.1f} ± {r['std_score']:.1f} (0 random, 100 expert)"),
+                ("wall", f"{r['wall_s']:.2f}s"),
+            ])
+            return
         rows = [("model", r["description"]), ("data", r["split"])]
         rows += [(k.replace("_", " "), f"{v:.4f}") for k, v in r.items() if k.endswith(("_acc", "_loss")) and isinstance(v, float)]
         if "fid_judge" in r:

@@ -84,6 +84,7 @@ class SampleOptions:
 class EvaluateOptions:
     num_samples: int = 1000  # generated (balanced over the classes) and real test images compared
     batch_size: int = 256  # classification: images per evaluation batch
+    episodes: int = 10  # control: rollout episodes (episode i resets with seed + i)
 
 
 SAMPLE = SampleOptions()

@@ -62,9 +62,10 @@ def distill(
 
     check_options(steps, lr, batch_size, temperature)
     ad, arch = bundle.adapter, bundle.arch
-    if splits.num_classes != arch.num_classes:
+    classes = task.classes(splits)
+    if classes is not None and classes != arch.num_classes:
         raise WeitError(
-            f"the data has {splits.num_classes} classes, the checkpoint's classifier {arch.num_classes}",
+            f"the data has {classes} classes, the checkpoint's classifier {arch.num_classes}",
             "distil on data with the classes the checkpoint was trained for",
         )
     dev = resolve_device(device)
@@ -144,7 +145,7 @@ def distill(
         "temperature": temperature,
         "train_small": train_small,
         "seed": seed,
-        "eval_split": f"{split} ({held_out.tensors[0].shape[0]} images)",
+        "eval_split": f"{split} ({held_out.tensors[0].shape[0]} {'images' if classes is not None else 'examples'})",
         f"teacher_{task.metric_key}": teacher_score.metric,
         f"student_{task.metric_key}_before": before.metric,
         f"student_{task.metric_key}_after": after.metric,

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from weit_cli.arch._registry import detect_family
-from weit_cli.core.bundle import Bundle, from_dense
+from weit_cli.core.bundle import COMPANIONS, Bundle, from_dense
 from weit_cli.errors import WeitError
 from weit_cli.io.files import check_output, checkpoint_sha256, load_dense, save_tensors
 from weit_cli.options import DISTILL, EXTRACT, SEED
@@ -62,11 +62,10 @@ def extract_templates(
     adapter = detect_family(state.keys())
     state = adapter.loadable(state)
     arch = adapter.infer_arch(state, hints)
-    task = None
-    if data is not None:
-        from weit_cli.tasks._registry import task_for
+    from weit_cli.tasks._registry import task_for
 
-        task = task_for(adapter)
+    task = task_for(adapter)
+    files = task.companions_of(checkpoint)  # e.g. a control model's state statistics, read before any work
     bundle, errors = from_dense(adapter, arch, state, template_size, num_templates)
     provenance = {
         "command": "extract-templates",
@@ -79,6 +78,7 @@ def extract_templates(
     if data is not None:
         from weit_cli.commands.distill import distill
 
+        task.adopt(files)  # the teacher's input convention
         splits = task.load_data(data, arch, seed=seed)
         bundle, report = distill(
             bundle, state, splits, task, steps=distill_steps, lr=distill_lr, batch_size=batch_size,
@@ -86,6 +86,9 @@ def extract_templates(
         )
         report["relative_error_after"] = _relative_errors(bundle, state)
         provenance["distillation"] = {k: v for k, v in report.items() if k != "seconds"}  # same inputs → same bytes
+        files = files or task.companion_files(splits)
+    if files:  # the source's own record of its data wins: the student imitates the source's function
+        bundle.extra[COMPANIONS] = files
     save_tensors(out, bundle.to_tensors(), bundle.metadata(**provenance), force)
     result = {
         "command": "extract-templates",

@@ -239,17 +239,25 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
         raise WeitError(f"--batch-size {batch_size} does not split over {world} processes", f"use a multiple of {world}")
     adapter, arch, weights = read_model(model, need_weights=init == "weit")
     task = task_for(adapter, label_smoothing=label_smoothing)
+    task.adopt(task.companions_of(model))  # data prepared as MODEL was trained on (its control_config.json)
     splits = task.load_data(data, arch, seed=data_seed, val_fraction=val_fraction, train_subset=train_subset)
-    new_head = reset_head or splits.num_classes != arch.num_classes
+    classes = task.classes(splits)
+    if classes is None and reset_head:
+        raise WeitError(f"--reset-head replaces a classifier; a {adapter.family} has none", "leave --reset-head out")
+    new_head = reset_head or (classes is not None and classes != arch.num_classes)
+    # Written beside last/ and best/ (the control task's state statistics); passed only when there
+    # are any, so `_write_model`'s call is the same as before for the other tasks.
+    files = task.companion_files(splits)
+    with_files = {"files": files} if files else {}
     if new_head and not adapter.classifier:
         raise WeitError(
-            f"this model's {arch.num_classes} classes are part of every block and cannot be replaced (the data has {splits.num_classes})",
+            f"this model's {arch.num_classes} classes are part of every block and cannot be replaced (the data has {classes})",
             "finetune on data with the model's classes, without --reset-head",
         )
     key = task.metric_key  # val_acc / test_acc, or val_loss / test_loss
     better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
     if new_head:
-        arch = replace(arch, num_classes=splits.num_classes)
+        arch = replace(arch, num_classes=classes)
         if weights is not None:
             weights = {k: v for k, v in weights.items() if k not in adapter.classifier}
             weights.update({k: v for k, v in _fresh(adapter, arch, seed).items() if k in adapter.classifier})
@@ -316,9 +324,9 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
 
     def write_epoch(epoch: int) -> None:  # after the epoch's checkpoint (the loop's order, for --resume)
         cpu = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        _write_model(adapter, arch, cpu, out_dir / "last", {**origin, "epoch": epoch})
+        _write_model(adapter, arch, cpu, out_dir / "last", {**origin, "epoch": epoch}, **with_files)
         if improved:
-            _write_model(adapter, arch, cpu, out_dir / "best", {**origin, "epoch": epoch})
+            _write_model(adapter, arch, cpu, out_dir / "best", {**origin, "epoch": epoch}, **with_files)
         _write_json(out_dir / "metrics.json", _metrics_doc(args, origin, metrics, best))
 
     plan = Plan(
@@ -343,7 +351,7 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
         st = loop.resume()
         metrics, best, start_epoch, wall = st["metrics"], st["best"], int(st["epoch"]), float(st["wall_s"])
         if rank == 0:
-            _complete_run_folder(out_dir, adapter, arch, net, origin, args, metrics, best, start_epoch)
+            _complete_run_folder(out_dir, adapter, arch, net, origin, args, metrics, best, start_epoch, with_files)
     elif rank == 0:
         try:
             if out_dir.exists():
@@ -390,7 +398,7 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
     }
 
 
-def _complete_run_folder(out_dir: Path, adapter, arch, net: nn.Module, origin, args, metrics, best, epoch: int) -> None:
+def _complete_run_folder(out_dir: Path, adapter, arch, net: nn.Module, origin, args, metrics, best, epoch: int, with_files: dict | None = None) -> None:
     """On --resume: an epoch writes its checkpoint first, then last/, best/ and metrics.json; a kill in
     between leaves those one epoch behind. Write them again from the checkpoint (the very bytes the
     epoch would have written), and remove temp files a killed writer left."""
@@ -405,11 +413,12 @@ def _complete_run_folder(out_dir: Path, adapter, arch, net: nn.Module, origin, a
         except (WeitError, KeyError, ValueError, AttributeError):
             return None
 
+    with_files = with_files or {}
     cpu = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     if epoch_of(out_dir / "last") != epoch:
-        _write_model(adapter, arch, cpu, out_dir / "last", {**origin, "epoch": epoch})
+        _write_model(adapter, arch, cpu, out_dir / "last", {**origin, "epoch": epoch}, **with_files)
     if best is not None and best["epoch"] == epoch and epoch_of(out_dir / "best") != epoch:
-        _write_model(adapter, arch, cpu, out_dir / "best", {**origin, "epoch": epoch})
+        _write_model(adapter, arch, cpu, out_dir / "best", {**origin, "epoch": epoch}, **with_files)
     _write_json(out_dir / "metrics.json", _metrics_doc(args, origin, metrics, best))
 
 
@@ -440,10 +449,12 @@ def _write_json(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _write_model(adapter, arch, state: dict[str, Tensor], out: Path, provenance: dict[str, Any]) -> None:
-    """A timm local-dir folder, written like `materialize` writes (atomically, replacing the old one)."""
-    from weit_cli.core.bundle import Bundle
+def _write_model(adapter, arch, state: dict[str, Tensor], out: Path, provenance: dict[str, Any], files=None) -> None:
+    """The family's folder, written like `materialize` writes (atomically, replacing the old one),
+    with the task's companion `files` of the finetuning data."""
+    from weit_cli.core.bundle import COMPANIONS, Bundle
     from weit_cli.io.export import write_model
 
-    dense = Bundle(adapter, arch, {}, {}, state)  # a bundle with no templates: every tensor is 'small'
+    extra = {COMPANIONS: files} if files else {}
+    dense = Bundle(adapter, arch, {}, {}, state, extra)  # a bundle with no templates: every tensor is 'small'
     write_model(dense, out, torch.float32, {"command": "finetune", **provenance}, force=True)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from weit_cli.core.bundle import (
+    COMPANIONS,
     Bundle,
     check_state,
     load_bundle,
@@ -119,16 +120,21 @@ def fit_scalers(
     bundle, bsha = load_bundle(bundle_path)
     arch0 = bundle.arch
     task = task_for(bundle.adapter)
+    task.adopt(bundle.extra.get(COMPANIONS) or {})  # data prepared as the bundle was trained on
     splits = task.load_data(data, arch0, seed=seed, train_subset=train_subset)
+    classes = task.classes(splits)
+    if classes is None and (num_classes is not None or reset_head):
+        raise WeitError(f"--num-classes and --reset-head are for classifiers; a {bundle.adapter.family} has no classes", "leave them out")
     if num_classes is None:
-        num_classes = splits.num_classes
-    if num_classes != splits.num_classes:
+        num_classes = classes
+    if num_classes != classes:
         raise WeitError(
-            f"--num-classes {num_classes} but the data has {splits.num_classes} classes",
-            f"leave --num-classes out or pass --num-classes {splits.num_classes}",
+            f"--num-classes {num_classes} but the data has {classes} classes",
+            f"leave --num-classes out or pass --num-classes {classes}",
         )
     target = plan_target(bundle, depth=depth, width=width, mlp_ratio=mlp_ratio, num_classes=num_classes)
-    if distill > 0 and (reset_head or arch0.num_classes != target.num_classes):
+    new_classes = classes is not None and target.num_classes != arch0.num_classes
+    if distill > 0 and (reset_head or new_classes):
         raise WeitError(
             "distillation needs the bundle's own classes, but the classifier is new (other data or --reset-head)",
             "fit without --distill on data with other classes",
@@ -146,7 +152,7 @@ def fit_scalers(
         v = v.detach().clone().to(dev)
         small[k] = nn.Parameter(v.float(), requires_grad=train_small) if k in learnable else v
     new_head: list[str] = []
-    if reset_head or target.num_classes != arch0.num_classes:  # a new classifier: timm's init, always trained
+    if reset_head or new_classes:  # a new classifier: timm's init, always trained
         head = _fresh_head(bundle.adapter, target, seed, dev)
         small.update(head)
         new_head = sorted(head)
@@ -244,12 +250,14 @@ def fit_scalers(
     templates_meta = templates_record(bundle.templates)
     if bn_stats is not None:
         provenance["bn_statistics"] = bn_stats
+    files = task.companion_files(splits)  # the fitting data's record (state statistics): materialize --scalers writes it
     meta = base_metadata(
         KIND_SCALERS,
         architecture=target.to_dict(),
         bundle_sha256=bsha,
         templates=templates_meta,
         provenance=provenance,
+        **({COMPANIONS: files} if files else {}),
     )
     save_tensors(out, tensors, meta, force or resume)
     loop.discard_checkpoint()

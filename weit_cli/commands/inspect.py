@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from weit_cli.arch._registry import detect_family, get_adapter
-from weit_cli.core.bundle import Bundle, load_bundle, tensor_problems
+from weit_cli.core.bundle import COMPANIONS, Bundle, load_bundle, read_companions, tensor_problems
 from weit_cli.errors import InputError, WeitError
 from weit_cli.io.files import (
     KIND_SCALERS,
@@ -41,6 +41,7 @@ def inspect(path: Path) -> dict[str, Any]:
             "templates": {t: list(v.shape) for t, v in b.templates.items()},
             "params": b.param_counts(),
             "provenance": b.extra.get("provenance", {}),
+            **_companions(b.extra.get(COMPANIONS)),
         }
     if kind == KIND_SCALERS:
         tensors, meta = load_weit(path, KIND_SCALERS)
@@ -61,10 +62,16 @@ def inspect(path: Path) -> dict[str, Any]:
             "description": adapter.describe(arch),
             "params": {"scalers+small": sum(v.numel() for v in tensors.values())},
             "provenance": json.loads(meta.get("provenance", "{}")),
+            **_companions(read_companions(meta, str(path))),
         }
     if kind:
         raise InputError(f"{path} is of unknown kind '{kind}'", "this weit reads weit.templates and weit.scalers")
     return _inspect_dense(path)
+
+
+def _companions(files: dict[str, Any] | None) -> dict[str, Any]:
+    """The files a model composed from this one gets beside its weights (only when there are any)."""
+    return {"companion_files": {name: files[name] for name in sorted(files)}} if files else {}
 
 
 def _check_scalers(path: Path, tensors: dict[str, Any], meta: dict[str, str], adapter: Any, arch: Any) -> None:

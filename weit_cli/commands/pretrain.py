@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from weit_cli import recipe as rcp
-from weit_cli.core.bundle import Bundle
+from weit_cli.core.bundle import COMPANIONS, Bundle
 from weit_cli.errors import InputError, WeitError
 from weit_cli.io.checkpoint import checkpoint_for, checkpoint_paths
 from weit_cli.io.files import (
@@ -105,7 +105,10 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
         recipe.data.source, m, seed=recipe.seed, val_fraction=recipe.data.val_fraction, train_subset=recipe.data.train_subset,
     )
     recipe_sha = rcp.digest(recipe)
-    bundle = initial_bundle(recipe, splits.num_classes)
+    bundle = initial_bundle(recipe, task.classes(splits))
+    files = task.companion_files(splits)
+    if files:  # e.g. the control task's state statistics: written beside every materialized size
+        bundle.extra[COMPANIONS] = files
     net = NestedModel(bundle).to(dev)
     calib = None
     if net.adapter.batchnorm:

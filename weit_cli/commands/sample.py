@@ -22,6 +22,7 @@ from weit_cli.errors import InputError, WeitError
 from weit_cli.options import EVALUATE, SAMPLE, SEED
 
 GENERATION = "generation"  # the task name (tasks/generation.py) whose models sample
+CONTROL = "control"  # the task name (tasks/control.py) whose models are scored by rollouts
 
 
 def _load(model: Path):
@@ -125,10 +126,12 @@ def sample_grid(model: Path, out: Path, *, cls: int | None = None, n: int = SAMP
     return {"command": "sample", "output": str(out), "sha256": sha256(out), **info}
 
 
-def evaluate(model: Path, *, data: str, num_samples: int = EVALUATE.num_samples, steps: int = SAMPLE.steps,
+def evaluate(model: Path, *, data: str | None = None, num_samples: int = EVALUATE.num_samples, steps: int = SAMPLE.steps,
              guidance: float = SAMPLE.guidance, seed: int = SEED, batch_size: int = EVALUATE.batch_size,
-             device: str | None = None) -> dict[str, Any]:
-    """`weit evaluate`: the family's task's numbers for MODEL on `data` (see the module doc)."""
+             device: str | None = None, env: str | None = None, episodes: int | None = None,
+             target_return: float | None = None, max_steps: int | None = None) -> dict[str, Any]:
+    """`weit evaluate`: the family's task's numbers for MODEL on `data` (see the module doc); a
+    control model by rollouts in `env` instead (`evaluate_control`)."""
     from weit_cli.tasks._registry import task_for
     from weit_cli.training.dist import resolve_device
 
@@ -136,6 +139,16 @@ def evaluate(model: Path, *, data: str, num_samples: int = EVALUATE.num_samples,
         raise WeitError(f"--batch-size must be at least 1, got {batch_size}", f"e.g. --batch-size {EVALUATE.batch_size}")
     dev = resolve_device(device)
     adapter, arch, module = _load(model)
+    rollout_options = {"--env": env, "--episodes": episodes, "--target-return": target_return, "--max-steps": max_steps}
+    if adapter.task == CONTROL:
+        if data is not None:
+            raise WeitError("a control model is scored by rollouts in its environment, not on --data", "drop --data; pass --env ENV (default: the environment it was trained on)")
+        return evaluate_control(model, adapter, arch, env=env, episodes=episodes, target_return=target_return, seed=seed, max_steps=max_steps, device=device)
+    given = [k for k, v in rollout_options.items() if v is not None]
+    if given:
+        raise WeitError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for control models; MODEL is a {adapter.task} model", "drop them, and pass --data")
+    if data is None:
+        raise WeitError(f"a {adapter.task} model is scored on data: --data is missing", "e.g. --data fashion-mnist")
     task = task_for(adapter)
     splits = task.load_data(data, arch, seed=seed)
     held_out, split = (splits.test, "test") if splits.test is not None and len(splits.test) else (splits.val, "val")
@@ -162,3 +175,32 @@ def evaluate(model: Path, *, data: str, num_samples: int = EVALUATE.num_samples,
     out.update({k: v for k, v in metrics.items()})
     out.update(steps=steps, guidance=guidance, seed=seed, scheduler=info["scheduler"])
     return out
+
+
+def evaluate_control(model: Path, adapter, arch, *, env: str | None, episodes: int | None, target_return: float | None,
+                     seed: int, max_steps: int | None, device: str | None) -> dict[str, Any]:
+    """Rollouts of a control model folder (`tasks.control.evaluate_rollouts`): per-episode returns,
+    normalised scores (0 random, 100 expert) with mean and spread, wall time. `env` defaults to the
+    environment of the model's `control_config.json`; rollouts run on the CPU unless `device` says
+    otherwise (one step at a time: a GPU waits more than it computes)."""
+    from weit_cli.data.control import env_info
+    from weit_cli.limits import check_seed
+    from weit_cli.tasks.control import evaluate_rollouts, load_control_config
+
+    check_seed(seed)
+    episodes = EVALUATE.episodes if episodes is None else episodes
+    if isinstance(episodes, bool) or not 1 <= episodes <= 10_000:
+        raise WeitError(f"--episodes must be in 1..10000, got {episodes}", f"e.g. --episodes {EVALUATE.episodes}")
+    if env is not None:
+        env_info(env)  # an unknown id is refused before the model folder is read any further
+    if not Path(model).is_dir():
+        raise InputError(f"{model} is not a model folder; a control model is rolled out from the folder materialize writes",
+                         "pass the folder (config.json, model.safetensors, control_config.json), not a bare weights file")
+    env = env or load_control_config(model).get("env_id")
+    if env is None:
+        raise WeitError(f"{model}'s control config names no environment", "pass --env, e.g. --env Hopper-v5")
+    r = evaluate_rollouts(model, env, target_return=target_return, episodes=episodes, seed=seed, max_steps=max_steps, device=device or "cpu")
+    return {
+        "command": "evaluate", "model": str(model), "description": adapter.describe(arch), "task": CONTROL,
+        **r.summary(), "seed": seed, "max_steps": max_steps,
+    }

@@ -27,6 +27,40 @@ from weit_cli.io.files import (
 )
 
 
+#: `Bundle.extra` key (and metadata key) of the JSON files a model needs beside its weights, name →
+#: content, which `materialize` and `finetune` write into the model's folder (`io/export.write_model`):
+#: a task's record of its training data (the control task's `control_config.json`: state statistics).
+#: It rides from the data a bundle or scalers file was trained on to every model composed from it; no
+#: module between knows what the files hold.
+COMPANIONS = "companion_files"
+_COMPANION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.json")
+_RESERVED = ("config.json",)
+
+
+def check_companions(files: Any, source: str) -> dict[str, dict[str, Any]]:
+    """`files` if it is name → JSON object with plain file names (no folders, not config.json)."""
+    hint = "the file was not written by this weit, or its metadata was edited"
+    if not isinstance(files, dict):
+        raise InputError(f"{source}: {COMPANIONS} is not a JSON object", hint)
+    for name, content in files.items():
+        if not isinstance(name, str) or not _COMPANION_NAME.fullmatch(name) or name in _RESERVED:
+            raise InputError(f"{source}: {COMPANIONS} names a file {name!r} that may not be written beside a model", hint)
+        if not isinstance(content, dict):
+            raise InputError(f"{source}: {COMPANIONS}[{name!r}] is not a JSON object", hint)
+    return dict(files)
+
+
+def read_companions(meta: dict[str, str], source: str) -> dict[str, dict[str, Any]]:
+    """The companion files recorded in a weit file's metadata ({} for none)."""
+    if COMPANIONS not in meta:
+        return {}
+    try:
+        files = json.loads(meta[COMPANIONS])
+    except ValueError:
+        raise InputError(f"{source} has an unreadable {COMPANIONS} record", "the file is damaged") from None
+    return check_companions(files, source)
+
+
 def load_scalers(path: Path, bundle: Bundle, bundle_sha: str, target: Any) -> Bundle:
     """A scalers file from fit-scalers, checked against its bundle and the requested size."""
     tensors, meta = load_weit(path, KIND_SCALERS)
@@ -44,7 +78,11 @@ def load_scalers(path: Path, bundle: Bundle, bundle_sha: str, target: Any) -> Bu
         )
     scalers = {k[len("scalers.") :]: v for k, v in tensors.items() if k.startswith("scalers.")}
     small = {k[len("small.") :]: v for k, v in tensors.items() if k.startswith("small.")}
-    sized = Bundle(bundle.adapter, target, bundle.templates, scalers, small, dict(bundle.extra))
+    extra = dict(bundle.extra)
+    files = read_companions(meta, str(path))
+    if files:  # the fit's own (its data's statistics), not the bundle's
+        extra[COMPANIONS] = files
+    sized = Bundle(bundle.adapter, target, bundle.templates, scalers, small, extra)
     # The metadata can be right while the tensors are not (a damaged or hand-edited file): check the
     # tensors against the target model too, so a bad file fails here and not in the written model.
     extra = sorted(k for k in tensors if not k.startswith(("scalers.", "small.")))
@@ -129,7 +167,8 @@ class Bundle:
 
     def metadata(self, **provenance: Any) -> dict[str, str]:
         arch = {**self.arch.to_dict(), **{k: v for k, v in self.extra.items() if k == "nested"}}
-        return base_metadata(KIND_TEMPLATES, architecture=arch, templates=templates_record(self.templates), provenance=provenance)
+        files = {COMPANIONS: self.extra[COMPANIONS]} if self.extra.get(COMPANIONS) else {}
+        return base_metadata(KIND_TEMPLATES, architecture=arch, templates=templates_record(self.templates), provenance=provenance, **files)
 
 
 def templates_record(templates: dict[str, Tensor]) -> dict[str, dict[str, Any]]:
@@ -156,6 +195,9 @@ def bundle_from_tensors(tensors: dict[str, Tensor], meta: dict[str, str], source
     b = Bundle(adapter, arch, parts["templates"], parts["scalers"], parts["small"])
     if "nested" in arch_d:
         b.extra["nested"] = arch_d["nested"]
+    files = read_companions(meta, source)
+    if files:
+        b.extra[COMPANIONS] = files
     try:
         record = json.loads(meta["templates"]) if "templates" in meta else None
     except ValueError:

@@ -20,12 +20,14 @@ import torch
 
 import weit_cli.core.kron as kron
 from weit_cli import __version__
-from weit_cli.core.bundle import Bundle, state_problems
+from weit_cli.core.bundle import COMPANIONS, Bundle, state_problems
 from weit_cli.errors import InputError
 from weit_cli.io.files import atomic_dir, atomic_file, one_thread, write_safetensors
 
 #: Streams the composed dense weights into one safetensors file at the given path.
 WriteWeights = Callable[[Path], None]
+#: JSON files beside the weights: file name → content (core/bundle.COMPANIONS).
+Companions = dict[str, dict[str, Any]]
 
 
 class Exporter(ABC):
@@ -39,8 +41,9 @@ class Exporter(ABC):
         bare .safetensors carries)."""
 
     @abstractmethod
-    def write(self, out: Path, arch, weights: WriteWeights, force: bool) -> list[str]:
-        """Write `out` atomically (nothing is left on failure); returns the files written."""
+    def write(self, out: Path, arch, weights: WriteWeights, force: bool, files: Companions | None = None) -> list[str]:
+        """Write `out` atomically (nothing is left on failure); returns the files written. `files`:
+        other JSON files of the model (the bundle's companion files), written into the same folder."""
 
     @abstractmethod
     def summary(self, arch, out: Path) -> dict[str, Any]:
@@ -70,8 +73,8 @@ class TimmLocalDir(Exporter):
             "architecture": cfg["architecture"],
         }
 
-    def write(self, out: Path, arch, weights: WriteWeights, force: bool) -> list[str]:
-        return _write_folder(out, self.config(arch), weights, force)
+    def write(self, out: Path, arch, weights: WriteWeights, force: bool, files: Companions | None = None) -> list[str]:
+        return _write_folder(out, self.config(arch), weights, force, files)
 
     def summary(self, arch, out: Path) -> dict[str, Any]:
         cfg = self.config(arch)
@@ -113,8 +116,8 @@ class DiffusersFolder(Exporter):
     def metadata(self, arch) -> dict[str, str]:
         return {"config": json.dumps(self.config(arch), sort_keys=True)}
 
-    def write(self, out: Path, arch, weights: WriteWeights, force: bool) -> list[str]:
-        files = {"config.json": self.config(arch), **self.companions(arch)}
+    def write(self, out: Path, arch, weights: WriteWeights, force: bool, files: Companions | None = None) -> list[str]:
+        files = {"config.json": self.config(arch), **self.companions(arch), **(files or {})}
         with atomic_dir(out, force) as tmp, one_thread():
             weights(tmp / self.weights_name)
             for name, content in files.items():
@@ -151,8 +154,8 @@ class TransformersFolder(Exporter):
         # The whole config.json: a bare file then holds all that from_pretrained would read.
         return {"config": json.dumps(self.config(arch), sort_keys=True)}
 
-    def write(self, out: Path, arch, weights: WriteWeights, force: bool) -> list[str]:
-        return _write_folder(out, self.config(arch), weights, force)
+    def write(self, out: Path, arch, weights: WriteWeights, force: bool, files: Companions | None = None) -> list[str]:
+        return _write_folder(out, self.config(arch), weights, force, files)
 
     def summary(self, arch, out: Path) -> dict[str, Any]:
         cfg = self.config(arch)
@@ -170,12 +173,15 @@ class TransformersFolder(Exporter):
         return {"format": SafetensorsFile.format, "class": cls, "config": cfg, "load": load}
 
 
-def _write_folder(out: Path, config: dict[str, Any], weights: WriteWeights, force: bool) -> list[str]:
-    """model.safetensors and config.json in a folder that appears whole or not at all."""
+def _write_folder(out: Path, config: dict[str, Any], weights: WriteWeights, force: bool, files: Companions | None = None) -> list[str]:
+    """model.safetensors, config.json and the companion `files` in a folder that appears whole or not at all."""
+    files = files or {}
     with atomic_dir(out, force) as tmp, one_thread():
         weights(tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return [str(out / "model.safetensors"), str(out / "config.json")]
+        for name, content in files.items():
+            (tmp / name).write_text(json.dumps(content, indent=1, sort_keys=True) + "\n")
+    return [str(out / "model.safetensors"), str(out / "config.json"), *(str(out / name) for name in files)]
 
 
 class SafetensorsFile(Exporter):
@@ -189,7 +195,8 @@ class SafetensorsFile(Exporter):
     def metadata(self, arch) -> dict[str, str]:
         return self.native.metadata(arch)
 
-    def write(self, out: Path, arch, weights: WriteWeights, force: bool) -> list[str]:
+    def write(self, out: Path, arch, weights: WriteWeights, force: bool, files: Companions | None = None) -> list[str]:
+        """The companion files ride in the header (`write_model`): a bare file has no folder."""
         with atomic_file(out, replace=force) as tmp, one_thread():
             weights(tmp)
         return [str(out)]
@@ -206,12 +213,14 @@ def exporter_for(adapter, out: Path) -> Exporter:
 def write_model(sized: Bundle, out: Path, dtype: torch.dtype, provenance: dict[str, Any], force: bool) -> list[str]:
     """Stream the composed dense weights to `out` in the layout `exporter_for` picks."""
     exporter = exporter_for(sized.adapter, out)
+    files = sized.extra.get(COMPANIONS) or {}
     meta = {
         "format": "pt",
         "producer": f"weit {__version__}",
         "family": sized.adapter.family,
         **exporter.metadata(sized.arch),
         "provenance": json.dumps(provenance, sort_keys=True),
+        **({COMPANIONS: json.dumps(files, sort_keys=True)} if files else {}),
     }
 
     def dtype_of(k: str) -> torch.dtype:  # counters (BatchNorm's num_batches_tracked) keep their integer type
@@ -227,7 +236,9 @@ def write_model(sized: Bundle, out: Path, dtype: torch.dtype, provenance: dict[s
             f"the model to write does not match {sized.adapter.describe(sized.arch)}: {'; '.join(problems)}",
             "nothing was written; the bundle or scalers file is damaged (check it with 'weit inspect')",
         )
-    return exporter.write(Path(out), sized.arch, lambda path: write_safetensors(path, spec_list, meta), force)
+    # `files` only when there are any: an exporter written before companion files keeps working
+    companions = {"files": files} if files else {}
+    return exporter.write(Path(out), sized.arch, lambda path: write_safetensors(path, spec_list, meta), force, **companions)
 
 
 class _Streamer:

@@ -10,9 +10,10 @@ from weit_cli.errors import WeitError
 
 def _tasks() -> dict[str, Any]:
     from weit_cli.tasks.classification import Classification
+    from weit_cli.tasks.control import Control
     from weit_cli.tasks.generation import Generation
 
-    return {t.name: t for t in (Classification, Generation)}
+    return {t.name: t for t in (Classification, Generation, Control)}
 
 
 def task_names() -> list[str]:

@@ -74,6 +74,28 @@ class Task(ABC):
                   train_subset: float | int | None = None) -> Splits:
         """`source` as splits shaped for `arch`'s inputs (image size and channels, sequence length …)."""
 
+    def classes(self, splits: Splits) -> int | None:
+        """The data's class count, which sizes a model's classifier (or its class table); None for a
+        task without classes (control), whose models take no class count."""
+        return splits.num_classes
+
+    def companion_files(self, splits: Splits) -> dict[str, dict[str, Any]]:
+        """JSON files a model trained on `splits` needs beside its weights, name → content; they ride
+        in the bundle (`core/bundle.COMPANIONS`) and are written into every exported folder. None by
+        default; control: `control_config.json` (the training split's state statistics)."""
+        return {}
+
+    def companions_of(self, model_path: Any) -> dict[str, dict[str, Any]]:
+        """The companion files a model already has (e.g. beside a folder `extract-templates` reads),
+        checked; {} for none."""
+        return {}
+
+    def adopt(self, files: dict[str, dict[str, Any]]) -> None:
+        """Take a trained model's input conventions from its companion files before `load_data`, so
+        that data for a model that exists (fit-scalers, finetune, distillation) is prepared as it was
+        trained on (control: the context, the state statistics, the returns-to-go scale). Nothing by
+        default."""
+
     def prepare(self, batch: Batch) -> Batch:
         """Per-batch randomness (diffusion: noise and timesteps), drawn once per step; none by default."""
         return batch

@@ -474,6 +474,7 @@ class Control(Task):
 
     name = "control"
     metric_name = "action_mse"
+    metric_key = "action_mse"  # val_action_mse, …
     higher_is_better = False
 
     def __init__(
@@ -497,6 +498,7 @@ class Control(Task):
         self.context, self.env_id, self.rtg_scale = context, env_id, float(rtg_scale)
         self.data_seed, self.budget, self.progress = data_seed, budget, progress
         self.max_windows, self.max_val_windows = max_windows, max_val_windows
+        self.adopted: dict[str, Any] | None = None  # a trained model's control config (`adopt`)
 
     # ---------------------------------------------------------------------------------- data
     def load_data(self, source: str, arch: Any, *, seed: int = 0, val_fraction: float = 0.1,
@@ -507,10 +509,13 @@ class Control(Task):
         `max_ep_len`). `train_subset` keeps a seeded part of the training *episodes*."""
         from weit_cli.data.control import load_control_data
 
-        context = self.context or getattr(arch, "context", None) or DEFAULT_CONTEXT
+        adopted = self.adopted or {}
+        context = self.context or adopted.get("context") or getattr(arch, "context", None) or DEFAULT_CONTEXT
         src, env_id = self._source(source)
         data = load_control_data(src, env_id=env_id, seed=self.data_seed, budget=self.budget, progress=self.progress)
         info = env_info(data.env_id)
+        if adopted.get("env_id") not in (None, data.env_id):
+            raise WeitError(f"the model was trained on {adopted['env_id']} data; {source} is {data.env_id}'s", f"use {adopted['env_id']} data")
         state_dim, act_dim = getattr(arch, "state_dim", None), getattr(arch, "act_dim", None)
         if state_dim is not None and act_dim is not None:
             check_fits(state_dim, act_dim, data.env_id)
@@ -518,7 +523,10 @@ class Control(Task):
         bounds = episode_bounds(data.terminals, data.timeouts)
         train_eps, val_eps = split_episodes(len(bounds), val_fraction=val_fraction, train_subset=train_subset, seed=seed)
         train_data = select_episodes(data, bounds, train_eps)
-        stats = state_stats(train_data.observations)
+        if adopted:  # the model's own input convention, not this split's
+            stats = (np.asarray(adopted["state_mean"], np.float32), np.asarray(adopted["state_std"], np.float32))
+        else:
+            stats = state_stats(train_data.observations)
         train = prepare(train_data, rtg_scale=self.rtg_scale, max_ep_len=max_ep_len, stats=stats)
         n_train = min(len(train_data), self.max_windows)
         train_set = window_dataset(train, n_train, context, torch.Generator().manual_seed(seed))
@@ -556,6 +564,25 @@ class Control(Task):
                 raise WeitError(f"data source {text!r} is for {name}, not {self.env_id}", f"use {self.env_id}'s data or environment")
             return rest, name
         return text, self.env_id
+
+    def classes(self, splits: ControlSplits) -> None:
+        return None  # actions are continuous: a control model has no class count
+
+    def companion_files(self, splits: ControlSplits) -> dict[str, dict[str, Any]]:
+        """`control_config.json`: what a model trained on these windows needs to act (see the class doc)."""
+        return {CONFIG_FILE: splits.config}
+
+    def adopt(self, files: dict[str, dict[str, Any]]) -> None:
+        """A trained model's `control_config.json`: its context, state statistics and returns-to-go
+        scale are used for new data (the model's inputs mean what they meant in training)."""
+        if CONFIG_FILE in files:
+            self.adopted = check_control_config(files[CONFIG_FILE], f"the model's {CONFIG_FILE}")
+            self.rtg_scale = float(self.adopted["rtg_scale"])
+
+    def companions_of(self, model_path) -> dict[str, dict[str, Any]]:
+        """A model folder's own `control_config.json` (checked), if it has one."""
+        folder = Path(model_path)
+        return {CONFIG_FILE: load_control_config(folder)} if (folder / CONFIG_FILE).is_file() else {}
 
     # ---------------------------------------------------------------------------------- the model
     def outputs(self, forward: Forward, batch: Batch) -> Tensor:

@@ -20,15 +20,17 @@ from weit_cli.tasks.base import Task
 from weit_cli.training.calibrate import STAT_SUFFIXES, recalibrated
 
 
-def largest_arch(recipe: rcp.Recipe, num_classes: int):
+def largest_arch(recipe: rcp.Recipe, num_classes: int | None):
+    """The recipe's largest size; `num_classes` None for a task without classes (`Task.classes`)."""
     adapter = get_adapter(recipe.model.family)
     depth, width = recipe.largest()
-    arch = adapter.arch_for_recipe(recipe.model, depth=depth, width=width, num_classes=num_classes)
+    classes = {} if num_classes is None else {"num_classes": num_classes}
+    arch = adapter.arch_for_recipe(recipe.model, depth=depth, width=width, **classes)
     adapter.target_arch(arch, template_size=recipe.template_size)  # validates the sizes once more
     return adapter, arch
 
 
-def initial_bundle(recipe: rcp.Recipe, num_classes: int) -> Bundle:
+def initial_bundle(recipe: rcp.Recipe, num_classes: int | None) -> Bundle:
     """Templates, scalers and small parameters at the largest size, before training.
 
     timm-svd: a freshly timm-initialised largest model, factorised by the shared SVD of
