@@ -708,7 +708,7 @@ def control_config(
 
 def check_control_config(config: Any, where: str = "the control config") -> dict[str, Any]:
     """`config` if it is a usable control config; a one-line error naming the first problem."""
-    hint = f"write it with weit (materialize a control model), or see weit_cli.tasks.control.control_config"
+    hint = "write it with weit (materialize a control model), or see weit_cli.tasks.control.control_config"
     if not isinstance(config, Mapping):
         raise InputError(f"{where} is not a JSON object", hint)
     missing = [k for k in ("state_dim", "act_dim", "state_mean", "state_std", "context", "rtg_scale", "max_ep_len") if k not in config]
