@@ -220,3 +220,43 @@ def _option(v: Any) -> str:
 
 
 __all__ = ["Adapter", "Axis", "ZeroRuns", "Hints", "LayerGroup", "TemplateType"]
+
+
+class KeyTables:
+    """For families whose layout is a few regex tables (a mixin placed before `Adapter`): templated
+    types as key patterns with p×p templates (full rank p·p), the width axes of every key, and extra
+    axes for weight selection (attention heads). A family sets the tables and the wording for a key
+    no table knows; the four lookups below are then the same for every such family."""
+
+    #: template type → the pattern of its dense keys
+    templated: ClassVar[dict[str, str]]
+    #: key pattern → the width axes of its tensor (`axes`)
+    axes_table: ClassVar[list[tuple[str, list[Axis]]]]
+    #: key pattern → {dimension: selection axis name} added to the width axes (`selection_axes`)
+    selection_table: ClassVar[list[tuple[str, dict[int, str]]]] = []
+    #: (message with {key}, hint) for a key no table knows
+    unsupported: ClassVar[tuple[str, str]]
+
+    def template_type_of(self, key: str, arch=None) -> str | None:
+        for t, pat in self.templated.items():
+            if re.fullmatch(pat, key):
+                return t
+        return None
+
+    def axes(self, key: str, arch) -> list[Axis]:
+        axes = Adapter._match(self.axes_table, key)
+        if axes is None:
+            from weit_cli.errors import InputError
+
+            raise InputError(self.unsupported[0].format(key=key), self.unsupported[1])
+        return axes
+
+    def selection_axes(self, key: str, arch) -> dict[int, str] | None:
+        axes = Adapter._match(self.axes_table, key)
+        if axes is None:
+            return None
+        return {**{ax.dim: ax.name for ax in axes}, **(Adapter._match(self.selection_table, key) or {})}
+
+    def full_rank(self, p: int) -> dict[str, int]:
+        return {t: p * p for t in self.templated}
+

@@ -47,7 +47,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from weit_cli.arch._registry import register
-from weit_cli.arch.base import Adapter, Hints, LayerGroup, TemplateType
+from weit_cli.arch.base import Adapter, Hints, KeyTables, LayerGroup, TemplateType
 from weit_cli.core.resize import Axis
 from weit_cli.core.selection import evenly_spaced, head_aligned
 from weit_cli.errors import InputError, WeitError
@@ -171,7 +171,9 @@ class DecisionTransformerArch:
 
 
 @register
-class DecisionTransformerAdapter(Adapter):
+class DecisionTransformerAdapter(KeyTables, Adapter):
+    templated, axes_table, selection_table = TEMPLATED, AXES, SELECTION
+    unsupported = (f"unsupported {MODEL_CLASS} parameter '{{key}}'", "weit supports transformers' plain GPT-2 blocks (no cross-attention)")
     family = "decision-transformer"
     task = "control"  # return-conditioned action prediction (tasks/control.py)
     model_section = DecisionTransformerModelSection
@@ -351,23 +353,11 @@ class DecisionTransformerAdapter(Adapter):
             )
         return {t: TemplateType(t, p, p) for t in TEMPLATED}
 
-    def template_type_of(self, key: str, arch: DecisionTransformerArch | None = None) -> str | None:
-        for t, pat in TEMPLATED.items():
-            if re.fullmatch(pat, key):
-                return t
-        return None
-
     def layer_groups(self, arch: DecisionTransformerArch) -> list[LayerGroup]:
         return [LayerGroup("encoder.h.{}.", arch.depth)]
 
     def sizes(self, arch: DecisionTransformerArch) -> dict[str, int]:
         return {E: arch.width, I: arch.inner}
-
-    def axes(self, key: str, arch: DecisionTransformerArch) -> list[Axis]:
-        axes = self._match(AXES, key)
-        if axes is None:
-            raise InputError(f"unsupported {MODEL_CLASS} parameter '{key}'", "weit supports transformers' plain GPT-2 blocks (no cross-attention)")
-        return axes
 
     # ------------------------------------------------------------------ weight selection
     def selection_indices(self, src: DecisionTransformerArch, dst: DecisionTransformerArch) -> dict[str, Tensor]:
@@ -404,19 +394,10 @@ class DecisionTransformerAdapter(Adapter):
             "position": torch.arange(dst.n_positions),
         }
 
-    def selection_axes(self, key: str, arch: DecisionTransformerArch) -> dict[int, str] | None:
-        axes = self._match(AXES, key)
-        if axes is None:
-            return None
-        return {**{ax.dim: ax.name for ax in axes}, **(self._match(SELECTION, key) or {})}
-
     def selection_missing(self, key: str) -> Exception:
         return WeitError(f"weight selection does not know how to select '{key}'", f"the source is not a plain transformers {MODEL_CLASS}")
 
     # ------------------------------------------------------------------ recipes
-    def full_rank(self, p: int) -> dict[str, int]:
-        return {t: p * p for t in TEMPLATED}
-
     def arch_for_recipe(self, model: DecisionTransformerModelSection, *, depth: int, width: int, num_classes: int = 0) -> DecisionTransformerArch:
         return DecisionTransformerArch(
             state_dim=model.state_dim, act_dim=model.act_dim, depth=depth, width=width, num_heads=width // model.head_dim,

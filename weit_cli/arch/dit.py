@@ -45,7 +45,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from weit_cli.arch._registry import register
-from weit_cli.arch.base import Adapter, Hints, LayerGroup, TemplateType
+from weit_cli.arch.base import Adapter, Hints, KeyTables, LayerGroup, TemplateType
 from weit_cli.core.resize import Axis, ZeroRuns
 from weit_cli.core.selection import evenly_spaced, head_aligned
 from weit_cli.errors import InputError, WeitError
@@ -189,7 +189,9 @@ class DiTArch:
 
 
 @register
-class DiTAdapter(Adapter):
+class DiTAdapter(KeyTables, Adapter):
+    templated, axes_table, selection_table = TEMPLATED, AXES, SELECTION
+    unsupported = ("unsupported DiT parameter '{key}'", f"weit supports diffusers' {CLASS_NAME} with adaLN-Zero blocks")
     family = "dit"
     model_section = DiTModelSection
     classifier = ()  # the class tables live in every block; a DiT keeps its class count (target_arch)
@@ -354,12 +356,6 @@ class DiTAdapter(Adapter):
             raise WeitError(f"template size {p} does not divide width {arch.width}", f"pick a divisor of the width, e.g. the head dim {arch.head_dim}")
         return {t: TemplateType(t, p, p) for t in TEMPLATED}
 
-    def template_type_of(self, key: str, arch: DiTArch | None = None) -> str | None:
-        for t, pat in TEMPLATED.items():
-            if re.fullmatch(pat, key):
-                return t
-        return None
-
     def identity_rows(self, arch: DiTArch) -> dict[str, ZeroRuns]:
         gates = ZeroRuns(MODULATION, GATES)
         return {"norm1.linear.weight": gates, "norm1.linear.bias": gates}
@@ -369,12 +365,6 @@ class DiTAdapter(Adapter):
 
     def sizes(self, arch: DiTArch) -> dict[str, int]:
         return {E: arch.width, H: arch.hidden}
-
-    def axes(self, key: str, arch: DiTArch) -> list[Axis]:
-        axes = self._match(AXES, key)
-        if axes is None:
-            raise InputError(f"unsupported DiT parameter '{key}'", f"weit supports diffusers' {CLASS_NAME} with adaLN-Zero blocks")
-        return axes
 
     # ------------------------------------------------------------------ weight selection
     def selection_indices(self, src: DiTArch, dst: DiTArch) -> dict[str, Tensor]:
@@ -407,19 +397,10 @@ class DiTAdapter(Adapter):
             "final": torch.cat([embed + r * src.width for r in range(2)]),
         }
 
-    def selection_axes(self, key: str, arch: DiTArch) -> dict[int, str] | None:
-        axes = self._match(AXES, key)
-        if axes is None:
-            return None
-        return {**{ax.dim: ax.name for ax in axes}, **(self._match(SELECTION, key) or {})}
-
     def selection_missing(self, key: str) -> Exception:
         return WeitError(f"weight selection does not know how to select '{key}'", f"the source is not a diffusers {CLASS_NAME}")
 
     # ------------------------------------------------------------------ recipes
-    def full_rank(self, p: int) -> dict[str, int]:
-        return {t: p * p for t in TEMPLATED}
-
     def arch_for_recipe(self, model: DiTModelSection, *, depth: int, width: int, num_classes: int) -> DiTArch:
         return DiTArch(
             sample_size=model.sample_size, patch_size=model.patch_size, in_channels=model.in_channels,

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from weit_cli.arch._registry import register
 from weit_cli.arch._timm import TimmFamily
-from weit_cli.arch.base import Hints, LayerGroup, TemplateType
+from weit_cli.arch.base import Hints, KeyTables, LayerGroup, TemplateType
 from weit_cli.core.resize import Axis
 from weit_cli.core.selection import evenly_spaced, head_aligned
 from weit_cli.errors import InputError, WeitError
@@ -132,7 +132,9 @@ class ViTArch:
 
 
 @register
-class ViTAdapter(TimmFamily):
+class ViTAdapter(KeyTables, TimmFamily):
+    templated, axes_table, selection_table = TEMPLATED, AXES, ATTENTION
+    unsupported = ("unsupported ViT parameter '{key}'", "weit supports timm's plain VisionTransformer blocks")
     family = "vit"
     model_section = ViTModelSection
     recipe_default = True
@@ -299,23 +301,11 @@ class ViTAdapter(TimmFamily):
             )
         return {t: TemplateType(t, p, p) for t in TEMPLATED}
 
-    def template_type_of(self, key: str, arch: ViTArch | None = None) -> str | None:
-        for t, pat in TEMPLATED.items():
-            if re.fullmatch(pat, key):
-                return t
-        return None
-
     def layer_groups(self, arch: ViTArch) -> list[LayerGroup]:
         return [LayerGroup("blocks.{}.", arch.depth)]
 
     def sizes(self, arch: ViTArch) -> dict[str, int]:
         return {E: arch.width, H: arch.hidden}
-
-    def axes(self, key: str, arch: ViTArch) -> list[Axis]:
-        axes = self._match(AXES, key)
-        if axes is None:
-            raise InputError(f"unsupported ViT parameter '{key}'", "weit supports timm's plain VisionTransformer blocks")
-        return axes
 
     # ------------------------------------------------------------------ weight selection
     def selection_indices(self, src: ViTArch, dst: ViTArch) -> dict[str, Tensor]:
@@ -350,19 +340,10 @@ class ViTAdapter(TimmFamily):
             "qkv": torch.cat([attn + r * src.width for r in range(3)]),
         }
 
-    def selection_axes(self, key: str, arch: ViTArch) -> dict[int, str] | None:
-        axes = self._match(AXES, key)
-        if axes is None:
-            return None
-        return {**{ax.dim: ax.name for ax in axes}, **(self._match(ATTENTION, key) or {})}
-
     def selection_missing(self, key: str) -> Exception:
         return WeitError(f"weight selection does not know how to select '{key}'", "the source is not a plain timm ViT")
 
     # ------------------------------------------------------------------ recipes
-    def full_rank(self, p: int) -> dict[str, int]:
-        return {t: p * p for t in TEMPLATED}
-
     def recipe_template_size(self, model: ViTModelSection, widths: list[int]) -> int:
         return model.head_dim
 

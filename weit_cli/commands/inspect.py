@@ -7,7 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from weit_cli.arch._registry import detect_family, get_adapter
-from weit_cli.core.bundle import COMPANIONS, Bundle, load_bundle, read_companions, tensor_problems
+from weit_cli.core.bundle import (
+    COMPANIONS,
+    Bundle,
+    load_bundle,
+    read_companions,
+    tensor_problems,
+)
 from weit_cli.errors import InputError, WeitError
 from weit_cli.io.files import (
     KIND_SCALERS,

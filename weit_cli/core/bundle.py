@@ -26,7 +26,6 @@ from weit_cli.io.files import (
     sha256,
 )
 
-
 #: `Bundle.extra` key (and metadata key) of the JSON files a model needs beside its weights, name →
 #: content, which `materialize` and `finetune` write into the model's folder (`io/export.write_model`):
 #: a task's record of its training data (the control task's `control_config.json`: state statistics).

@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from weit_cli.errors import InputError, OutputError, WeitError
 
+from weit_cli.errors import InputError, OutputError, WeitError
 
 #: Bump when generation changes what it writes for the same (environment, seed, budget).
 DATA_VERSION = "1"
@@ -464,6 +464,7 @@ def read_builtin(folder: Path, qualities: tuple[str, ...] = QUALITIES) -> Offlin
 def write_dataset(path: Path, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> None:
     """One quality as a safetensors file (deterministic bytes, no pickle), at an already-temp path."""
     import torch
+
     from weit_cli.io.files import write_safetensors
 
     tensors = {k: torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in KEYS}
@@ -649,6 +650,7 @@ def _train_ppo(env_id: str, seed: int, budget: Budget):
 def load_policy(path: Path, env_id: str):
     """Rebuild a PPO MlpPolicy from its safetensors weights (never from an SB3 zip: pickle)."""
     from stable_baselines3.common.policies import ActorCriticPolicy
+
     from weit_cli.io.files import load_safetensors
 
     state, _ = load_safetensors(path)

@@ -35,10 +35,16 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
-from weit_cli.data.control import Budget, OfflineData, env_info, make_env, normalized_score
+
+from weit_cli.data.control import (
+    Budget,
+    OfflineData,
+    env_info,
+    make_env,
+    normalized_score,
+)
 from weit_cli.errors import InputError, OutputError, WeitError
 from weit_cli.tasks.base import Batch, Forward, Task
-
 
 #: Returns-to-go are divided by this before they enter the model (the DT paper's MuJoCo setting).
 RTG_SCALE = 1000.0
