@@ -3,7 +3,7 @@ weit's templates than from the usual initialisations?
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generation.py --budget tiny    # ≤ 3 min on 2 shared cores; proves the pipeline, no claim
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generation.py --budget small   # a quiet CPU machine, ~5-8 h on one thread (see BUDGETS)
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generation.py --budget full --device cuda   # one GPU, ~2-3 h
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generation.py --budget full --device cuda   # one GPU, ~3-5 h
 
 On Fashion-MNIST it pretrains one nested WeiT bundle (`weit pretrain`, recipes/dit-fashion.yaml with the
 budget's overrides) and one dense diffusers DiT of the largest size trained from diffusers' own
@@ -88,11 +88,12 @@ BUDGETS = {
         grid_n=40, seeds=3, lr=5e-4, warmup_steps=50, val_fraction=0.01,
     ),
     # One GPU (patch 2: 196 tokens, wider range): 20k pretraining steps, 10k finetuning steps scored
-    # every 1000 with 5000 samples × 50 DDIM steps; estimated 2-3 h on one H100/H200.
+    # every 400 (an epoch is `every` × batch images, ≤ the 54 000 of the training split) with 2000
+    # samples × 50 DDIM steps; estimated 3-5 h on one H100/H200 (finetuning dominates: 36 runs × 10k steps).
     "full": dict(
         overrides=["model.patch_size=2", "nested.depths=[4,6,8]", "nested.widths=[128,192,256]", "templates.count=64",
                    "data.batch_size=128", "train.steps=20000", "train.warmup_steps=1000", *NO_EVAL],
-        targets=[(4, 128), (6, 192), (12, 384)], steps=10000, every=1000, fit_steps=500, samples=5000, sample_steps=50,
+        targets=[(4, 128), (6, 192), (12, 384)], steps=10000, every=400, fit_steps=500, samples=2000, sample_steps=50,
         grid_n=40, seeds=3, lr=3e-4, warmup_steps=500, val_fraction=0.01,
     ),
 }
