@@ -1,13 +1,16 @@
-"""Time one pretraining step of the constrained model against an ordinary dense timm ViT.
+"""Time one pretraining step of the constrained model against the ordinary dense model.
 
-Same process, same batch, same optimiser (AdamW), same architecture: the dense model is the timm ViT
-at the recipe's largest size; the constrained step composes its weights from templates and scalers
+Same process, same batch, same optimiser (AdamW), same architecture, same loss (the recipe family's
+task: cross-entropy for classifiers, the ε-prediction diffusion loss for DiTs, with the noise and
+timesteps drawn once so every variant denoises the same input): the dense model is the family's own
+module (timm ViT/ResNet, diffusers DiTTransformer2DModel) at the recipe's largest size; the constrained step composes its weights from templates and scalers
 (`bundle.resize` + `functional_call`, exactly what `weit pretrain` runs) and back-propagates into
 them. Rounds alternate between the variants and the median is reported, so load from other
 processes on a shared machine hits both alike. The full sandwich step (largest + smallest + k
 in-between sizes) is timed too and compared with the dense steps of the same sizes.
 
     python benchmarks/pretrain_step.py --recipe recipes/vit-fashion.yaml --threads 1
+    python benchmarks/pretrain_step.py --recipe recipes/dit-fashion.yaml --threads 1
 """
 
 from __future__ import annotations
@@ -26,10 +29,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from weit_cli.recipe import load_recipe
-from weit_cli.tasks.classification import Classification  # noqa: E402
+from weit_cli.tasks._registry import task_for  # noqa: E402
 from weit_cli.training.dist import device_autocast
 from weit_cli.training.nested import (
     NestedModel,
@@ -59,12 +61,18 @@ def main() -> None:
     ns = recipe.nested
     bundle = initial_bundle(recipe, 10)
     net = NestedModel(bundle).to(dev)
-    loss_mod = SandwichLoss(net, Classification(), ns.distill, ns.distill_temperature)
+    adapter = bundle.adapter
+    task = task_for(adapter)
+    task.num_classes = 10  # what load_data would set (the generation task's null class is this index)
+    loss_mod = SandwichLoss(net, task, ns.distill, ns.distill_temperature)
     opt = adamw(net.named_tensors(), lr=1e-4, weight_decay=0.05, no_decay_keys=bundle.adapter.no_decay)
     g = torch.Generator().manual_seed(0)
-    m = recipe.model
-    x = torch.randn(batch, m.in_chans, m.img_size, m.img_size, generator=g).to(dev)
+    m = recipe.model  # ViT/ResNet recipes name them img_size/in_chans, DiT ones sample_size/in_channels
+    img, chans = getattr(m, "img_size", None) or m.sample_size, getattr(m, "in_chans", None) or m.in_channels
+    x = torch.randn(batch, chans, img, img, generator=g).to(dev)
     y = torch.randint(0, 10, (batch,), generator=g).to(dev)
+    torch.manual_seed(0)
+    batch_in = tuple(t.to(dev) for t in task.prepare((x.cpu(), y.cpu())))  # diffusion: (x_t, t, y, ε), drawn once
 
     largest = (max(ns.depths), max(ns.widths))
     dense_models, dense_opts = {}, {}
@@ -76,14 +84,14 @@ def main() -> None:
             dense_opts[size] = adamw(dict(dense_models[size].named_parameters()), lr=1e-4, weight_decay=0.05, no_decay_keys=bundle.adapter.no_decay)
         model, o = dense_models[size], dense_opts[size]
         with device_autocast(dev):
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = task.train_loss(adapter.task_forward(model), batch_in)
         o.zero_grad(set_to_none=True)
         loss.backward()
         o.step()
 
     def constrained_step(sizes):
         with device_autocast(dev):
-            loss, _ = loss_mod((x, y), sizes)
+            loss, _ = loss_mod(batch_in, sizes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -116,6 +124,8 @@ def main() -> None:
     ratio_sandwich = statistics.median(a / b for a, b in zip(times["sandwich"], times["dense_same_sizes"]))
     result = {
         "recipe": args.recipe,
+        "family": adapter.family,
+        "task": task.name,
         "overrides": args.overrides,
         "largest": {"depth": largest[0], "width": largest[1]},
         "templates": {t: list(v.shape) for t, v in bundle.templates.items()},

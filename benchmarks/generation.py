@@ -1,0 +1,509 @@
+"""Image generation (DiT): does a diffusion Transformer of a new size train faster and end better from
+weit's templates than from the usual initialisations?
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generation.py --budget tiny    # ≤ 3 min on 2 shared cores; proves the pipeline, no claim
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generation.py --budget small   # a quiet CPU machine, ~5-8 h on one thread (see BUDGETS)
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generation.py --budget full --device cuda   # one GPU, ~3-5 h
+
+On Fashion-MNIST it pretrains one nested WeiT bundle (`weit pretrain`, recipes/dit-fashion.yaml with the
+budget's overrides) and one dense diffusers DiT of the largest size trained from diffusers' own
+initialisation (`weit finetune --init random`) **with the same training compute**: the model FLOPs of
+every sandwich step of the bundle (the sizes `pretrain` draws, replayed with its seeded generator,
+each size's forward + backward counted by torch's FlopCounterMode on the dense DiT of that size) are
+summed and divided by the largest size's FLOPs per step; the dense model trains that many steps with
+the same batch, peak learning rate, warmup, cosine, weight decay and clipping. Weight composition
+(templates × scalers) is not counted: it is the constrained model's own overhead (see
+benchmarks/pretrain_step.py). For three targets — two inside the nested range and one deeper and
+wider than anything pretrained — each initialisation
+
+    random            diffusers' initialisation (`finetune --init random`)
+    weight-selection  Xu et al. 2024 from the dense DiT (`finetune --init weight-selection --from`);
+                      beyond the range, where selection cannot grow, the dense DiT is grown instead:
+    dense-grown       `extract-templates` of the dense DiT at full rank (exact), then `materialize
+                      --depth-rule identity` (lossless growth: tiled width, identity blocks)
+    weit              `materialize` from the bundle, no data
+    weit+fit          `fit-scalers` (diffusion loss, templates frozen), then `materialize`
+
+is trained by `weit finetune` for S steps, 3 seeds (the finetuning seed: data order, noise and, for
+random, the initial weights; the bundle and the dense DiT are pretrained once, seed 0). After every
+E steps (and at step 0, the initialisation itself) the model is sampled (DDIM, η = 0, a fixed sampling
+seed for every model, so comparisons are paired) and scored as `weit evaluate` scores it: Fréchet
+distance to real test images in the features of weit's judge classifier (tasks/fid.py; NOT
+Inception-FID, comparable only under the same judge sha256, recorded) and the judge's class accuracy
+of the conditional samples; the test denoising loss comes from finetune's own per-epoch metrics.
+(The benchmark calls the functions `weit evaluate` calls — sample_images, load_judge, FrechetScorer,
+class_accuracy — rather than `evaluate` itself, which would recompute the 10 000-image test loss
+finetune already recorded.) finetune evaluates once per epoch, so an epoch is made E steps long:
+`--train-subset` = E × batch images (the same seeded subset for every method). After the last step,
+`weit sample` draws one grid per method and size (seed 0's run).
+
+The claim under test (issue 10): weit reaches the FID that random init reaches at the end in at most a
+fifth of the steps, and ends better. `claims` in the JSON says, per size, the first step at which
+each method's mean FID is at or below random's final mean.
+
+Every stage's result is cached in the work folder under a digest of its settings, so an interrupted
+run continues where it stopped; --fresh starts over. Outputs: docs/generation/generation-<budget>.json
+(every number, the settings, the exact command), .png (FID and class accuracy against steps) and
+grids-<budget>/<size>-<method>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "recipes/dit-fashion.yaml"
+METHODS = ("random", "weight-selection", "weit", "weit+fit")  # weight-selection is dense-grown beyond the range
+NO_EVAL = ["train.eval_every=0", "train.checkpoint_every=0"]
+
+BUDGETS = {
+    # ≤ 3 min on the shared 2-core machine: a tiny nested range (depths 1-2, widths 16-32), 16
+    # finetuning steps scored at 0 and 16 only; beyond the range in depth only (3×16: identity blocks,
+    # the cheapest growth to run; small/full grow depth and width). finetune's own per-epoch test
+    # loss (10 000 images) is most of the time. The numbers only show that every stage runs; no claim.
+    "tiny": dict(
+        overrides=["nested.depths=[1,2]", "nested.widths=[16,32]", "train.steps=20", "train.warmup_steps=2",
+                   "data.train_subset=1280", *NO_EVAL],
+        targets=[(1, 16), (2, 32), (3, 16)], steps=16, every=16, fit_steps=10, samples=100, sample_steps=10,
+        grid_n=20, seeds=3, lr=5e-4, warmup_steps=0, val_fraction=0.01,
+    ),
+    # The recipe's nested range (depths 2-4, widths 32-64), 2000 pretraining steps, 2000 finetuning
+    # steps scored every 200 with 1000 samples × 25 DDIM steps. Estimated from the tiny run's per-step
+    # times: ~1 h of pretraining (bundle + dense) and ~5-7 h of finetuning and sampling on one quiet
+    # CPU thread (--threads 4 on a quiet machine: roughly half).
+    "small": dict(
+        overrides=["train.steps=2000", "train.warmup_steps=100", *NO_EVAL],
+        targets=[(2, 32), (3, 48), (6, 96)], steps=2000, every=200, fit_steps=200, samples=1000, sample_steps=25,
+        grid_n=40, seeds=3, lr=5e-4, warmup_steps=50, val_fraction=0.01,
+    ),
+    # One GPU (patch 2: 196 tokens, wider range): 20k pretraining steps, 10k finetuning steps scored
+    # every 400 (an epoch is `every` × batch images, ≤ the 54 000 of the training split) with 2000
+    # samples × 50 DDIM steps; estimated 3-5 h on one H100/H200 (finetuning dominates: 36 runs × 10k steps).
+    "full": dict(
+        overrides=["model.patch_size=2", "nested.depths=[4,6,8]", "nested.widths=[128,192,256]", "templates.count=64",
+                   "data.batch_size=128", "train.steps=20000", "train.warmup_steps=1000", *NO_EVAL],
+        targets=[(4, 128), (6, 192), (12, 384)], steps=10000, every=400, fit_steps=500, samples=2000, sample_steps=50,
+        grid_n=40, seeds=3, lr=3e-4, warmup_steps=500, val_fraction=0.01,
+    ),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", choices=sorted(BUDGETS), default="tiny")
+    ap.add_argument("--work", type=Path, help="Cache folder (default runs/generation-<budget>).")
+    ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "generation", help="Where the JSON, plot and grids go.")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", type=int, help="Override the budget's number of finetuning seeds.")
+    ap.add_argument("--guidance", type=float, default=1.0, help="Classifier-free guidance when scoring and for the grids (1: none).")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared: 1 by default).")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--fresh", action="store_true", help="Discard cached stages.")
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT))
+    cfg = dict(BUDGETS[args.budget])
+    if args.seeds:
+        cfg["seeds"] = args.seeds
+    work = args.work or ROOT / "runs" / f"generation-{args.budget}"
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    bench = Bench(work, cfg, args)
+    results = bench.run()
+    results["total_s"] = round(time.perf_counter() - t0, 1)  # this invocation (cached stages cost nothing)
+    stages = [results["pretrain"]["bundle"], results["pretrain"]["dense"], *(s for r in results["runs"] for s in r["seeds"])]
+    results["compute_s"] = round(sum(st.get("stage_s", 0.0) for st in stages), 1)  # every stage, cached or not
+    args.docs.mkdir(parents=True, exist_ok=True)
+    name = f"generation-{args.budget}"
+    grids = args.docs / f"grids-{args.budget}"
+    if grids.exists():
+        shutil.rmtree(grids)
+    grids.mkdir()
+    for g in results["grids"]:
+        dst = grids / Path(g["path"]).name
+        shutil.copyfile(g["path"], dst)
+        g["path"] = str(dst.relative_to(ROOT)) if dst.is_relative_to(ROOT) else str(dst)
+    (args.docs / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, args.docs / f"{name}.png")
+    print(summary(results))
+    print(f"wrote {args.docs / name}.{{json,png}} and {grids}/ in {results['total_s'] / 60:.1f} min")
+    return 0
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+class Bench:
+    def __init__(self, work: Path, cfg: dict, args):
+        self.work, self.cfg, self.args = work, cfg, args
+
+    def cached(self, key: Path, fn):
+        """Run `fn` once; its JSON result is kept next to its outputs (key + .json)."""
+        path = key.with_name(key.name + ".json")
+        if path.exists():
+            return json.loads(path.read_text())
+        t = time.perf_counter()
+        out = fn()
+        out["stage_s"] = round(time.perf_counter() - t, 2)
+        path.write_text(json.dumps(out, indent=1, default=str) + "\n")
+        print(f"  {key.relative_to(self.work)}: {out['stage_s']:.1f}s", flush=True)
+        return out
+
+    # ------------------------------------------------------------------------------------ pretraining
+    def run(self) -> dict:
+        from weit_cli import recipe as rcp
+
+        cfg, a = self.cfg, self.args
+        self.recipe = recipe = rcp.load_recipe(ROOT / RECIPE, cfg["overrides"])
+        self.pre = self.work / f"pretrain-{rcp.digest(recipe)[:10]}"
+        self.pre.mkdir(exist_ok=True)
+        bundle = self.cached(self.pre / "bundle", self.pretrain_bundle)
+        self.bundle = Path(bundle["path"])
+        compute = self.cached(self.pre / "compute", self.equal_compute)
+        dense = self.cached(self.pre / f"dense-{compute['dense_steps']}", lambda: self.pretrain_dense(compute["dense_steps"]))
+        self.dense = Path(dense["path"])
+        self.largest = tuple(recipe.largest())
+        # Finetuning runs are keyed by everything that shapes them besides the pretraining.
+        shaping = {k: cfg[k] for k in ("steps", "every", "fit_steps", "samples", "sample_steps", "lr", "warmup_steps", "val_fraction")}
+        shaping.update(pretrain=self.pre.name, dense=dense["path"], guidance=a.guidance, device=a.device)
+        self.runs = self.work / f"runs-{digest(shaping)}"
+        (self.runs / "models").mkdir(parents=True, exist_ok=True)
+        self.scorer = None
+        rows, grids = [], []
+        for depth, width in [tuple(t) for t in cfg["targets"]]:
+            inside = depth <= self.largest[0] and width <= self.largest[1]
+            for method in a.methods.split(","):
+                label = "dense-grown" if method == "weight-selection" and not inside else method
+                per_seed = []
+                for seed in range(cfg["seeds"]):
+                    key = self.runs / f"{depth}x{width}-{label}-seed{seed}"
+                    per_seed.append(self.cached(key, lambda: self.one(depth, width, label, seed)))
+                rows.append(pool(depth, width, "inside" if inside else "beyond", label, per_seed))
+                grids.append(self.cached(self.runs / f"grid-{depth}x{width}-{label}", lambda: self.grid(depth, width, label)))
+                print(f"{depth}x{width} {label:16s} FID " + " → ".join(f"{m:.1f}" for m in rows[-1]["fid_mean"]), flush=True)
+        return {
+            "budget": a.budget,
+            "command": "benchmarks/generation.py " + " ".join(sys.argv[1:]),
+            "note": "tiny-budget numbers only show that the pipeline runs; they support no claim" if a.budget == "tiny" else "",
+            "settings": {
+                "recipe": RECIPE, "recipe_overrides": cfg["overrides"], "recipe_sha256": rcp.digest(recipe),
+                "nested": {"depths": recipe.nested.depths, "widths": recipe.nested.widths}, "largest": self.largest,
+                "targets": cfg["targets"], "finetune": {
+                    "steps": cfg["steps"], "scored_every": cfg["every"], "train_subset": cfg["every"] * recipe.data.batch_size,
+                    "lr": cfg["lr"], "warmup_steps": cfg["warmup_steps"], "schedule": "cosine", "batch_size": recipe.data.batch_size,
+                    "weight_decay": recipe.train.weight_decay, "grad_clip": recipe.train.grad_clip, "val_fraction": cfg["val_fraction"],
+                    "seeds": list(range(cfg["seeds"]))},
+                "fit": {"steps": cfg["fit_steps"], "lr": 1e-3, "batch_size": 64, "seed": "the run's"},
+                "scoring": {"samples": cfg["samples"], "ddim_steps": cfg["sample_steps"], "guidance": a.guidance, "sample_seed": 0,
+                            "real": f"the first {cfg['samples']} test images", "labels": "every class in turn"},
+                "threads": a.threads, "device": a.device, "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+            },
+            "judge": self.judge_info(),
+            "pretrain": {"bundle": bundle, "dense": dense, "compute": compute},
+            "runs": rows,
+            "claims": claims(rows),
+            "grids": grids,
+        }
+
+    def pretrain_bundle(self) -> dict:
+        from weit_cli.commands.materialize import materialize
+        from weit_cli.commands.pretrain import pretrain
+
+        out = self.pre / "bundle.safetensors"
+        r = pretrain(ROOT / RECIPE, out, overrides=self.cfg["overrides"], force=True, device=self.args.device)
+        materialize(out, self.pre / "bundle-largest", force=True)  # the dense model's architecture, and its FID at step 0
+        return {"path": str(out), "steps": r["steps"], "seconds": r["wall_s"], "val": r.get("val")}
+
+    def equal_compute(self) -> dict:
+        """The dense DiT's step count for the bundle's training FLOPs (see the module doc)."""
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from weit_cli.arch._registry import get_adapter
+        from weit_cli.training.nested import sample_sizes
+
+        recipe, bs = self.recipe, self.recipe.data.batch_size
+        adapter = get_adapter(recipe.model.family)
+        m = recipe.model
+
+        def flops(depth: int, width: int) -> int:
+            arch = adapter.arch_for_recipe(m, depth=depth, width=width, num_classes=10)
+            torch.manual_seed(0)
+            net = adapter.build(arch)
+            fwd = adapter.task_forward(net)
+            x = torch.randn(bs, m.in_channels, m.sample_size, m.sample_size)
+            t, y = torch.randint(0, 1000, (bs,)), torch.randint(0, 10, (bs,))
+            with FlopCounterMode(display=False) as fc:
+                fwd(x, t, y).float().pow(2).mean().backward()
+            return int(fc.get_total_flops())
+
+        ns = recipe.nested
+        rng = random.Random(recipe.seed)  # pretrain's size generator, replayed
+        per_size: dict[str, int] = {}
+        total = 0
+        for _ in range(recipe.train.steps):
+            for d, w in sample_sizes(rng, recipe.depth_options(), ns.widths, ns.sandwich):
+                k = f"{d}x{w}"
+                if k not in per_size:
+                    per_size[k] = flops(d, w)
+                total += per_size[k]
+        big = per_size[f"{recipe.largest()[0]}x{recipe.largest()[1]}"]
+        return {"method": "model FLOPs (forward + backward, FlopCounterMode) of every size of every sandwich step, "
+                          "pretrain's size draws replayed; composition excluded",
+                "flops_per_step_by_size": per_size, "bundle_flops": total, "dense_flops_per_step": big,
+                "dense_steps": math.ceil(total / big), "bundle_steps": recipe.train.steps}
+
+    def pretrain_dense(self, steps: int) -> dict:
+        """The dense DiT of the largest size, diffusers' init, `steps` steps with the bundle's
+        optimiser settings. finetune counts in epochs: the subset is sized so epochs × batches = steps."""
+        from weit_cli.commands.finetune import finetune
+
+        tr, bs = self.recipe.train, self.recipe.data.batch_size
+        n_train = 54000 if self.recipe.data.train_subset is None else self.recipe.data.train_subset
+        epochs = math.ceil(steps * bs / n_train)
+        per_epoch = math.ceil(steps / epochs)
+        epochs = math.ceil(steps / per_epoch)
+        out = self.pre / f"dense-{steps}"
+        r = finetune(
+            self.pre / "bundle-largest", out, data=self.recipe.data.source, epochs=epochs, init="random", lr=tr.lr,
+            warmup=tr.warmup_steps / per_epoch, schedule="cosine", min_lr_ratio=tr.min_lr_ratio, batch_size=bs,
+            weight_decay=tr.weight_decay, grad_clip=tr.grad_clip, train_subset=per_epoch * bs, data_seed=self.recipe.seed,
+            val_fraction=self.cfg["val_fraction"], seed=self.recipe.seed, force=True, device=self.args.device,
+        )
+        return {"path": str(out / "last"), "steps": r["steps"], "epochs": epochs, "seconds": r["wall_s"],
+                "test_loss": r["final"].get("test_loss"), "data": r["data"]}
+
+    # ------------------------------------------------------------------------------------ one run
+    def init_model(self, depth: int, width: int, label: str, seed: int) -> tuple[Path, str, Path | None, dict]:
+        """(MODEL for finetune, --init, --from, extra record) of one method."""
+        from weit_cli.commands.materialize import materialize
+
+        models = self.pre / "models"
+        models.mkdir(exist_ok=True)
+        plain = models / f"weit-{depth}x{width}"
+        if not plain.exists():
+            materialize(self.bundle, plain, depth=depth, width=width, force=True)
+        if label == "random":
+            return plain, "random", None, {}
+        if label == "weight-selection":
+            return plain, "weight-selection", self.dense, {}
+        if label == "weit":
+            return plain, "weit", None, {}
+        if label == "dense-grown":
+            from weit_cli.commands.extract import extract_templates
+
+            grown = models / f"dense-grown-{depth}x{width}"
+            info = {}
+            if not grown.exists():
+                p = self.recipe.model.head_dim
+                full = models / "dense-full-rank.safetensors"
+                r = extract_templates(self.dense, full, template_size=p, num_templates=p * p, force=True)
+                info = {"relative_error": r.get("relative_error")}
+                materialize(full, grown, depth=depth, width=width, depth_rule="identity", force=True)
+            return grown, "weit", None, info
+        if label == "weit+fit":
+            from weit_cli.commands.fit_scalers import fit_scalers
+
+            scalers = self.runs / "models" / f"scalers-{depth}x{width}-seed{seed}.safetensors"
+            fit = fit_scalers(self.bundle, scalers, data="fashion-mnist", depth=depth, width=width, steps=self.cfg["fit_steps"],
+                              lr=1e-3, train_subset=self.cfg["every"] * self.recipe.data.batch_size, seed=seed,
+                              device=self.args.device, force=True)
+            fitted = self.runs / "models" / f"weit-fit-{depth}x{width}-seed{seed}"
+            materialize(self.bundle, fitted, depth=depth, width=width, scalers=scalers, force=True)
+            return fitted, "weit", None, {"fit": {k: fit.get(k) for k in ("loss_first", "loss_last", "fit_seconds", "steps")}}
+        raise SystemExit(f"unknown method {label}")
+
+    def step0(self, model: Path, init: str, source: Path | None, seed: int, out: Path) -> Path:
+        """The weights finetune starts from, as a folder (finetune's own initial_state, same seed)."""
+        if init == "weit":
+            return model
+        import torch
+
+        from weit_cli.commands.finetune import initial_state, read_model
+        from weit_cli.core.bundle import Bundle
+        from weit_cli.io.export import write_model
+
+        adapter, arch, _ = read_model(model, need_weights=False)
+        state, origin = initial_state(adapter, arch, init, None, source, seed)
+        write_model(Bundle(adapter, arch, {}, {}, state), out, torch.float32, {"command": "benchmarks/generation.py step 0", **origin}, force=True)
+        return out
+
+    def one(self, depth: int, width: int, label: str, seed: int) -> dict:
+        from weit_cli.commands.finetune import finetune
+
+        cfg, bs = self.cfg, self.recipe.data.batch_size
+        t = time.perf_counter()
+        model, init, source, extra = self.init_model(depth, width, label, seed)
+        init_s = time.perf_counter() - t
+        run = self.runs / f"{depth}x{width}-{label}-seed{seed}"
+        snaps = run.with_name(run.name + "-snapshots")
+        if snaps.exists():
+            shutil.rmtree(snaps)
+        snaps.mkdir()
+        snapshots = [self.step0(model, init, source, seed, snaps / "step-0")]
+        seen: set[int] = set()
+
+        def keep_last(_info=None) -> None:
+            """After each epoch finetune replaces last/ (a new folder): copy each new one once."""
+            last = run / "last"
+            if last.is_dir() and last.stat().st_ino not in seen:
+                seen.add(last.stat().st_ino)
+                dst = snaps / f"epoch-{len(seen)}"
+                shutil.copytree(last, dst)
+                snapshots.append(dst)
+
+        epochs = cfg["steps"] // cfg["every"]
+        r = finetune(
+            model, run, data="fashion-mnist", epochs=epochs, init=init, source=source, lr=cfg["lr"],
+            warmup=cfg["warmup_steps"] / cfg["every"], schedule="cosine", batch_size=bs, weight_decay=self.recipe.train.weight_decay,
+            grad_clip=self.recipe.train.grad_clip, train_subset=cfg["every"] * bs, val_fraction=cfg["val_fraction"],
+            seed=seed, force=True, device=self.args.device, on_step=keep_last,
+        )
+        keep_last()
+        if len(snapshots) != epochs + 1:
+            raise SystemExit(f"{run}: {len(snapshots)} snapshots for {epochs} epochs")
+        t = time.perf_counter()
+        scores = [self.score(s) for s in snapshots]
+        score_s = time.perf_counter() - t
+        shutil.copytree(snapshots[-1], run / "final", dirs_exist_ok=True)
+        shutil.rmtree(snaps)
+        return {
+            "size": [depth, width], "method": label, "seed": seed, "steps": [i * cfg["every"] for i in range(epochs + 1)],
+            "fid": [s["fid_judge"] for s in scores], "class_accuracy": [s["class_accuracy"] for s in scores],
+            "test_loss": r["test_loss_by_epoch"], "init_seconds": round(init_s, 2), "finetune_seconds": r["wall_s"],
+            "score_seconds": round(score_s, 2), "final_model": str(run / "final"), **extra,
+        }
+
+    def score(self, model: Path) -> dict:
+        """What `weit evaluate` reports for a generator, minus the test loss (finetune has it)."""
+        from weit_cli.commands.sample import sample_images
+        from weit_cli.tasks.fid import class_accuracy
+
+        cfg = self.cfg
+        if self.scorer is None:
+            from weit_cli.data.images import load_data
+            from weit_cli.tasks.fid import FrechetScorer, load_judge
+
+            m = self.recipe.model
+            self.judge = load_judge("fashion-mnist", img_size=m.sample_size, in_chans=m.in_channels)
+            test = load_data("fashion-mnist", img_size=m.sample_size, in_chans=m.in_channels, seed=0).test
+            self.scorer = FrechetScorer(self.judge, test.tensors[0][: cfg["samples"]])
+        fake, labels, _ = sample_images(model, n=cfg["samples"], steps=cfg["sample_steps"], guidance=self.args.guidance,
+                                        seed=0, device=self.args.device, command="evaluate")
+        return {"fid_judge": self.scorer.score(fake), "class_accuracy": class_accuracy(self.judge.net, fake, labels)}
+
+    def judge_info(self) -> dict:
+        from weit_cli.tasks.fid import NOTE, load_judge
+
+        m = self.recipe.model
+        j = load_judge("fashion-mnist", img_size=m.sample_size, in_chans=m.in_channels)
+        return {"sha256": j.sha256, "test_accuracy": j.test_accuracy, "note": NOTE}
+
+    def grid(self, depth: int, width: int, label: str) -> dict:
+        """`weit sample` of seed 0's final model: every class in turn."""
+        from weit_cli.commands.sample import sample_grid
+
+        model = self.runs / f"{depth}x{width}-{label}-seed0" / "final"
+        out = self.runs / f"{depth}x{width}-{label.replace('+', '-')}.png"
+        r = sample_grid(model, out, n=self.cfg["grid_n"], steps=self.cfg["sample_steps"], guidance=self.args.guidance,
+                        seed=0, device=self.args.device, force=True)
+        return {"size": [depth, width], "method": label, "path": str(out), "sha256": r["sha256"],
+                "command": f"weit sample {model} -n {self.cfg['grid_n']} --steps {self.cfg['sample_steps']} --guidance {self.args.guidance} --seed 0 -o {out.name}"}
+
+
+def pool(depth: int, width: int, where: str, label: str, per_seed: list[dict]) -> dict:
+    def ms(key):
+        cols = list(zip(*(s[key] for s in per_seed)))
+        return [statistics.mean(c) for c in cols], [statistics.stdev(c) if len(c) > 1 else 0.0 for c in cols]
+
+    fid_m, fid_s = ms("fid")
+    acc_m, acc_s = ms("class_accuracy")
+    loss_m, loss_s = ms("test_loss")
+    return {"size": [depth, width], "where": where, "method": label, "steps": per_seed[0]["steps"],
+            "fid_mean": fid_m, "fid_std": fid_s, "class_accuracy_mean": acc_m, "class_accuracy_std": acc_s,
+            "test_loss_mean": loss_m, "test_loss_std": loss_s, "seeds": per_seed}
+
+
+def claims(rows: list[dict]) -> list[dict]:
+    """Per size: random's final mean FID, and the first step at which each method's mean FID is at or
+    below it (None: never), as a fraction of the steps; and whether each method ends below random."""
+    out = []
+    for size in dict.fromkeys(tuple(r["size"]) for r in rows):
+        rs = [r for r in rows if tuple(r["size"]) == size]
+        rand = next((r for r in rs if r["method"] == "random"), None)
+        if rand is None:
+            continue
+        target, total = rand["fid_mean"][-1], rand["steps"][-1]
+        for r in rs:
+            hit = next((s for s, f in zip(r["steps"], r["fid_mean"]) if f <= target), None)
+            out.append({"size": list(size), "method": r["method"], "random_final_fid": target,
+                        "first_step_at_random_final": hit, "fraction_of_steps": None if hit is None else hit / total,
+                        "final_fid": r["fid_mean"][-1], "ends_better_than_random": r["fid_mean"][-1] < target})
+    return out
+
+
+def summary(res: dict) -> str:
+    lines = [f"budget {res['budget']}: {res['command']}  (judge {res['judge']['sha256'][:12]})", res["note"]]
+    for r in res["runs"]:
+        lines.append(f"{r['size'][0]}x{r['size'][1]} {r['where']:6s} {r['method']:16s} FID "
+                     + " → ".join(f"{m:.1f}±{s:.1f}" for m, s in zip(r["fid_mean"], r["fid_std"]))
+                     + "  acc " + " → ".join(f"{100 * m:.0f}%" for m in r["class_accuracy_mean"]))
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(dict.fromkeys(tuple(r["size"]) for r in res["runs"]))
+    fig, axes = plt.subplots(2, len(sizes), figsize=(4.2 * len(sizes), 6.4), squeeze=False)
+    styles = {"random": "C7", "weight-selection": "C0", "dense-grown": "C0", "weit": "C3", "weit+fit": "C1"}
+    for j, size in enumerate(sizes):
+        for r in res["runs"]:
+            if tuple(r["size"]) != size:
+                continue
+            for i, (key, scale) in enumerate((("fid", 1.0), ("class_accuracy", 100.0))):
+                m = [scale * v for v in r[f"{key}_mean"]]
+                s = [scale * v for v in r[f"{key}_std"]]
+                ax = axes[i][j]
+                ax.plot(r["steps"], m, marker="o", ms=3, label=r["method"], color=styles.get(r["method"]))
+                ax.fill_between(r["steps"], [a - e for a, e in zip(m, s)], [a + e for a, e in zip(m, s)], alpha=0.15, color=styles.get(r["method"]))
+        where = next(r["where"] for r in res["runs"] if tuple(r["size"]) == size)
+        axes[0][j].set_title(f"depth {size[0]}, width {size[1]} ({where})", fontsize=9)
+        axes[0][j].set_ylabel("judge FID (mean ± std, 3 seeds)")
+        axes[1][j].set_ylabel("class accuracy of samples (%)")
+        for i in range(2):
+            axes[i][j].set_xlabel("finetuning steps")
+            axes[i][j].grid(alpha=0.3)
+            axes[i][j].legend(fontsize=7)
+    title = f"DiT on Fashion-MNIST, budget {res['budget']} (judge {res['judge']['sha256'][:8]}, not Inception-FID)"
+    if res["note"]:
+        title += f"\n{res['note']}"
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,28 @@
+"""The generation benchmark runs end to end at its tiny budget (one seed, two methods) and writes
+what docs/benchmarks.md promises: JSON with the command, per-step FID and class accuracy from step 0,
+the equal-compute record of the dense DiT, a plot and one grid per method and size. Slow: minutes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_generation_benchmark_tiny(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "generation.py"), "--budget", "tiny", "--seeds", "1",
+           "--methods", "random,weit", "--work", str(tmp_path / "work"), "--docs", str(tmp_path / "docs")]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+    res = json.loads((tmp_path / "docs" / "generation-tiny.json").read_text())
+    assert res["command"].startswith("benchmarks/generation.py --budget tiny")
+    assert res["pretrain"]["compute"]["dense_steps"] >= res["pretrain"]["compute"]["bundle_steps"]
+    assert {tuple(r["size"]) for r in res["runs"]} == {(1, 16), (2, 32), (3, 16)}
+    for r in res["runs"]:
+        assert r["steps"][0] == 0 and len(r["fid_mean"]) == len(r["steps"]) == len(r["class_accuracy_mean"])
+        assert all(f > 0 for f in r["fid_mean"]) and all(0 <= a <= 1 for a in r["class_accuracy_mean"])
+    assert len(res["grids"]) == 6 and all((ROOT / g["path"]).is_file() or Path(g["path"]).is_file() for g in res["grids"])
+    assert (tmp_path / "docs" / "generation-tiny.png").stat().st_size > 0
