@@ -67,12 +67,19 @@ def main() -> None:
     loss_mod = SandwichLoss(net, task, ns.distill, ns.distill_temperature)
     opt = adamw(net.named_tensors(), lr=1e-4, weight_decay=0.05, no_decay_keys=bundle.adapter.no_decay)
     g = torch.Generator().manual_seed(0)
-    m = recipe.model  # ViT/ResNet recipes name them img_size/in_chans, DiT ones sample_size/in_channels
-    img, chans = getattr(m, "img_size", None) or m.sample_size, getattr(m, "in_chans", None) or m.in_channels
-    x = torch.randn(batch, chans, img, img, generator=g).to(dev)
-    y = torch.randint(0, 10, (batch,), generator=g).to(dev)
+    m = recipe.model
+    if task.name == "control":  # K-step windows: (states, actions, returns-to-go, timesteps, mask)
+        k = m.context
+        raw = (
+            torch.randn(batch, k, m.state_dim, generator=g), torch.rand(batch, k, m.act_dim, generator=g) * 2 - 1,
+            torch.randn(batch, k, 1, generator=g), torch.randint(0, m.max_ep_len, (batch, k), generator=g),
+            torch.ones(batch, k),
+        )
+    else:  # ViT/ResNet recipes name them img_size/in_chans, DiT ones sample_size/in_channels
+        img, chans = getattr(m, "img_size", None) or m.sample_size, getattr(m, "in_chans", None) or m.in_channels
+        raw = (torch.randn(batch, chans, img, img, generator=g), torch.randint(0, 10, (batch,), generator=g))
     torch.manual_seed(0)
-    batch_in = tuple(t.to(dev) for t in task.prepare((x.cpu(), y.cpu())))  # diffusion: (x_t, t, y, ε), drawn once
+    batch_in = tuple(t.to(dev) for t in task.prepare(raw))  # diffusion: (x_t, t, y, ε), drawn once
 
     largest = (max(ns.depths), max(ns.widths))
     dense_models, dense_opts = {}, {}
