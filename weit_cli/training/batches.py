@@ -72,6 +72,3 @@ class Batches:
                     "resume with the same recipe, data and number of processes",
                 )
         self.epoch, self.offset, self._order = int(s["epoch"]), int(s["offset"]), None
-
-
-# ---------------------------------------------------------------------------------------------- evaluation

@@ -37,6 +37,3 @@ class Throughput:
         sps = done / dt if dt > 0 and done > 0 else 0.0
         eta = (self.total - step) / sps if sps > 0 else float("inf")
         return sps, eta
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
