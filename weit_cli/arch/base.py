@@ -6,6 +6,7 @@ registered (`@register` instantiates it as the class is defined, so the module f
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -259,4 +260,36 @@ class KeyTables:
 
     def full_rank(self, p: int) -> dict[str, int]:
         return {t: p * p for t in self.templated}
+
+
+def check_head_sizes(depth: int, width: int, head_dim: int, p: int, num_heads: int | None,
+                     extra: tuple[tuple[str, int], ...] = ()) -> None:
+    """The size checks every transformer family with a fixed head_dim makes in `target_arch`: at
+    least one block, a width that is whole heads and whole template blocks (and any `extra`
+    (name, divisor) the family's layout needs), and --num-heads consistent with both."""
+    from weit_cli.errors import WeitError
+
+    if depth < 1:
+        raise WeitError(f"depth must be at least 1, got {depth}", "pass --depth 1 or more")
+    step = math.lcm(head_dim, p, *(d for _, d in extra))
+    if width < 1 or width % step:
+        lo = max(step, width // step * step)
+        near = sorted({lo, lo + step if lo < width else lo})
+        why = ", ".join([f"head_dim {head_dim}", f"template size {p}", *(f"{name} {d}" for name, d in extra)])
+        raise WeitError(f"width {width} is not a multiple of {step} ({why})", f"nearest valid widths: {', '.join(map(str, near))}")
+    if num_heads is not None and num_heads * head_dim != width:
+        raise WeitError(
+            f"--num-heads {num_heads} gives head_dim {width / num_heads:g}, but the templates fix head_dim at {head_dim}",
+            f"use --num-heads {width // head_dim} or leave it out",
+        )
+
+
+def check_param_count(adapter: Adapter, arch, what: str) -> None:
+    """Refuse a size no machine could hold, counted in closed form before anything is allocated."""
+    from weit_cli.errors import WeitError
+    from weit_cli.limits import MAX_PARAMS
+
+    n = adapter.param_count(arch)
+    if n > MAX_PARAMS:
+        raise WeitError(f"{what} would have {n / 1e9:.0f}B parameters", "pick a smaller size")
 

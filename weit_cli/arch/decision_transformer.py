@@ -47,7 +47,15 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from weit_cli.arch._registry import register
-from weit_cli.arch.base import Adapter, Hints, KeyTables, LayerGroup, TemplateType
+from weit_cli.arch.base import (
+    Adapter,
+    Hints,
+    KeyTables,
+    LayerGroup,
+    TemplateType,
+    check_head_sizes,
+    check_param_count,
+)
 from weit_cli.core.resize import Axis
 from weit_cli.core.selection import evenly_spaced, head_aligned
 from weit_cli.errors import InputError, WeitError
@@ -92,7 +100,6 @@ SELECTION: list[tuple[str, dict[int, str]]] = [
     (r"encoder\.wpe\.weight", {0: "position"}),
 ]
 
-MAX_PARAMS = 20_000_000_000  # refuse sizes no machine could hold, before allocating anything
 MODEL_TYPE = "decision_transformer"
 MODEL_CLASS = "DecisionTransformerModel"
 CONFIG_CLASS = "DecisionTransformerConfig"
@@ -282,21 +289,7 @@ class DecisionTransformerAdapter(KeyTables, Adapter):
         mlp_ratio = arch.mlp_ratio if mlp_ratio is None else mlp_ratio
         hd = arch.head_dim
         p = template_size or self.default_template_size(arch)
-        if depth < 1:
-            raise WeitError(f"depth must be at least 1, got {depth}", "pass --depth 1 or more")
-        step = math.lcm(hd, p)
-        if width < 1 or width % step:
-            lo = max(step, width // step * step)
-            near = sorted({lo, lo + step if lo < width else lo})
-            raise WeitError(
-                f"width {width} is not a multiple of {step} (head_dim {hd}, template size {p})",
-                f"nearest valid widths: {', '.join(map(str, near))}",
-            )
-        if num_heads is not None and num_heads * hd != width:
-            raise WeitError(
-                f"--num-heads {num_heads} gives head_dim {width / num_heads:g}, but the templates fix head_dim at {hd}",
-                f"use --num-heads {width // hd} or leave it out",
-            )
+        check_head_sizes(depth, width, hd, p, num_heads)
         inner = width * mlp_ratio
         if mlp_ratio <= 0 or abs(inner - round(inner)) > 1e-6 or round(inner) % p:
             raise WeitError(
@@ -304,9 +297,7 @@ class DecisionTransformerAdapter(KeyTables, Adapter):
                 "pick a ratio r with width·r a multiple of the template size (4.0 always works)",
             )
         new = replace(arch, depth=depth, width=width, num_heads=width // hd, mlp_ratio=mlp_ratio)
-        n = self.param_count(new)
-        if n > MAX_PARAMS:
-            raise WeitError(f"depth {depth} × width {width} would have {n / 1e9:.0f}B parameters", "pick a smaller size")
+        check_param_count(self, new, f"depth {depth} × width {width}")
         return new
 
     def build(self, arch: DecisionTransformerArch) -> nn.Module:

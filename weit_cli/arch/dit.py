@@ -45,7 +45,15 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from weit_cli.arch._registry import register
-from weit_cli.arch.base import Adapter, Hints, KeyTables, LayerGroup, TemplateType
+from weit_cli.arch.base import (
+    Adapter,
+    Hints,
+    KeyTables,
+    LayerGroup,
+    TemplateType,
+    check_head_sizes,
+    check_param_count,
+)
 from weit_cli.core.resize import Axis, ZeroRuns
 from weit_cli.core.selection import evenly_spaced, head_aligned
 from weit_cli.errors import InputError, WeitError
@@ -106,7 +114,6 @@ FIXED = {
 }
 ACTIVATIONS = ("gelu-approximate", "gelu")  # both are GELU(proj): same weights
 
-MAX_PARAMS = 20_000_000_000  # refuse sizes no machine could hold, before allocating anything
 
 
 class DiTModelSection(Section):
@@ -272,7 +279,7 @@ class DiTAdapter(KeyTables, Adapter):
         width = arch.width if width is None else width
         hd = arch.head_dim
         p = template_size or self.default_template_size(arch)
-        if depth < 1:
+        if depth < 1:  # checked first, as for every family (check_head_sizes checks it too)
             raise WeitError(f"depth must be at least 1, got {depth}", "pass --depth 1 or more")
         if num_classes is not None and num_classes != arch.num_classes:
             raise WeitError(
@@ -281,23 +288,10 @@ class DiTAdapter(KeyTables, Adapter):
             )
         if mlp_ratio is not None and mlp_ratio != MLP_RATIO:
             raise WeitError(f"a {CLASS_NAME}'s MLP ratio is {MLP_RATIO}, not {mlp_ratio:g}", "leave out --mlp-ratio")
-        step = math.lcm(hd, p, 4)  # 4: diffusers' 2-D sin-cos position code splits the width in quarters
-        if width < 1 or width % step:
-            lo = max(step, width // step * step)
-            hi = lo + step if lo < width else lo
-            raise WeitError(
-                f"width {width} is not a multiple of {step} (head_dim {hd}, template size {p}, sin-cos quarters 4)",
-                f"nearest valid widths: {', '.join(map(str, sorted({lo, hi})))}",
-            )
-        if num_heads is not None and num_heads * hd != width:
-            raise WeitError(
-                f"--num-heads {num_heads} gives head_dim {width / num_heads:g}, but the templates fix head_dim at {hd}",
-                f"use --num-heads {width // hd} or leave it out",
-            )
+        # sin-cos quarters: diffusers' 2-D sin-cos position code splits the width in quarters
+        check_head_sizes(depth, width, hd, p, num_heads, extra=(("sin-cos quarters", 4),))
         new = replace(arch, depth=depth, width=width, num_heads=width // hd)
-        n = self.param_count(new)
-        if n > MAX_PARAMS:
-            raise WeitError(f"depth {depth} × width {width} would have {n / 1e9:.0f}B parameters", "pick a smaller size")
+        check_param_count(self, new, f"depth {depth} × width {width}")
         return new
 
     def build(self, arch: DiTArch) -> nn.Module:

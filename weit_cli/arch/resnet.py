@@ -31,11 +31,10 @@ from torch import Tensor
 
 from weit_cli.arch._registry import register
 from weit_cli.arch._timm import TimmFamily
-from weit_cli.arch.base import Hints, LayerGroup, TemplateType
+from weit_cli.arch.base import Hints, LayerGroup, TemplateType, check_param_count
 from weit_cli.core.resize import Axis
 from weit_cli.core.selection import evenly_spaced
 from weit_cli.errors import InputError, WeitError
-from weit_cli.limits import MAX_PARAMS
 from weit_cli.section import Section
 
 STAGES = 4  # timm's ResNet always has layer1..layer4
@@ -268,9 +267,7 @@ class ResNetAdapter(TimmFamily):
             )
         new = replace(arch, depth=new_depth, width=new_width, num_classes=num_classes)
         new = self._stem_for(arch, new, p)
-        n = self.param_count(new)
-        if n > MAX_PARAMS:
-            raise WeitError(f"ResNet {_fmt(new_depth)} × {_fmt(new_width)} would have {n / 1e9:.0f}B parameters", "pick a smaller size")
+        check_param_count(self, new, f"ResNet {_fmt(new_depth)} × {_fmt(new_width)}")
         return new
 
     def arch_for_recipe(self, model, *, depth, width: int, num_classes: int) -> ResNetArch:

@@ -32,11 +32,17 @@ from torch import Tensor
 
 from weit_cli.arch._registry import register
 from weit_cli.arch._timm import TimmFamily
-from weit_cli.arch.base import Hints, KeyTables, LayerGroup, TemplateType
+from weit_cli.arch.base import (
+    Hints,
+    KeyTables,
+    LayerGroup,
+    TemplateType,
+    check_head_sizes,
+    check_param_count,
+)
 from weit_cli.core.resize import Axis
 from weit_cli.core.selection import evenly_spaced, head_aligned
 from weit_cli.errors import InputError, WeitError
-from weit_cli.limits import MAX_PARAMS
 from weit_cli.section import Section
 
 TEMPLATED = {
@@ -214,24 +220,11 @@ class ViTAdapter(KeyTables, TimmFamily):
         num_classes = arch.num_classes if num_classes is None else num_classes
         hd = arch.head_dim
         p = template_size or self.default_template_size(arch)
-        if depth < 1:
+        if depth < 1:  # before the class count, as ever (check_head_sizes checks it too)
             raise WeitError(f"depth must be at least 1, got {depth}", "pass --depth 1 or more")
         if num_classes < 0:
             raise WeitError(f"num_classes must be 0 or more, got {num_classes}", "pass --num-classes N")
-        step = math.lcm(hd, p)
-        if width < 1 or width % step:
-            lo = max(step, width // step * step)
-            hi = lo + step if lo < width else lo
-            near = sorted({lo, hi})
-            raise WeitError(
-                f"width {width} is not a multiple of {step} (head_dim {hd}, template size {p})",
-                f"nearest valid widths: {', '.join(map(str, near))}",
-            )
-        if num_heads is not None and num_heads * hd != width:
-            raise WeitError(
-                f"--num-heads {num_heads} gives head_dim {width / num_heads:g}, but the templates fix head_dim at {hd}",
-                f"use --num-heads {width // hd} or leave it out",
-            )
+        check_head_sizes(depth, width, hd, p, num_heads)
         hidden = int(width * mlp_ratio)
         if mlp_ratio <= 0 or hidden % p:
             raise WeitError(
@@ -239,9 +232,7 @@ class ViTAdapter(KeyTables, TimmFamily):
                 "pick a ratio r with width·r a multiple of the template size (4.0 always works)",
             )
         new = replace(arch, depth=depth, width=width, num_heads=width // hd, mlp_ratio=mlp_ratio, num_classes=num_classes)
-        n = self.param_count(new)
-        if n > MAX_PARAMS:
-            raise WeitError(f"depth {depth} × width {width} would have {n / 1e9:.0f}B parameters", "pick a smaller size")
+        check_param_count(self, new, f"depth {depth} × width {width}")
         return new
 
     def arch_for_recipe(self, model, *, depth: int, width: int, num_classes: int) -> ViTArch:
