@@ -62,6 +62,8 @@ import sys
 import time
 from pathlib import Path
 
+from _stages import cached
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/dit-fashion.yaml"
 METHODS = ("random", "weight-selection", "weit", "weit+fit")  # weight-selection is dense-grown beyond the range
@@ -156,16 +158,7 @@ class Bench:
         self.work, self.cfg, self.args = work, cfg, args
 
     def cached(self, key: Path, fn):
-        """Run `fn` once; its JSON result is kept next to its outputs (key + .json)."""
-        path = key.with_name(key.name + ".json")
-        if path.exists():
-            return json.loads(path.read_text())
-        t = time.perf_counter()
-        out = fn()
-        out["stage_s"] = round(time.perf_counter() - t, 2)
-        path.write_text(json.dumps(out, indent=1, default=str) + "\n")
-        print(f"  {key.relative_to(self.work)}: {out['stage_s']:.1f}s", flush=True)
-        return out
+        return cached(self.work, key, fn)
 
     # ------------------------------------------------------------------------------------ pretraining
     def run(self) -> dict:

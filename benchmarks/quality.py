@@ -46,6 +46,8 @@ import sys
 import time
 from pathlib import Path
 
+from _stages import cached
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("random", "weight-selection", "weit", "weit+fit")
 
@@ -142,16 +144,7 @@ class Bench:
 
     # -------------------------------------------------------------------------------- caching
     def cached(self, key: Path, fn):
-        """Run `fn` once; its JSON result is kept next to its outputs (key + .json)."""
-        path = key.with_name(key.name + ".json")
-        if path.exists():
-            return json.loads(path.read_text())
-        t = time.perf_counter()
-        out = fn()
-        out["stage_s"] = round(time.perf_counter() - t, 2)
-        path.write_text(json.dumps(out, indent=2, default=str) + "\n")
-        print(f"  {key.relative_to(self.work)}: {out['stage_s']:.0f}s", flush=True)
-        return out
+        return cached(self.work, key, fn)
 
     # -------------------------------------------------------------------------------- stages
     def run(self) -> dict:
