@@ -31,11 +31,16 @@ def make_tiny_vit(seed: int = 0, **overrides):
     import timm
 
     args = {**TINY_VIT_ARGS, **overrides}
-    model = timm.create_model(TIMM_VIT, pretrained=False, **args)
+    return randomize(timm.create_model(TIMM_VIT, pretrained=False, **args), seed, norm="norm")
+
+
+def randomize(model, seed: int, norm: str):
+    """Redraw every parameter from `seed` (eval mode): norm scales (names containing `norm`, ending
+    in `weight`) around 1, everything else around 0 with std 0.2."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
+            if norm in name and name.endswith("weight"):
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import weit
+from conftest import randomize, weit
 
 from weit_cli.errors import EXIT_INPUT, EXIT_USAGE
 
@@ -26,15 +26,7 @@ FULL = HEAD_DIM**2
 def make_tiny_dt(seed: int = 0, **overrides) -> DecisionTransformerModel:
     """A tiny DT (eval mode) with every parameter random: transformers starts biases at zero and
     LayerNorms at one, which would hide resizing bugs in exactly the tensors resizing must get right."""
-    model = DecisionTransformerModel(DecisionTransformerConfig(**{**TINY, **overrides}))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    return randomize(DecisionTransformerModel(DecisionTransformerConfig(**{**TINY, **overrides})), seed, norm="ln")
 
 
 @pytest.fixture(scope="module")
