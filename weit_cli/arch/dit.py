@@ -115,16 +115,10 @@ FIXED = {
 ACTIVATIONS = ("gelu-approximate", "gelu")  # both are GELU(proj): same weights
 
 
+class _ImageNames:
+    """The names the image data loaders and tasks read (a ViT's), for the recipe section and the
+    architecture alike, so data is loaded for a DiT as for any image model."""
 
-class DiTModelSection(Section):
-    family: Literal["dit"] = Field("dit", description="Architecture family (diffusers DiTTransformer2DModel, class-conditional).")
-    sample_size: int = Field(28, ge=2, description="Image side in pixels (pixel space); data is resized to it.")
-    patch_size: int = Field(2, ge=1, description="Patch side in pixels; must divide sample_size.")
-    in_channels: Literal[1, 3] = Field(1, description="Image channels: 1 (gray) or 3 (RGB); the model predicts noise of as many.")
-    head_dim: int = Field(64, ge=1, description="Channels per attention head, fixed across sizes (DiT-S/B/L: 64).")
-
-    # The names the image data loaders read (as a ViT's model section), so the task loads data for a
-    # recipe as for a model.
     @property
     def img_size(self) -> int:
         return self.sample_size
@@ -132,6 +126,14 @@ class DiTModelSection(Section):
     @property
     def in_chans(self) -> int:
         return self.in_channels
+
+
+class DiTModelSection(_ImageNames, Section):
+    family: Literal["dit"] = Field("dit", description="Architecture family (diffusers DiTTransformer2DModel, class-conditional).")
+    sample_size: int = Field(28, ge=2, description="Image side in pixels (pixel space); data is resized to it.")
+    patch_size: int = Field(2, ge=1, description="Patch side in pixels; must divide sample_size.")
+    in_channels: Literal[1, 3] = Field(1, description="Image channels: 1 (gray) or 3 (RGB); the model predicts noise of as many.")
+    head_dim: int = Field(64, ge=1, description="Channels per attention head, fixed across sizes (DiT-S/B/L: 64).")
 
     @model_validator(mode="after")
     def _patches(self):
@@ -141,7 +143,7 @@ class DiTModelSection(Section):
 
 
 @dataclass(frozen=True)
-class DiTArch:
+class DiTArch(_ImageNames):
     sample_size: int
     patch_size: int
     in_channels: int
@@ -165,15 +167,6 @@ class DiTArch:
     @property
     def mlp_ratio(self) -> float:
         return float(MLP_RATIO)
-
-    # The names the image data loaders and tasks read (as a ViT's).
-    @property
-    def img_size(self) -> int:
-        return self.sample_size
-
-    @property
-    def in_chans(self) -> int:
-        return self.in_channels
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
