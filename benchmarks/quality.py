@@ -46,21 +46,27 @@ import sys
 import time
 from pathlib import Path
 
+from _flops import dense_step_flops, pretrain_flops
 from _stages import cached
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("random", "weight-selection", "weit", "weit+fit")
+
+# The single-size bundle of the `single+fit` method: the constraint at the largest size only, with
+# smaller templates (issue 12's quick measurements); its steps are set to the nested bundle's FLOPs.
+SINGLE = ["nested.depths=[3]", "nested.widths=[96]", "templates.size=16", "templates.count=128"]
 
 BUDGETS = {
     # A few minutes: only to check that the script runs end to end.
     "tiny": dict(
         recipe="recipes/vit-fashion-small.yaml",
         overrides=["train.steps=40", "train.warmup_steps=5", "train.eval_every=0", "train.checkpoint_every=0", "data.train_subset=5120"],
-        targets=[(1, 32), (2, 64), (4, 128)], epochs=1, fit_steps=10, subset=0.02, transfer_subset=500,
+        targets=[(1, 32), (2, 64), (4, 128)], epochs=1, fit_steps=10, subset=0.02, transfer_subset=500, single=SINGLE,
     ),
     "small": dict(
         recipe="recipes/vit-fashion-small.yaml", overrides=["train.eval_every=0", "train.checkpoint_every=0"],
         targets=[(1, 32), (2, 64), (4, 128)], epochs=3, fit_steps=100, subset=0.1, transfer_subset=None,
+        single=SINGLE,
     ),
     # The reference run, sized to ~45 min on 2 shared cores (the time it was given): the small
     # recipe's sizes with twice the pretraining steps, 5 finetuning epochs and 200 fitting steps.
@@ -102,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="Extra pretraining recipe override.")
     ap.add_argument("--tasks", default="fashion-mnist,mnist5k")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", default="0", help="Comma list of seeds: pretraining, fitting and finetuning of each (the finetuning subset stays fixed).")
+    ap.add_argument("--match", choices=["flops", "steps"], default="flops",
+                    help="Give the dense model the bundle's training FLOPs (default) or its optimiser steps.")
+    ap.add_argument("--teacher-weight", type=float, default=0.5, help="teacher.weight of the teacher-distilled bundle (methods teacher, teacher+fit).")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared: 1 by default).")
     ap.add_argument("--fresh", action="store_true", help="Discard cached stages.")
     args = ap.parse_args(argv)
@@ -126,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results = bench.run()
     results["total_s"] = round(time.perf_counter() - t0, 1)  # this invocation (cached stages cost nothing)
-    stages = [results["pretrain"]["bundle"], results["pretrain"]["dense"], *results["runs"]]
+    stages = [st for pre in results["pretrain"] for k, st in pre.items() if k != "seed"] + results["runs"]
     results["compute_s"] = round(sum(st.get("stage_s", 0.0) for st in stages), 1)  # every stage, cached or not
     args.docs.mkdir(parents=True, exist_ok=True)
     (args.docs / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -151,72 +161,114 @@ class Bench:
         from weit_cli import recipe as rcp
 
         cfg, a = self.cfg, self.args
-        recipe = rcp.load_recipe(ROOT / cfg["recipe"], cfg["overrides"] + a.overrides)
-        # Pretraining is shared by every variant with the same recipe; finetuning runs by the tag.
-        self.pre = self.work / f"pretrain-{rcp.digest(recipe)[:10]}"
-        self.pre.mkdir(exist_ok=True)
+        seeds = [int(x) for x in str(a.seeds).split(",")]
+        methods = a.methods.split(",")
         # Finetuning results are keyed by everything that shapes them, so no budget or variant can
         # pick up another's cached runs.
+        base = cfg["overrides"] + a.overrides
         shaping = {k: cfg[k] for k in ("targets", "epochs", "fit_steps", "subset", "transfer_subset")}
-        shaping.update(recipe=rcp.digest(recipe), lr=a.lr, warmup=a.warmup, schedule=a.schedule,
-                       batch_size=a.batch_size, fit_lr=a.fit_lr, fit_distill=a.fit_distill)
+        shaping.update(recipe=rcp.digest(rcp.load_recipe(ROOT / cfg["recipe"], base)), lr=a.lr, warmup=a.warmup, schedule=a.schedule,
+                       batch_size=a.batch_size, fit_lr=a.fit_lr, fit_distill=a.fit_distill, match=a.match,
+                       single=cfg.get("single"), teacher_weight=a.teacher_weight)
         key = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:10]
         self.runs = self.work / f"{a.tag or 'default'}-{key}"
         self.runs.mkdir(exist_ok=True)
-        pre = self.cached(self.pre / "bundle", lambda: self.pretrain_bundle(cfg["overrides"] + a.overrides))
-        # The dense model takes the same data and optimiser settings, not the template/nested ones.
-        shared = [o for o in cfg["overrides"] + a.overrides if not o.startswith(("templates.", "nested."))]
-        dense_recipe = rcp.load_recipe(ROOT / cfg["recipe"], shared)
-        dense = self.cached(self.work / f"dense-{rcp.digest(dense_recipe)[:10]}", lambda: self.pretrain_dense(dense_recipe))
-        self.dense = Path(dense["path"])
-        largest = recipe.largest()
-        if isinstance(largest[0], tuple) and len(set(largest[0])) == 1:  # ResNet: the same depth in every stage
-            largest = (largest[0][0], largest[1])
-        sizes = [tuple(t) for t in cfg["targets"]]
-        runs = []
-        for task in a.tasks.split(","):
-            for depth, width in sizes:
-                for method in a.methods.split(","):
-                    key = self.runs / f"{task}-{depth}x{width}-{method}"
-                    r = self.cached(key, lambda: self.one(task, depth, width, method, largest))
-                    runs.append(r)
+        runs, pretrained = [], []
+        for seed in seeds:
+            ctx = self.pretrain_all(seed, methods)
+            pretrained.append(ctx["summary"])
+            largest = ctx["largest"]
+            for task in a.tasks.split(","):
+                for depth, width in [tuple(t) for t in cfg["targets"]]:
+                    for method in methods:
+                        k = self.runs / f"s{seed}" / f"{task}-{depth}x{width}-{method}"
+                        r = self.cached(k, lambda: self.one(ctx, seed, task, depth, width, method, largest))
+                        runs.append({**r, "seed": seed})
+        recipe = rcp.load_recipe(ROOT / cfg["recipe"], base)
         return {
             "budget": a.budget,
             "tag": a.tag,
             "command": "benchmarks/quality.py " + " ".join(sys.argv[1:]),
             "settings": {
-                "recipe": cfg["recipe"], "family": recipe.family, "recipe_overrides": cfg["overrides"] + a.overrides, "recipe_sha256": rcp.digest(recipe),
-                "targets": sizes, "largest": largest, "epochs": cfg["epochs"], "finetune_subset": cfg["subset"],
+                "recipe": cfg["recipe"], "family": recipe.family, "recipe_overrides": base, "recipe_sha256": rcp.digest(recipe),
+                "targets": [tuple(t) for t in cfg["targets"]], "largest": list(ctx["largest"]), "epochs": cfg["epochs"],
+                "finetune_subset": cfg["subset"], "seeds": seeds, "match": a.match, "single": cfg.get("single"),
+                "teacher_weight": a.teacher_weight,
                 "finetune": {"lr": a.lr, "warmup_epochs": a.warmup, "schedule": a.schedule, "batch_size": a.batch_size,
-                             "weight_decay": 0.05, "grad_clip": 1.0, "seed": 0, "data_seed": 0},
+                             "weight_decay": 0.05, "grad_clip": 1.0, "seed": "the run's seed", "data_seed": 0},
                 "fit": {"steps": cfg["fit_steps"], "lr": a.fit_lr, "distill": a.fit_distill, "batch_size": 64},
                 "threads": a.threads, "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
             },
-            "pretrain": {"bundle": pre, "dense": dense},
+            "pretrain": pretrained,
             "runs": runs,
         }
+
+    def pretrain_all(self, seed: int, methods: list[str]) -> dict:
+        """Every pretrained model the methods of one seed start from: the weit bundle, the dense model
+        (compute-matched by FLOPs with `--match flops`), and the optional single-size bundle and
+        teacher-distilled bundle."""
+        from weit_cli import recipe as rcp
+        from weit_cli.training.nested import largest_arch
+
+        cfg, a = self.cfg, self.args
+        ov = cfg["overrides"] + a.overrides + [f"seed={seed}"]
+        recipe = rcp.load_recipe(ROOT / cfg["recipe"], ov)
+        bundle = self.pretrain_stage(ov)
+        budget = bundle["flops"]["flops"]
+        # The dense model takes the same data and optimiser settings, not the template/nested ones.
+        shared = [o for o in ov if not o.startswith(("templates.", "nested."))]
+        dense_recipe = rcp.load_recipe(ROOT / cfg["recipe"], shared)
+        adapter, arch = largest_arch(recipe, 10)
+        dense_step = dense_step_flops(adapter, arch, recipe, recipe.data.batch_size)
+        steps = recipe.train.steps if a.match == "steps" else round(budget / dense_step)
+        dense = self.cached(self.work / f"dense-{rcp.digest(dense_recipe)[:10]}-{steps}",
+                            lambda: self.pretrain_dense(dense_recipe, steps))
+        dense["flops"] = dense_step * dense["steps"]
+        ctx = {"bundles": {"weit": bundle}, "dense": Path(dense["path"]), "largest": recipe.largest()}
+        if isinstance(ctx["largest"][0], tuple) and len(set(ctx["largest"][0])) == 1:  # ResNet: the same depth in every stage
+            ctx["largest"] = (ctx["largest"][0][0], ctx["largest"][1])
+        summary = {"seed": seed, "weit": bundle, "dense": dense}
+        if any(m.startswith("single") for m in methods):
+            single = ov + list(cfg["single"])
+            per_step = pretrain_flops(rcp.load_recipe(ROOT / cfg["recipe"], single))["flops"] / recipe.train.steps
+            single += [f"train.steps={round(budget / per_step)}"]
+            ctx["bundles"]["single"] = summary["single"] = self.pretrain_stage(single)
+        if any(m.startswith("teacher") for m in methods):
+            taught = ov + [f"teacher.source={dense['path']}", f"teacher.weight={a.teacher_weight}"]
+            ctx["bundles"]["teacher"] = summary["teacher"] = self.pretrain_stage(taught)
+        ctx["summary"] = summary
+        return ctx
+
+    def pretrain_stage(self, overrides: list[str]) -> dict:
+        """`weit pretrain` of the budget's recipe with `overrides`, cached by the resolved recipe; with
+        its training FLOPs and the test accuracy of its largest size."""
+        from weit_cli import recipe as rcp
+
+        recipe = rcp.load_recipe(ROOT / self.cfg["recipe"], overrides)
+        pre = self.work / f"pretrain-{rcp.digest(recipe)[:10]}"
+
+        def go():
+            from weit_cli.commands.pretrain import pretrain
+
+            out = pre / "bundle.safetensors"
+            r = pretrain(ROOT / self.cfg["recipe"], out, overrides=overrides, force=True, device="cpu")
+            materialize_largest = pre / "bundle-largest"
+            from weit_cli.commands.materialize import materialize
+
+            materialize(out, materialize_largest, force=True)
+            return {"path": str(out), "overrides": overrides, "steps": r["steps"], "seconds": r["wall_s"], "val": r["val"],
+                    "largest_test_acc": self.test_acc(materialize_largest, "fashion-mnist")}
+
+        pre.mkdir(parents=True, exist_ok=True)
+        out = self.cached(pre / "bundle", go)
+        out["flops"] = pretrain_flops(recipe)
+        return out
 
     def batchnorm(self) -> bool:
         """Whether the budget's family has BatchNorm statistics (ResNet)."""
         from weit_cli import recipe as rcp
 
         return rcp.load_recipe(ROOT / self.cfg["recipe"]).family == "resnet"
-
-    def pretrain_bundle(self, overrides: list[str]) -> dict:
-        from weit_cli.commands.pretrain import pretrain
-
-        out = self.pre / "bundle.safetensors"
-        r = pretrain(ROOT / self.cfg["recipe"], out, overrides=overrides, force=True, device="cpu")
-        largest = self.evaluate_bundle(out)
-        return {"path": str(out), "steps": r["steps"], "seconds": r["wall_s"], "val": r["val"], "largest_test_acc": largest}
-
-    def evaluate_bundle(self, bundle: Path) -> float:
-        """Test accuracy of the bundle's own (largest) model, as materialize writes it."""
-        from weit_cli.commands.materialize import materialize
-
-        out = self.pre / "bundle-largest"
-        materialize(bundle, out, force=True)
-        return self.test_acc(out, "fashion-mnist")
 
     def test_acc(self, model: Path, data: str) -> float:
         import timm
@@ -231,21 +283,21 @@ class Bench:
         splits = load_data(data, img_size=img_size, in_chans=cfg["in_chans"], seed=0)
         return evaluate(net, splits.test).accuracy
 
-    def pretrain_dense(self, recipe) -> dict:
-        """The dense ViT of the largest size, trained from timm's init with the bundle's optimiser
-        steps, batch and schedule. finetune counts in epochs, so the training subset is sized to give
-        exactly `steps` = epochs × batches."""
+    def pretrain_dense(self, recipe, steps: int) -> dict:
+        """The dense model of the largest size, trained from timm's init for `steps` optimiser steps with the bundle's
+        batch, learning rate, warmup, cosine and weight decay. finetune counts in epochs, so the training subset is
+        sized to give exactly `steps` = epochs × batches."""
         from weit_cli.commands.finetune import finetune
         from weit_cli.training.nested import largest_arch
 
         tr, bs = recipe.train, recipe.data.batch_size
         n_train = self.train_size(recipe)
-        epochs = math.ceil(tr.steps * bs / n_train)
-        per_epoch = math.ceil(tr.steps / epochs)
-        epochs = math.ceil(tr.steps / per_epoch)
+        epochs = math.ceil(steps * bs / n_train)
+        per_epoch = math.ceil(steps / epochs)
+        epochs = math.ceil(steps / per_epoch)
         adapter, arch = largest_arch(recipe, 10)
         shell = self.config_only(adapter, arch, "dense-arch")
-        out = self.work / f"dense-{rcp_sha(recipe)}"
+        out = self.work / f"dense-{rcp_sha(recipe)}-{steps}"
         r = finetune(
             shell, out, data=recipe.data.source, epochs=epochs, init="random", lr=tr.lr,
             warmup=tr.warmup_steps / per_epoch, schedule="cosine", min_lr_ratio=tr.min_lr_ratio, batch_size=bs,
@@ -268,23 +320,24 @@ class Bench:
         (folder / "config.json").write_text(json.dumps(adapter.timm_config(arch), indent=2, sort_keys=True) + "\n")
         return folder
 
-    def one(self, task: str, depth: int, width: int, method: str, largest) -> dict:
+    def one(self, ctx: dict, seed: int, task: str, depth: int, width: int, method: str, largest) -> dict:
         """Initialise one target size by one method, then finetune it on `task`."""
         from weit_cli.commands.finetune import finetune
         from weit_cli.commands.materialize import materialize
 
         cfg, a = self.cfg, self.args
-        bundle = self.pre / "bundle.safetensors"
-        dense = self.dense
-        models = self.pre / "models"  # initialisations depend on the pretraining only …
+        dense = ctx["dense"]
+        kind = method.removesuffix("+fit")
+        fitted = method.endswith("+fit")
+        pre = Path(ctx["bundles"]["weit" if kind in ("random", "weight-selection") else kind]["path"]).parent
+        bundle = pre / "bundle.safetensors"
+        models = pre / "models"  # initialisations depend on the pretraining only …
         models.mkdir(exist_ok=True)
         plain = models / f"weit-{depth}x{width}"
         calibrate = None
         if self.batchnorm():  # the bundle holds the largest size's statistics only: recalibrate, label-free
             calibrate = task
             plain = models / f"weit-{depth}x{width}-calibrated-{task}"
-        if not plain.exists():
-            materialize(bundle, plain, depth=depth, width=width, calibrate=calibrate, force=True)
         transfer = task != "fashion-mnist"
         subset = cfg["subset"] if not transfer else cfg["transfer_subset"]
         init_s, label, source, model, init = 0.0, method, None, plain, "weit"
@@ -296,31 +349,33 @@ class Bench:
                 init, source = "weight-selection", dense
             else:
                 label = "dense-grown"
-                model = models / f"dense-grown-{depth}x{width}"
+                model = dense.parent / f"grown-{depth}x{width}"
                 t = time.perf_counter()
                 extra["reconstruction_error"] = grow_dense(dense, model, depth, width)
                 init_s = time.perf_counter() - t
-        elif method == "weit+fit":
+        elif fitted:
             from weit_cli.commands.fit_scalers import fit_scalers
 
-            fitted = self.runs / "models"  # … except fitted scalers, which depend on the variant's fit options
-            fitted.mkdir(exist_ok=True)
-            scalers = fitted / f"scalers-{task}-{depth}x{width}.safetensors"
+            out = self.runs / "models" / f"s{seed}"  # … except fitted scalers, which depend on the variant's fit options
+            out.mkdir(parents=True, exist_ok=True)
+            scalers = out / f"scalers-{kind}-{task}-{depth}x{width}.safetensors"
             fit = fit_scalers(
                 bundle, scalers, data=task, depth=depth, width=width, steps=cfg["fit_steps"], lr=a.fit_lr,
-                train_subset=subset, reset_head=transfer, distill=0.0 if transfer else a.fit_distill, seed=0,
+                train_subset=subset, reset_head=transfer, distill=0.0 if transfer else a.fit_distill, seed=seed,
                 device="cpu", force=True,
             )
             init_s = fit["fit_seconds"]
-            model = fitted / f"weit-fit-{task}-{depth}x{width}"
+            model = out / f"{kind}-fit-{task}-{depth}x{width}"
             materialize(bundle, model, depth=depth, width=width, scalers=scalers, force=True)
             extra["fit"] = {k: fit[k] for k in ("loss_first", "loss_last", "val_acc_before", "val_acc_after", "steps")}
-        elif method != "weit":
+        elif kind not in ("weit", "single", "teacher"):
             raise SystemExit(f"unknown method {method}")
+        if model == plain and not plain.exists():  # random init reads the architecture from it
+            materialize(bundle, plain, depth=depth, width=width, calibrate=calibrate, force=True)
         r = finetune(
-            model, self.runs / f"{task}-{depth}x{width}-{method}", data=task, epochs=cfg["epochs"], init=init,
+            model, self.runs / f"s{seed}" / f"{task}-{depth}x{width}-{method}", data=task, epochs=cfg["epochs"], init=init,
             source=source, lr=a.lr, warmup=a.warmup, schedule=a.schedule, batch_size=a.batch_size,
-            train_subset=subset, reset_head=transfer and method != "weit+fit", seed=0, force=True, device="cpu",
+            train_subset=subset, reset_head=transfer and not fitted, seed=seed, force=True, device="cpu",
         )
         return {
             "task": task, "size": [depth, width], "method": label, "init_seconds": round(init_s, 2),
@@ -363,29 +418,63 @@ def grow_dense(dense: Path, out: Path, depth: int, width: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- output
+def _stat(values: list[float]) -> str:
+    """mean ± sample standard deviation (percent), or the one value."""
+    v = [100 * x for x in values]
+    m = sum(v) / len(v)
+    if len(v) == 1:
+        return f"{m:.2f}"
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+    return f"{m:.2f} ± {sd:.2f}"
+
+
+def grouped(res: dict) -> dict:
+    """(task, size, method) → list over seeds of the accuracy-by-epoch lists."""
+    out: dict = {}
+    for r in res["runs"]:
+        out.setdefault((r["task"], tuple(r["size"]), r["method"]), []).append(r)
+    return out
+
+
 def table(res: dict) -> str:
     s = res["settings"]
+    seeds = s.get("seeds", [0])
     pre = res["pretrain"]
     lines = [
         f"Budget `{res['budget']}`{' (' + res['tag'] + ')' if res['tag'] else ''}: `{res['command']}`, "
-        f"{s['threads']} thread(s), {res.get('compute_s', 0) / 60:.1f} min of compute over all stages.",
+        f"{s['threads']} thread(s), {res.get('compute_s', 0) / 60:.1f} min of compute over all stages; seeds {seeds} "
+        f"(mean ± sample standard deviation over seeds).",
         "",
-        f"Pretraining ({pre['bundle']['steps']} optimiser steps each, recipe `{s['recipe']}`): test accuracy at the "
-        f"largest size {tuple(s['largest'])[0]}×{tuple(s['largest'])[1]}: weit bundle **{100 * pre['bundle']['largest_test_acc']:.2f}%** "
-        f"({pre['bundle']['seconds'] / 60:.1f} min), dense {s.get('family', 'vit')} **{100 * pre['dense']['largest_test_acc']:.2f}%** "
-        f"({pre['dense']['seconds'] / 60:.1f} min).",
+        f"Pretraining (recipe `{s['recipe']}`, dense model matched to the bundle by {s.get('match', 'steps')}); "
+        f"test accuracy (%) of each pretrained model at its largest size {tuple(s['largest'])[0]}×{tuple(s['largest'])[1]}:",
         "",
-        f"Finetuning: {s['epochs']} epochs, AdamW lr {s['finetune']['lr']:g}, warmup {s['finetune']['warmup_epochs']:g} "
-        f"epochs, {s['finetune']['schedule']}, batch {s['finetune']['batch_size']}; fit-scalers {s['fit']['steps']} steps "
-        f"(lr {s['fit']['lr']:g}). Test accuracy (%) after each epoch (0 = the initialisation):",
+        "| model | optimiser steps | training TFLOPs | largest-size test acc | minutes |",
+        "|---|---|---|---|---|",
+    ]
+    names = {"weit": "weit bundle (nested)", "dense": f"dense {s.get('family', 'vit')}", "single": "weit bundle (one size: " + " ".join(s.get("single") or []) + ")",
+             "teacher": f"weit bundle distilled from the dense model (teacher.weight {s.get('teacher_weight')})"}
+    for k in ("weit", "dense", "single", "teacher"):
+        rows = [p[k] for p in pre if k in p]
+        if not rows:
+            continue
+        fl = [(r["flops"]["flops"] if isinstance(r["flops"], dict) else r["flops"]) / 1e12 for r in rows]
+        steps = sorted({r["steps"] for r in rows})
+        lines.append(f"| {names[k]} | {', '.join(map(str, steps))} | {sum(fl) / len(fl):.2f} | {_stat([r['largest_test_acc'] for r in rows])} | "
+                     f"{sum(r['seconds'] for r in rows) / len(rows) / 60:.1f} |")
+    lines += [
+        "",
+        f"Finetuning: {s['epochs']} epochs on {s['finetune_subset']} of the training split, AdamW lr {s['finetune']['lr']:g}, warmup "
+        f"{s['finetune']['warmup_epochs']:g} epochs, {s['finetune']['schedule']}, batch {s['finetune']['batch_size']}; fit-scalers "
+        f"{s['fit']['steps']} steps (lr {s['fit']['lr']:g}). Test accuracy (%) after each epoch (0 = the initialisation):",
         "",
     ]
     e = s["epochs"]
-    head = "| task | size (depth×width) | method | " + " | ".join(f"ep {i}" for i in range(e + 1)) + " | init time (s) |"
+    head = "| task | size | method | " + " | ".join(f"ep {i}" for i in range(e + 1)) + " | init time (s) |"
     lines += [head, "|" + "---|" * (e + 5)]
-    for r in res["runs"]:
-        accs = " | ".join(f"{100 * x:.2f}" for x in r["test_acc"])
-        lines.append(f"| {r['task']} | {r['size'][0]}×{r['size'][1]} | {r['method']} | {accs} | {r['init_seconds']:.1f} |")
+    for (task, size, method), rs in grouped(res).items():
+        accs = " | ".join(_stat([r["test_acc"][i] for r in rs]) for i in range(e + 1))
+        init = sum(r["init_seconds"] for r in rs) / len(rs)
+        lines.append(f"| {task} | {size[0]}×{size[1]} | {method} | {accs} | {init:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -396,24 +485,32 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    tasks = list(dict.fromkeys(r["task"] for r in res["runs"]))
-    sizes = list(dict.fromkeys(tuple(r["size"]) for r in res["runs"]))
+    groups = grouped(res)
+    tasks = list(dict.fromkeys(k[0] for k in groups))
+    sizes = list(dict.fromkeys(k[1] for k in groups))
     fig, axes = plt.subplots(len(tasks), len(sizes), figsize=(4.2 * len(sizes), 3.4 * len(tasks)), squeeze=False)
-    styles = {"random": "C7", "weight-selection": "C0", "dense-grown": "C0", "weit": "C3", "weit+fit": "C1"}
+    styles = {"random": "C7", "weight-selection": "C0", "dense-grown": "C0", "weit": "C3", "weit+fit": "C1",
+              "single+fit": "C2", "single": "C8", "teacher": "C4", "teacher+fit": "C5"}
     for i, task in enumerate(tasks):
         for j, size in enumerate(sizes):
             ax = axes[i][j]
-            for r in res["runs"]:
-                if r["task"] == task and tuple(r["size"]) == size:
-                    acc = [100 * a for a in r["test_acc"]]
-                    ax.plot(range(len(acc)), acc, marker="o", ms=3, label=r["method"], color=styles.get(r["method"]))
+            for (t, sz, method), rs in groups.items():
+                if t != task or sz != size:
+                    continue
+                by_epoch = list(zip(*[[100 * a for a in r["test_acc"]] for r in rs]))
+                mean = [sum(v) / len(v) for v in by_epoch]
+                x = range(len(mean))
+                ax.plot(x, mean, marker="o", ms=3, label=method, color=styles.get(method))
+                if len(rs) > 1:
+                    ax.fill_between(x, [min(v) for v in by_epoch], [max(v) for v in by_epoch], color=styles.get(method), alpha=0.15)
             ax.set_title(f"{task}: depth {size[0]}, width {size[1]}", fontsize=9)
             ax.set_xlabel("finetuning epoch")
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.set_ylabel("test accuracy (%)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.suptitle(f"Initialisation quality ({res['budget']}{', ' + res['tag'] if res['tag'] else ''})", fontsize=10)
+    n = len(res["settings"].get("seeds", [0]))
+    fig.suptitle(f"Initialisation quality ({res['budget']}{', ' + res['tag'] if res['tag'] else ''}; mean of {n} seed(s), band = min–max)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -270,6 +270,7 @@ def pretrain(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).")],
     output: OutOpt,
     data: Annotated[Optional[str], typer.Option("--data", help="fashion-mnist[:folder], mnist5k, digits, or an image-folder path (overrides data.source).")] = None,
+    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Nested distillation: a dense checkpoint of the recipe's largest size that every trained size learns from (sets teacher.source; templates start from its SVD).")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value, e.g. --set train.lr=1e-3 (repeatable).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint (OUTPUT stem + .ckpt.safetensors).")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda[:N] (default: a GPU when present).")] = None,
@@ -287,7 +288,7 @@ def pretrain(
         from weit_cli.commands.pretrain import pretrain as pt
 
         with _StepProgress("pretrain", not as_json and rank == 0) as progress:
-            return pt(recipe, output, data=data, overrides=overrides, resume=resume, force=force, device=device,
+            return pt(recipe, output, data=data, teacher=teacher, overrides=overrides, resume=resume, force=force, device=device,
                       command=command, callback=progress)
 
     def render(r):
@@ -296,6 +297,8 @@ def pretrain(
         if r.get("resumed_from"):
             rows.append(("resumed from step", str(r["resumed_from"])))
         rows.append(("nested sizes", f"depths {r['nested']['depths']}, widths {r['nested']['widths']}"))
+        if r.get("teacher"):
+            rows.append(("teacher", f"{r['teacher']['source']} (weight {r['teacher']['weight']:g})"))
         for name in ("largest", "smallest"):
             if f"val_acc_{name}" in v:
                 rows.append((f"val acc {name}", f"{100 * v[f'val_acc_{name}']:.2f}%"))

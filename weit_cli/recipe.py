@@ -104,6 +104,9 @@ class NestedSection(_Section):
         0.0, ge=0, le=1, description="In-place distillation: weight of KL(largest ‖ size) in the loss of every smaller size."
     )
     distill_temperature: float = Field(1.0, gt=0, description="Softmax temperature of the distillation term.")
+    distill_warmup_steps: int = Field(
+        0, ge=0, description="Ramp the in-place distillation weight linearly from 0 to nested.distill over the first N steps."
+    )
 
     @model_validator(mode="after")
     def _sorted(self):
@@ -136,6 +139,24 @@ class DataSection(_Section):
         return v
 
 
+class LrScales(_Section):
+    templates: float = Field(1.0, gt=0, description="Multiplier of train.lr for the templates.")
+    scalers: float = Field(1.0, gt=0, description="Multiplier of train.lr for the scalers.")
+    small: float = Field(1.0, gt=0, description="Multiplier of train.lr for the small parameters (norms, biases, embeddings, heads).")
+
+
+class TeacherSection(_Section):
+    source: str = Field(
+        description="A dense checkpoint of the recipe's family and largest size (a timm/diffusers/transformers folder or a weights file)."
+    )
+    weight: float = Field(
+        0.5, ge=0, le=1,
+        description="Weight of the distance to the teacher's outputs in every size's loss (the task loss gets 1 - weight; 1: teacher only).",
+    )
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the distillation term (classification).")
+    init: bool = Field(True, description="Initialise the templates by the teacher's shared SVD (else by templates.init).")
+
+
 class TrainSection(_Section):
     steps: int = Field(1000, ge=1, description="Optimiser steps.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
@@ -150,6 +171,9 @@ class TrainSection(_Section):
     eval_every: int = Field(200, ge=0, description="Validate the largest and smallest sizes every N steps (0: only at the end).")
     eval_samples: int = Field(2000, ge=1, description="Validation images used by the periodic checks (the final check uses all).")
     checkpoint_every: int = Field(100, ge=0, description="Write a resumable checkpoint every N steps (0: never).")
+    lr_scales: LrScales = Field(
+        default_factory=lambda: LrScales(), description="Learning-rate multipliers of the templates, the scalers and the small parameters."
+    )
 
 
 class Recipe(_Section):
@@ -160,6 +184,9 @@ class Recipe(_Section):
     nested: NestedSection = Field(description="Sizes trained together (sandwich rule).")
     data: DataSection = Field(default_factory=DataSection, description="Training data and batch size.")
     train: TrainSection = Field(default_factory=TrainSection, description="Optimiser, schedule, validation and checkpoints.")
+    teacher: TeacherSection | None = Field(
+        None, description="Nested distillation from a dense checkpoint: every trained size learns from its outputs (pretrain --teacher)."
+    )
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of initialisation, data split, data order and size sampling.")
 
     @property
@@ -203,6 +230,8 @@ class Recipe(_Section):
             if missing or extra:
                 raise ValueError(f"templates.count map needs exactly the keys {', '.join(types)}")
         self.adapter.check_recipe(self)
+        if self.teacher is not None and self.nested.distill > 0:
+            raise ValueError("nested.distill (the largest size as teacher) and a teacher checkpoint exclude each other: set nested.distill=0")
         return self
 
 
@@ -314,8 +343,24 @@ def dump(recipe: Recipe, command: str | None = None) -> str:
     return head + body
 
 
+# Options added after recipes were first written down: left out of the resolved recipe while they
+# are off, so a recipe that does not use them keeps its digest (and its checkpoints stay resumable).
+_OFF_WHEN = {
+    ("teacher",): None,
+    ("train", "lr_scales"): LrScales().model_dump(mode="json"),
+    ("nested", "distill_warmup_steps"): 0,
+}
+
+
 def to_plain(recipe: Recipe) -> dict[str, Any]:
     d = recipe.model_dump(mode="json")
+    for path, off in _OFF_WHEN.items():
+        *parents, last = path
+        node = d
+        for k in parents:
+            node = node[k]
+        if node.get(last) == off:
+            del node[last]
     return d
 
 

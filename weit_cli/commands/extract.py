@@ -121,7 +121,8 @@ def _poor_reconstruction(errors: dict[str, float]) -> str | None:
     return (
         f"the templates reconstruct the checkpoint poorly (relative error {listed}; above {HIGH_ERROR} the "
         "bundle computes a different function): pass --data DATA to distil them from the checkpoint, "
-        "or use more templates (--num-templates)"
+        "use more templates (--num-templates), or for every size of a range train a nested family from it "
+        "with `weit pretrain RECIPE --teacher CHECKPOINT`"
     )
 
 

@@ -60,6 +60,7 @@ def pretrain(
     output: Path,
     *,
     data: str | None = None,
+    teacher: str | Path | None = None,
     overrides: list[str] | None = None,
     resume: bool = False,
     force: bool = False,
@@ -71,10 +72,14 @@ def pretrain(
     overrides = list(overrides or [])
     if data is not None:
         overrides.append(f"data.source={data}")
+    if teacher is not None:
+        overrides.append(f"teacher.source={teacher}")
     recipe = rcp.load_recipe(recipe_path, overrides)
     task = task_for(recipe.adapter, label_smoothing=recipe.train.label_smoothing)  # refuses options of another task
     if data is not None:
         recipe.data.source = data  # keep the string exactly (a YAML parse could turn '1' into a number)
+    if teacher is not None:
+        recipe.teacher.source = str(teacher)
     output = Path(output)
     recipe_out = rcp.recipe_path_for(output)
     ckpt = checkpoint_for(output)
@@ -104,8 +109,9 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
     splits = task.load_data(
         recipe.data.source, m, seed=recipe.seed, val_fraction=recipe.data.val_fraction, train_subset=recipe.data.train_subset,
     )
+    teacher_state, teacher_sha = _teacher(recipe, task.classes(splits)) if recipe.teacher is not None else (None, None)
     recipe_sha = rcp.digest(recipe)
-    bundle = initial_bundle(recipe, task.classes(splits))
+    bundle = initial_bundle(recipe, task.classes(splits), teacher_state if recipe.teacher and recipe.teacher.init else None)
     files = task.companion_files(splits)
     if files:  # e.g. the control task's state statistics: written beside every materialized size
         bundle.extra[COMPANIONS] = files
@@ -116,20 +122,39 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
             recalibrate_bn, dataset=splits.train, batches=m.bn_calibration_batches,
             batch_size=min(recipe.data.batch_size, 256), seed=recipe.seed, device=dev,
         )
-    step_module: nn.Module = SandwichLoss(net, task, ns.distill, ns.distill_temperature)
+    teacher_fwd = None
+    if teacher_state is not None:
+        ad = net.adapter
+        t_module = ad.build(net.arch)
+        t_module.load_state_dict(teacher_state, strict=True)
+        teacher_fwd = ad.task_forward(t_module.to(dev).eval().requires_grad_(False))
+        del teacher_state
+    distill, temperature = (recipe.teacher.weight, recipe.teacher.temperature) if recipe.teacher else (ns.distill, ns.distill_temperature)
+    sandwich = SandwichLoss(net, task, distill, temperature, teacher=teacher_fwd)
+    step_module: nn.Module = sandwich
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         step_module = DistributedDataParallel(step_module, device_ids=[dev.index] if dev.type == "cuda" else None)
     named = net.named_tensors()
-    opt = adamw(named, lr=tr.lr, weight_decay=tr.weight_decay, no_decay_keys=net.adapter.no_decay, betas=tuple(tr.betas))
+    scales = tr.lr_scales
+    opt = adamw(
+        named, lr=tr.lr, weight_decay=tr.weight_decay, no_decay_keys=net.adapter.no_decay, betas=tuple(tr.betas),
+        lr_scale=lambda name: getattr(scales, name.split(".", 1)[0]),  # templates. / scalers. / small.
+    )
     batches = Batches(splits.train, recipe.data.batch_size // world, seed=recipe.seed, rank=rank, world_size=world)
     size_rng = random.Random(recipe.seed)
     val_small = _head(splits.val, tr.eval_samples)
     largest, smallest = recipe.largest(), recipe.smallest()
     depth_options = recipe.depth_options()
 
+    warm = 0 if recipe.teacher else ns.distill_warmup_steps
+    steps_done = [0]
+
     def loss_step(batch):
+        if warm:  # the in-place distillation weight, ramped up over the first steps
+            sandwich.distill = ns.distill * min(1.0, (steps_done[0] + 1) / warm)
+        steps_done[0] += 1
         sizes = sample_sizes(size_rng, depth_options, ns.widths, ns.sandwich)
         loss, _ = step_module(task.prepare(batch), sizes)
         return loss
@@ -142,7 +167,7 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
     loop = Loop(
         plan, optimizer=opt, params=named, batches=batches, device=dev, loss_step=loss_step,
         evaluate=lambda done: _validate(task, net, val_small, largest, smallest, dev, calib) if len(val_small) else {},
-        checkpoint=ckpt, state=lambda: {"recipe_sha256": recipe_sha, "size_rng": _rng_json(size_rng)},
+        checkpoint=ckpt, state=lambda: {"recipe_sha256": recipe_sha, "size_rng": _rng_json(size_rng), **({"teacher_sha256": teacher_sha} if teacher_sha else {})},
         on_step=callback, rank=rank, world_size=world,
     )
     if resume:
@@ -156,9 +181,12 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
                     f"{ckpt} was written by another recipe (sha256 {str(state.get('recipe_sha256'))[:12]}…, now {recipe_sha[:12]}…)",
                     "resume with the same recipe, overrides and --data, or start over with --force",
                 )
+            if state.get("teacher_sha256") != teacher_sha:
+                raise InputError(f"{ckpt} was written with another teacher checkpoint", "resume with the same --teacher, or start over with --force")
 
         v, s, g = loop.resume(same_recipe)["size_rng"]
         size_rng.setstate((v, tuple(s), g))
+        steps_done[0] = loop.start
     loop.run()
 
     if calib is not None:
@@ -184,6 +212,8 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
         "world_size": world,
         "device": dev.type,
     }
+    if recipe.teacher is not None:
+        provenance["teacher_sha256"] = teacher_sha
     if rank == 0:
         save_tensors(output, cpu.to_tensors(), cpu.metadata(**provenance), force=True)
         with atomic_file(recipe_out) as tmp:
@@ -200,6 +230,7 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
         "resumed_from": loop.start if resume else None,
         "final_loss": sum(loop.losses[-20:]) / max(1, len(loop.losses[-20:])) if loop.losses else None,
         "val": final,
+        "teacher": None if recipe.teacher is None else {"source": recipe.teacher.source, "sha256": teacher_sha, "weight": recipe.teacher.weight},
         "nested": {"depths": list(ns.depths), "widths": list(ns.widths)},
         "architecture": cpu.arch.to_dict(),
         "templates": {t: list(v.shape) for t, v in cpu.templates.items()},
@@ -210,6 +241,33 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
         "templates_sha256_by_rank": digests,
         "wall_s": round(time.perf_counter() - t_start, 2),
     }
+
+
+def _teacher(recipe, num_classes: int | None) -> tuple[dict[str, torch.Tensor], str]:
+    """The teacher's state dict, checked to be the recipe's family and largest size; and its sha256."""
+    from weit_cli.arch._registry import detect_family
+    from weit_cli.io.files import checkpoint_sha256, load_dense
+    from weit_cli.training.nested import largest_arch
+
+    src = Path(recipe.teacher.source)
+    state, hints = load_dense(src)
+    adapter, want = largest_arch(recipe, num_classes)
+    found = detect_family(state.keys())
+    if found.family != adapter.family:
+        raise InputError(f"teacher {src} is a {found.family} checkpoint, the recipe trains the {adapter.family} family",
+                         f"use a {adapter.family} teacher, or a recipe of its family")
+    state = adapter.loadable(state)
+    arch = adapter.infer_arch(state, hints)
+    if arch != want:
+        import dataclasses
+
+        diff = [f"{f.name} {getattr(arch, f.name)} (recipe: {getattr(want, f.name)})" for f in dataclasses.fields(arch)
+                if getattr(arch, f.name) != getattr(want, f.name)]
+        raise InputError(
+            f"teacher {src} does not match the recipe's largest size: {', '.join(diff) or adapter.describe(arch)}",
+            "make the recipe's largest nested size and model settings the teacher's (nested.depths, nested.widths, model.*)",
+        )
+    return {k: v.detach().float() if v.is_floating_point() else v for k, v in state.items()}, checkpoint_sha256(src)
 
 
 def _validate(task: Task, net: NestedModel, ds, largest, smallest, dev, calibrate=None) -> dict[str, float]:

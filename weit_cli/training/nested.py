@@ -30,18 +30,24 @@ def largest_arch(recipe: rcp.Recipe, num_classes: int | None):
     return adapter, arch
 
 
-def initial_bundle(recipe: rcp.Recipe, num_classes: int | None) -> Bundle:
+def initial_bundle(recipe: rcp.Recipe, num_classes: int | None, teacher: dict[str, Tensor] | None = None) -> Bundle:
     """Templates, scalers and small parameters at the largest size, before training.
 
     timm-svd: a freshly timm-initialised largest model, factorised by the shared SVD of
     `extract-templates`; truncation to N templates shrinks the weights, so each type's scalers are
     rescaled to give the composed weights the RMS of timm's init. Small parameters are timm's.
+    With a `teacher` state dict (of the largest size; `teacher.init`): the teacher's own shared SVD
+    and small parameters, as `extract-templates` makes them, unscaled.
     """
     adapter, arch = largest_arch(recipe, num_classes)
     torch.manual_seed(recipe.seed)
-    dense = {k: v.detach().float() for k, v in adapter.build(arch).state_dict().items()}
     counts = recipe.template_counts()
     p = recipe.template_size
+    if teacher is not None:
+        bundle, _ = from_dense(adapter, arch, {k: v.detach() for k, v in teacher.items()}, p, counts)
+        bundle.extra["nested"] = {"depths": list(recipe.nested.depths), "widths": list(recipe.nested.widths)}
+        return bundle
+    dense = {k: v.detach().float() for k, v in adapter.build(arch).state_dict().items()}
     if recipe.templates.init == "timm-svd":
         bundle, _ = from_dense(adapter, arch, dense, p, counts)
         for t in bundle.templates:
@@ -182,22 +188,32 @@ class NestedModel(nn.Module):
 
 class SandwichLoss(nn.Module):
     """One forward over all sizes of a step, so DistributedDataParallel sees one graph that uses every
-    parameter (the largest size always does). sizes[0] must be the largest: it is the teacher."""
+    parameter (the largest size always does). sizes[0] must be the largest.
 
-    def __init__(self, net: NestedModel, task: Task, distill: float, temperature: float):
+    Without a `teacher`, in-place distillation: every smaller size's loss is
+    (1 − distill)·task loss + distill·distance to the largest size's outputs. With a `teacher` (a
+    dense model's task forward, frozen), every size — the largest too — learns from it:
+    (1 − distill)·task loss + distill·distance to the teacher's outputs, computed once per batch.
+    `distill` may change between steps (a warm-up)."""
+
+    def __init__(self, net: NestedModel, task: Task, distill: float, temperature: float, teacher: nn.Module | None = None):
         super().__init__()
         self.net, self.task = net, task
         self.distill, self.temperature = distill, temperature
+        self.teacher = [teacher]  # in a list: not a submodule (DDP must not see its frozen weights)
 
     def forward(self, batch: tuple[Tensor, ...], sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
         """The mean loss over `sizes`, and each size's plain task loss (detached)."""
         losses, ces = [], []
-        teacher = None
+        teacher, external = None, self.teacher[0] is not None
+        if external and self.distill > 0:
+            with torch.no_grad():
+                teacher = self.task.outputs(self.teacher[0], batch).detach()
         for i, (d, w) in enumerate(sizes):
             out = self.task.outputs(partial(self.net, depth=d, width=w), batch)
             ce = self.task.loss(out, batch)
             loss = ce
-            if i == 0:
+            if i == 0 and not external:
                 teacher = out.detach()
             elif self.distill > 0:
                 kl = self.task.distill_loss(out, teacher, batch, self.temperature)

@@ -4,6 +4,7 @@ and one optimiser step (training/loop.py refuses a non-finite loss)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -16,15 +17,28 @@ def adamw(
     weight_decay: float,
     no_decay_keys: tuple[str, ...],
     betas: tuple[float, float] = (0.9, 0.999),
+    lr_scale: Callable[[str], float] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW with two groups, as in timm's training scripts: group 0 decays; group 1 does not — every
     vector (norms, biases) and every name ending in one of `no_decay_keys` (the family's
-    `Adapter.no_decay`, e.g. its position embedding). Required, so that no caller forgets it."""
+    `Adapter.no_decay`, e.g. its position embedding). Required, so that no caller forgets it.
+
+    `lr_scale(name)` gives parameters their own multiple of the learning rate: each of the two groups
+    is split by it, and a split-off group carries its `lr_scale`, which `set_lr` applies."""
     items = list(named_params.items()) if isinstance(named_params, dict) else list(named_params)
     no_decay = lambda n, p: p.ndim <= 1 or n.endswith(tuple(no_decay_keys))  # noqa: E731
-    decay = [p for n, p in items if p.requires_grad and not no_decay(n, p)]
-    keep = [p for n, p in items if p.requires_grad and no_decay(n, p)]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    scale = lr_scale or (lambda n: 1.0)
+    groups: list[dict] = []
+    for decays, wd in ((True, weight_decay), (False, 0.0)):
+        by_scale: dict[float, list[Tensor]] = {1.0: []}  # the plain group first, even when empty (as before)
+        for n, p in items:
+            if p.requires_grad and no_decay(n, p) != decays:
+                by_scale.setdefault(float(scale(n)), []).append(p)
+        for s, params in by_scale.items():
+            if s == 1.0:
+                groups.append({"params": params, "weight_decay": wd})
+            elif params:
+                groups.append({"params": params, "weight_decay": wd, "lr_scale": s})
     return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=False)
 
 
@@ -39,7 +53,7 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, min
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def clip_grad(params, max_norm: float) -> float:

@@ -1,0 +1,134 @@
+"""Pretraining levers at equal compute (issue 12): which way of spending one pretraining budget gives
+the best models at sizes inside and beyond the nested range, with and without fitting the scalers?
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/levers.py --seeds 0,1,2      # ~1 h on 2 shared cores
+
+Every variant changes `recipes/vit-fashion-small.yaml` (the `small` budget of benchmarks/quality.py)
+and gets the training FLOPs of the recipe as shipped (600 sandwich steps; counted with torch's
+FlopCounterMode, benchmarks/_flops.py): a cheaper step gets more steps. `nested-2x` is the one
+deliberate exception (twice the budget: what a longer schedule buys). For each variant and seed the
+bundle is scored on the official Fashion-MNIST test split at 1×32, 2×64, 3×96 (the largest trained
+size) and 4×128 (beyond), as `materialize` writes it (`weit`), and after `fit-scalers` (100 steps on
+the fixed 10 % subset of benchmarks/quality.py, lr 1e-3; `weit+fit`). No finetuning: that is
+benchmarks/quality.py's job, for the variants chosen here.
+
+Pretraining stages are cached in runs/quality-small (shared with benchmarks/quality.py, which trains
+the `nested` and `single-16x16-n128` variants with the same recipe); outputs go to
+docs/quality/levers.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from _flops import pretrain_flops
+from quality import BUDGETS, SINGLE, ROOT, Bench
+
+VARIANTS: dict[str, list[str]] = {
+    "nested": [],
+    "nested-16x16-n128": ["templates.size=16", "templates.count=128"],
+    "single-16x16-n128": list(SINGLE),
+    "sandwich-0": ["nested.sandwich=0"],
+    "lr-scalers-x3": ["train.lr_scales.scalers=3"],
+    "distill-0.5-warmup": ["nested.distill=0.5", "nested.distill_warmup_steps=300"],
+    "nested-2x": ["train.steps=1200", "train.warmup_steps=100"],
+}
+NOT_MATCHED = {"nested-2x"}
+SIZES = [(1, 32), (2, 64), (3, 96), (4, 128)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--fit-steps", type=int, default=100)
+    ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "quality")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(ROOT))
+    from weit_cli import recipe as rcp
+
+    cfg = BUDGETS["small"]
+    bench = Bench(ROOT / "runs" / "quality-small", cfg, argparse.Namespace(overrides=[]))
+    bench.work.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results = []
+    for name in args.variants.split(","):
+        for seed in seeds:
+            base = cfg["overrides"] + [f"seed={seed}"]
+            budget = pretrain_flops(rcp.load_recipe(ROOT / cfg["recipe"], base))["flops"]
+            ov = base + VARIANTS[name]
+            if name not in NOT_MATCHED:
+                recipe = rcp.load_recipe(ROOT / cfg["recipe"], ov)
+                per_step = pretrain_flops(recipe)["flops"] / recipe.train.steps
+                steps = round(budget / per_step)
+                if steps != recipe.train.steps:  # the same override string benchmarks/quality.py uses
+                    ov = ov + [f"train.steps={steps}"]
+            pre = bench.pretrain_stage(ov)
+            key = Path(pre["path"]).parent / f"scores-fit{args.fit_steps}"
+            scores = bench.cached(key, lambda pre=pre, seed=seed: score(bench, Path(pre["path"]), seed, args.fit_steps))
+            results.append({"variant": name, "seed": seed, "overrides": ov, "steps": pre["steps"],
+                            "flops": pre["flops"]["flops"], "budget_flops": budget, "pretrain_s": pre["seconds"], **scores})
+            print(json.dumps(results[-1]), flush=True)
+    args.docs.mkdir(parents=True, exist_ok=True)
+    (args.docs / "levers.json").write_text(json.dumps(results, indent=2) + "\n")
+    md = table(results, "benchmarks/levers.py " + " ".join(sys.argv[1:]))
+    (args.docs / "levers.md").write_text(md)
+    print(md)
+    return 0
+
+
+def score(bench: Bench, bundle: Path, seed: int, fit_steps: int) -> dict:
+    """Test accuracy at every size of SIZES, as materialized and after fitting the scalers."""
+    from weit_cli.commands.fit_scalers import fit_scalers
+    from weit_cli.commands.materialize import materialize
+
+    out: dict = {"weit": {}, "weit+fit": {}, "fit_seconds": {}}
+    folder = bundle.parent / "levers"
+    folder.mkdir(exist_ok=True)
+    for d, w in SIZES:
+        plain = folder / f"weit-{d}x{w}"
+        materialize(bundle, plain, depth=d, width=w, force=True)
+        out["weit"][f"{d}x{w}"] = bench.test_acc(plain, "fashion-mnist")
+        scalers = folder / f"scalers-{d}x{w}-fit{fit_steps}.safetensors"
+        fit = fit_scalers(bundle, scalers, data="fashion-mnist", depth=d, width=w, steps=fit_steps, lr=1e-3,
+                          train_subset=BUDGETS["small"]["subset"], seed=seed, device="cpu", force=True)
+        fitted = folder / f"weit-fit-{d}x{w}"
+        materialize(bundle, fitted, depth=d, width=w, scalers=scalers, force=True)
+        out["weit+fit"][f"{d}x{w}"] = bench.test_acc(fitted, "fashion-mnist")
+        out["fit_seconds"][f"{d}x{w}"] = fit["fit_seconds"]
+    return out
+
+
+def _stat(v: list[float]) -> str:
+    v = [100 * x for x in v]
+    m = sum(v) / len(v)
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return f"{m:.2f} ± {sd:.2f}"
+
+
+def table(results: list[dict], command: str) -> str:
+    lines = [f"`{command}`; test accuracy (%), mean ± sample standard deviation over seeds "
+             f"{sorted({r['seed'] for r in results})}; no finetuning.", ""]
+    head = "| variant | steps | TFLOPs | " + " | ".join(f"{d}×{w}" for d, w in SIZES) + " | " + " | ".join(f"{d}×{w} fit" for d, w in SIZES) + " |"
+    lines += [head, "|" + "---|" * (3 + 2 * len(SIZES))]
+    for name in dict.fromkeys(r["variant"] for r in results):
+        rs = [r for r in results if r["variant"] == name]
+        steps = ", ".join(str(s) for s in sorted({r["steps"] for r in rs}))
+        tf = sum(r["flops"] for r in rs) / len(rs) / 1e12
+        plain = " | ".join(_stat([r["weit"][f"{d}x{w}"] for r in rs]) for d, w in SIZES)
+        fit = " | ".join(_stat([r["weit+fit"][f"{d}x{w}"] for r in rs]) for d, w in SIZES)
+        lines.append(f"| {name} | {steps} | {tf:.2f} | {plain} | {fit} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
