@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import weit
 
 from weit_cli.commands.pretrain import pretrain
 from weit_cli.core.bundle import load_bundle
@@ -54,19 +52,13 @@ def _teacher(recipe_path: Path, folder: Path, seed: int = 3, **recipe_sets) -> P
     return save_timm_dir(model, folder, adapter.timm_config(arch)["model_args"])
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "weit_cli.cli", *args], capture_output=True, text=True, env=env)
-
-
 def test_teacher_run_through_the_cli_starts_from_the_teacher_and_records_it(recipe_path, tmp_path):
     import timm
 
     teacher = _teacher(recipe_path, tmp_path / "teacher")
     out = tmp_path / "bundle.safetensors"
     # A learning rate too small to move anything: the bundle is its initialisation.
-    proc = cli("pretrain", str(recipe_path), "-o", str(out), "--teacher", str(teacher), "--set", "train.lr=1e-12", "--json")
-    assert proc.returncode == 0, proc.stderr
+    proc = weit("pretrain", recipe_path, "-o", out, "--teacher", teacher, "--set", "train.lr=1e-12", "--json")
     r = json.loads(proc.stdout)
     from weit_cli.io.files import checkpoint_sha256
 
@@ -122,7 +114,7 @@ def test_teacher_that_does_not_fit_is_refused_and_nothing_is_written(recipe_path
     out = tmp_path / "out" / "bundle.safetensors"
     out.parent.mkdir()
     sets = [a for s in recipe_sets for a in ("--set", s)]
-    proc = cli("pretrain", str(recipe_path), "-o", str(out), "--teacher", str(teacher), *sets)
+    proc = weit("pretrain", recipe_path, "-o", out, "--teacher", teacher, *sets, expect=None)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert list(out.parent.iterdir()) == []
