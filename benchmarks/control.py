@@ -18,7 +18,7 @@ evaluation time is reported. The teacher is a dense DT trained here on the same 
 `weit pretrain` takes control recipes (recipes/dt-*.yaml), the nested bundle replaces it.
 
     python benchmarks/control.py --budget tiny            # a minute: proves the pipeline, no claims
-    python benchmarks/control.py --budget medium --env Hopper-v5   # ~40 min of one core
+    python benchmarks/control.py --budget medium --env Hopper-v5   # under an hour of one core
     python benchmarks/control.py --budget small --env Hopper-v5
 
 Outputs (in --work, default runs/control-<budget>-<env>): results.json and control.png.
@@ -79,11 +79,11 @@ BUDGETS = {
         context=10, head_dim=16, teacher=(2, 32), teacher_steps=60, templates=64,
         sizes=((1, 16), (3, 48)), steps=40, every=20, fit_steps=20, seeds=3, episodes=2, max_steps=50, batch_size=32,
     ),
-    # About 40 minutes of one shared core: the default PPO data, a 3×128 teacher, one size inside its
-    # range and one beyond, 1000 finetuning steps; 3 seeds × 10 full episodes at 0, 500 and 1000 steps.
+    # Under an hour of one shared core: the default PPO data, a 2×64 teacher, one size inside its range
+    # and one beyond, 500 finetuning steps; 3 seeds × 10 full episodes at 0, 250 and 500 steps.
     "medium": Budget(
-        data=C.Budget(), context=20, head_dim=32, teacher=(3, 128), teacher_steps=2000, templates=256,
-        sizes=((2, 64), (4, 192)), steps=1000, every=500, fit_steps=200, seeds=3, episodes=10, max_steps=None,
+        data=C.Budget(), context=20, head_dim=32, teacher=(2, 64), teacher_steps=1500, templates=128,
+        sizes=((1, 32), (3, 96)), steps=500, every=250, fit_steps=150, seeds=3, episodes=10, max_steps=None,
     ),
     # Hours on 2 cores: the DT paper's model size and context, PPO data of the default budget.
     "small": Budget(

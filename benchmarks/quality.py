@@ -233,9 +233,20 @@ class Bench:
             per_step = pretrain_flops(rcp.load_recipe(ROOT / cfg["recipe"], single))["flops"] / recipe.train.steps
             single += [f"train.steps={round(budget / per_step)}"]
             ctx["bundles"]["single"] = summary["single"] = self.pretrain_stage(single)
-        if any(m.startswith("teacher") for m in methods):
+        kinds = {m.removesuffix("+fit") for m in methods}
+        if "teacher" in kinds:
             taught = ov + [f"teacher.source={dense['path']}", f"teacher.weight={a.teacher_weight}"]
             ctx["bundles"]["teacher"] = summary["teacher"] = self.pretrain_stage(taught)
+        if "teacher-half" in kinds:  # the teacher path at equal compute: half the budget each
+            half_steps = round(budget / 2 / dense_step)
+            half = self.cached(self.work / f"dense-{rcp.digest(dense_recipe)[:10]}-{half_steps}",
+                               lambda: self.pretrain_dense(dense_recipe, half_steps))
+            half["flops"] = dense_step * half["steps"]
+            taught = ov + [f"teacher.source={half['path']}", f"teacher.weight={a.teacher_weight}"]
+            per_step = pretrain_flops(rcp.load_recipe(ROOT / cfg["recipe"], taught))["flops"] / recipe.train.steps
+            taught += [f"train.steps={round(budget / 2 / per_step)}", f"train.warmup_steps={round(recipe.train.warmup_steps * budget / 2 / per_step / recipe.train.steps)}"]
+            ctx["bundles"]["teacher-half"] = summary["teacher-half"] = self.pretrain_stage(taught)
+            summary["teacher-half"]["teacher"] = half
         ctx["summary"] = summary
         return ctx
 
@@ -368,7 +379,7 @@ class Bench:
             model = out / f"{kind}-fit-{task}-{depth}x{width}"
             materialize(bundle, model, depth=depth, width=width, scalers=scalers, force=True)
             extra["fit"] = {k: fit[k] for k in ("loss_first", "loss_last", "val_acc_before", "val_acc_after", "steps")}
-        elif kind not in ("weit", "single", "teacher"):
+        elif kind not in ("weit", "single", "teacher", "teacher-half"):
             raise SystemExit(f"unknown method {method}")
         if model == plain and not plain.exists():  # random init reads the architecture from it
             materialize(bundle, plain, depth=depth, width=width, calibrate=calibrate, force=True)
@@ -452,12 +463,13 @@ def table(res: dict) -> str:
         "|---|---|---|---|---|",
     ]
     names = {"weit": "weit bundle (nested)", "dense": f"dense {s.get('family', 'vit')}", "single": "weit bundle (one size: " + " ".join(s.get("single") or []) + ")",
-             "teacher": f"weit bundle distilled from the dense model (teacher.weight {s.get('teacher_weight')})"}
-    for k in ("weit", "dense", "single", "teacher"):
+             "teacher": f"weit bundle distilled from the dense model (teacher.weight {s.get('teacher_weight')}; FLOPs without the teacher's training)",
+             "teacher-half": "weit bundle distilled from a dense model of half the budget, in the other half"}
+    for k in ("weit", "dense", "single", "teacher", "teacher-half"):
         rows = [p[k] for p in pre if k in p]
         if not rows:
             continue
-        fl = [(r["flops"]["flops"] if isinstance(r["flops"], dict) else r["flops"]) / 1e12 for r in rows]
+        fl = [((r["flops"]["flops"] if isinstance(r["flops"], dict) else r["flops"]) + r.get("teacher", {}).get("flops", 0)) / 1e12 for r in rows]
         steps = sorted({r["steps"] for r in rows})
         lines.append(f"| {names[k]} | {', '.join(map(str, steps))} | {sum(fl) / len(fl):.2f} | {_stat([r['largest_test_acc'] for r in rows])} | "
                      f"{sum(r['seconds'] for r in rows) / len(rows) / 60:.1f} |")
@@ -490,7 +502,7 @@ def plot(res: dict, path: Path) -> None:
     sizes = list(dict.fromkeys(k[1] for k in groups))
     fig, axes = plt.subplots(len(tasks), len(sizes), figsize=(4.2 * len(sizes), 3.4 * len(tasks)), squeeze=False)
     styles = {"random": "C7", "weight-selection": "C0", "dense-grown": "C0", "weit": "C3", "weit+fit": "C1",
-              "single+fit": "C2", "single": "C8", "teacher": "C4", "teacher+fit": "C5"}
+              "single+fit": "C2", "single": "C8", "teacher": "C4", "teacher+fit": "C5", "teacher-half": "C9", "teacher-half+fit": "C6"}
     for i, task in enumerate(tasks):
         for j, size in enumerate(sizes):
             ax = axes[i][j]
