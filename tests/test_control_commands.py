@@ -7,6 +7,7 @@ nothing written. No PPO runs: the data is the built-in random quality with a zer
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -189,3 +190,13 @@ def test_evaluate_refusals_are_one_line(run, tmp_path):
     one_line(weit("fit-scalers", run.bundle, "-o", tmp_path / "s.safetensors", "--data", run.source, "--num-classes", "3", expect=None), "classes")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
 
+
+
+def test_pretrain_with_a_dt_teacher_records_it_and_refuses_a_mismatched_one(run, tmp_path):
+    r = js(weit("pretrain", ROOT / "recipes" / "dt-hopper.yaml", "-o", tmp_path / "t.safetensors", "--data", run.source,
+                *SMALL, "--teacher", run.big, "--json"))
+    assert r["teacher"]["source"] == str(run.big) and all(math.isfinite(v) for v in r["val"].values())
+    bad = weit("pretrain", ROOT / "recipes" / "dt-hopper.yaml", "-o", tmp_path / "u.safetensors", "--data", run.source,
+               *SMALL, "--teacher", run.small, expect=None)
+    one_line(bad, "does not match the recipe's largest size", "width 16 (recipe: 32)")
+    assert not (tmp_path / "u.safetensors").exists()

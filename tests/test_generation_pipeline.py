@@ -183,3 +183,23 @@ def test_bad_generation_inputs_are_refused(run, tmp_path):
     # a width the head size does not divide
     r = weit("materialize", run.bundle, "--width", 20, "-o", tmp_path / "w", expect=None)
     assert r.exit_code != 0 and "width 20" in r.stderr and not (tmp_path / "w").exists()
+
+
+def test_pretrain_with_a_dit_teacher_starts_from_it_and_learns_from_its_noise_prediction(run, tmp_path):
+    """`pretrain --teacher` on a diffusers folder: full-rank templates (8×8 blocks, 64 per type) start
+    the bundle as the teacher itself; a learning rate too small to move anything keeps it there."""
+    from weit_cli.core.bundle import load_bundle
+    from weit_cli.training.nested import NestedModel
+
+    out = tmp_path / "taught.safetensors"
+    r = js(weit("pretrain", ROOT / "recipes" / "dit-fashion.yaml", "-o", out, *SMALL, "--teacher", run.model,
+                "--set", "templates.count=64", "--set", "train.lr=1e-12", "--json"))
+    assert r["teacher"]["source"] == str(run.model) and r["teacher"]["weight"] == 0.5
+    teacher, _ = load_bundle(run.bundle)
+    taught, _ = load_bundle(out)
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(3, 1, 8, 8, generator=g), torch.tensor([5, 50, 500]), torch.tensor([0, 3, 9])
+    with torch.no_grad():
+        want = NestedModel(teacher).frozen(2, 32)(x, t, y)
+        got = NestedModel(taught).frozen(2, 32)(x, t, y)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
