@@ -37,6 +37,7 @@ VARIANTS: dict[str, list[str]] = {
     "lr-scalers-x3": ["train.lr_scales.scalers=3"],
     "distill-0.5-warmup": ["nested.distill=0.5", "nested.distill_warmup_steps=300"],
     "nested-2x": ["train.steps=1200", "train.warmup_steps=100"],
+    "scalers-x3": ["train.lr_scales.scalers=3"],  # on the recipe as shipped now (16×16 × 128)
 }
 NOT_MATCHED = {"nested-2x"}
 SIZES = [(1, 32), (2, 64), (3, 96), (4, 128)]
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--fit-steps", type=int, default=100)
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "quality")
+    ap.add_argument("--name", default="levers", help="Output name: DOCS/NAME.{json,md}.")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -79,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                             "flops": pre["flops"]["flops"], "budget_flops": budget, "pretrain_s": pre["seconds"], **scores})
             print(json.dumps(results[-1]), flush=True)
     args.docs.mkdir(parents=True, exist_ok=True)
-    (args.docs / "levers.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.docs / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
     md = table(results, "benchmarks/levers.py " + " ".join(sys.argv[1:]))
-    (args.docs / "levers.md").write_text(md)
+    (args.docs / f"{args.name}.md").write_text(md)
     print(md)
     return 0
 
