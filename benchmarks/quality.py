@@ -220,10 +220,12 @@ class Bench:
         dense_recipe = rcp.load_recipe(ROOT / cfg["recipe"], shared)
         adapter, arch = largest_arch(recipe, 10)
         dense_step = dense_step_flops(adapter, arch, recipe, recipe.data.batch_size)
-        steps = recipe.train.steps if a.match == "steps" else round(budget / dense_step)
-        dense = self.cached(self.work / f"dense-{rcp.digest(dense_recipe)[:10]}-{steps}",
-                            lambda: self.pretrain_dense(dense_recipe, steps))
-        dense["flops"] = dense_step * dense["steps"]
+        def dense_stage(steps: int) -> dict:
+            out = self.cached(self.work / f"dense-{rcp.digest(dense_recipe)[:10]}-{steps}",
+                              lambda: self.pretrain_dense(dense_recipe, steps))
+            return {**out, "flops": dense_step * out["steps"]}
+
+        dense = dense_stage(recipe.train.steps if a.match == "steps" else round(budget / dense_step))
         ctx = {"bundles": {"weit": bundle}, "dense": Path(dense["path"]), "largest": recipe.largest()}
         if isinstance(ctx["largest"][0], tuple) and len(set(ctx["largest"][0])) == 1:  # ResNet: the same depth in every stage
             ctx["largest"] = (ctx["largest"][0][0], ctx["largest"][1])
@@ -238,10 +240,7 @@ class Bench:
             taught = ov + [f"teacher.source={dense['path']}", f"teacher.weight={a.teacher_weight}"]
             ctx["bundles"]["teacher"] = summary["teacher"] = self.pretrain_stage(taught)
         if "teacher-half" in kinds:  # the teacher path at equal compute: half the budget each
-            half_steps = round(budget / 2 / dense_step)
-            half = self.cached(self.work / f"dense-{rcp.digest(dense_recipe)[:10]}-{half_steps}",
-                               lambda: self.pretrain_dense(dense_recipe, half_steps))
-            half["flops"] = dense_step * half["steps"]
+            half = dense_stage(round(budget / 2 / dense_step))
             taught = ov + [f"teacher.source={half['path']}", f"teacher.weight={a.teacher_weight}"]
             per_step = pretrain_flops(rcp.load_recipe(ROOT / cfg["recipe"], taught))["flops"] / recipe.train.steps
             taught += [f"train.steps={round(budget / 2 / per_step)}", f"train.warmup_steps={round(recipe.train.warmup_steps * budget / 2 / per_step / recipe.train.steps)}"]

@@ -293,3 +293,25 @@ def check_param_count(adapter: Adapter, arch, what: str) -> None:
     if n > MAX_PARAMS:
         raise WeitError(f"{what} would have {n / 1e9:.0f}B parameters", "pick a smaller size")
 
+
+
+def check_selection_same(src, dst, names: tuple[str, ...], hint: str, quote: bool = False) -> None:
+    """Weight selection keeps the input/output format: refuse the first of `names` that differs."""
+    from weit_cli.errors import WeitError
+
+    for name in names:
+        a, b = getattr(src, name), getattr(dst, name)
+        if a != b:
+            a, b = (repr(a), repr(b)) if quote else (a, b)
+            raise WeitError(f"weight selection needs the same {name.replace('_', ' ')} (source {a}, target {b})", hint)
+
+
+def check_selection_smaller(problems: list[str]) -> None:
+    """Weight selection only shrinks: refuse with every dimension of the target that is larger."""
+    from weit_cli.errors import WeitError
+
+    if problems:
+        raise WeitError(
+            "weight selection only initialises smaller models: target " + ", ".join(problems),
+            "select from a larger checkpoint, or grow with 'weit extract-templates' + 'weit materialize'",
+        )

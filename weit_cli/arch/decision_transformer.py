@@ -55,6 +55,8 @@ from weit_cli.arch.base import (
     TemplateType,
     check_head_sizes,
     check_param_count,
+    check_selection_same,
+    check_selection_smaller,
 )
 from weit_cli.core.resize import Axis
 from weit_cli.core.selection import evenly_spaced, head_aligned
@@ -352,12 +354,8 @@ class DecisionTransformerAdapter(KeyTables, Adapter):
 
     # ------------------------------------------------------------------ weight selection
     def selection_indices(self, src: DecisionTransformerArch, dst: DecisionTransformerArch) -> dict[str, Tensor]:
-        for name in ("state_dim", "act_dim", "activation", "action_tanh", "scale_attn_weights"):
-            if getattr(src, name) != getattr(dst, name):
-                raise WeitError(
-                    f"weight selection needs the same {name.replace('_', ' ')} (source {getattr(src, name)}, target {getattr(dst, name)})",
-                    "select from a checkpoint trained on the same environment, with the same activation and action squashing",
-                )
+        check_selection_same(src, dst, ("state_dim", "act_dim", "activation", "action_tanh", "scale_attn_weights"),
+                             "select from a checkpoint trained on the same environment, with the same activation and action squashing")
         problems = []
         for label, s, d in (
             ("depth", src.depth, dst.depth),
@@ -370,11 +368,7 @@ class DecisionTransformerAdapter(KeyTables, Adapter):
         ):
             if d > s:
                 problems.append(f"{label} {d} > {s}")
-        if problems:
-            raise WeitError(
-                "weight selection only initialises smaller models: target " + ", ".join(problems),
-                "select from a larger checkpoint, or grow with 'weit extract-templates' + 'weit materialize'",
-            )
+        check_selection_smaller(problems)
         attn = head_aligned(src.num_heads, src.head_dim, dst.num_heads, dst.head_dim)
         return {
             E: evenly_spaced(src.width, dst.width),

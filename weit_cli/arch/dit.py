@@ -53,6 +53,8 @@ from weit_cli.arch.base import (
     TemplateType,
     check_head_sizes,
     check_param_count,
+    check_selection_same,
+    check_selection_smaller,
 )
 from weit_cli.core.resize import Axis, ZeroRuns
 from weit_cli.core.selection import evenly_spaced, head_aligned
@@ -355,12 +357,8 @@ class DiTAdapter(KeyTables, Adapter):
 
     # ------------------------------------------------------------------ weight selection
     def selection_indices(self, src: DiTArch, dst: DiTArch) -> dict[str, Tensor]:
-        for name in ("sample_size", "patch_size", "in_channels", "out_channels", "num_classes"):
-            if getattr(src, name) != getattr(dst, name):
-                raise WeitError(
-                    f"weight selection needs the same {name.replace('_', ' ')} (source {getattr(src, name)}, target {getattr(dst, name)})",
-                    "select from a DiT of the same image format and classes",
-                )
+        check_selection_same(src, dst, ("sample_size", "patch_size", "in_channels", "out_channels", "num_classes"),
+                             "select from a DiT of the same image format and classes")
         problems = []
         if dst.depth > src.depth:
             problems.append(f"depth {dst.depth} > {src.depth}")
@@ -370,11 +368,7 @@ class DiTAdapter(KeyTables, Adapter):
             problems.append(f"{dst.num_heads} heads > {src.num_heads}")
         if dst.head_dim > src.head_dim:
             problems.append(f"head size {dst.head_dim} > {src.head_dim}")
-        if problems:
-            raise WeitError(
-                "weight selection only initialises smaller models: target " + ", ".join(problems),
-                "select from a larger checkpoint, or grow with 'weit extract-templates' + 'weit materialize'",
-            )
+        check_selection_smaller(problems)
         embed = evenly_spaced(src.width, dst.width)
         return {
             E: embed,

@@ -31,7 +31,14 @@ from torch import Tensor
 
 from weit_cli.arch._registry import register
 from weit_cli.arch._timm import TimmFamily
-from weit_cli.arch.base import Hints, LayerGroup, TemplateType, check_param_count
+from weit_cli.arch.base import (
+    Hints,
+    LayerGroup,
+    TemplateType,
+    check_param_count,
+    check_selection_same,
+    check_selection_smaller,
+)
 from weit_cli.core.resize import Axis
 from weit_cli.core.selection import evenly_spaced
 from weit_cli.errors import InputError, WeitError
@@ -464,20 +471,12 @@ class ResNetAdapter(TimmFamily):
 
     # ------------------------------------------------------------------ weight selection
     def selection_indices(self, src: ResNetArch, dst: ResNetArch) -> dict[str, Tensor]:
-        for name in ("block", "stem_type", "avg_down", "down_kernel_size", "in_chans"):
-            if getattr(src, name) != getattr(dst, name):
-                raise WeitError(
-                    f"weight selection needs the same {name.replace('_', ' ')} (source {getattr(src, name)!r}, target {getattr(dst, name)!r})",
-                    "select from a ResNet of the same block, stem and shortcut type",
-                )
+        check_selection_same(src, dst, ("block", "stem_type", "avg_down", "down_kernel_size", "in_chans"),
+                             "select from a ResNet of the same block, stem and shortcut type", quote=True)
         old, new = self.sizes(src), self.sizes(dst)
         problems = [f"stage {s + 1} depth {d} > {e}" for s, (d, e) in enumerate(zip(dst.depth, src.depth)) if d > e]
         problems += [f"{n} width {new[n]} > {old[n]}" for n in new if new[n] > old[n]]
-        if problems:
-            raise WeitError(
-                "weight selection only initialises smaller models: target " + ", ".join(problems),
-                "select from a larger checkpoint, or grow with 'weit extract-templates' + 'weit materialize'",
-            )
+        check_selection_smaller(problems)
         return {n: evenly_spaced(old[n], new[n]) for n in new if new[n] > 0}
 
     def selection_axes(self, key: str, arch: ResNetArch) -> dict[int, str] | None:

@@ -39,6 +39,8 @@ from weit_cli.arch.base import (
     TemplateType,
     check_head_sizes,
     check_param_count,
+    check_selection_same,
+    check_selection_smaller,
 )
 from weit_cli.core.resize import Axis
 from weit_cli.core.selection import evenly_spaced, head_aligned
@@ -300,13 +302,8 @@ class ViTAdapter(KeyTables, TimmFamily):
 
     # ------------------------------------------------------------------ weight selection
     def selection_indices(self, src: ViTArch, dst: ViTArch) -> dict[str, Tensor]:
-        for name in ("img_size", "patch_size", "in_chans", "class_token", "global_pool", "qkv_bias"):
-            if getattr(src, name) != getattr(dst, name):
-                raise WeitError(
-                    f"weight selection needs the same {name.replace('_', ' ')} "
-                    f"(source {getattr(src, name)}, target {getattr(dst, name)})",
-                    "select from a checkpoint of the same patch grid and input format",
-                )
+        check_selection_same(src, dst, ("img_size", "patch_size", "in_chans", "class_token", "global_pool", "qkv_bias"),
+                             "select from a checkpoint of the same patch grid and input format")
         problems = []
         if dst.depth > src.depth:
             problems.append(f"depth {dst.depth} > {src.depth}")
@@ -318,11 +315,7 @@ class ViTAdapter(KeyTables, TimmFamily):
             problems.append(f"head size {dst.head_dim} > {src.head_dim}")
         if dst.hidden > src.hidden:
             problems.append(f"MLP width {dst.hidden} > {src.hidden}")
-        if problems:
-            raise WeitError(
-                "weight selection only initialises smaller models: target " + ", ".join(problems),
-                "select from a larger checkpoint, or grow with 'weit extract-templates' + 'weit materialize'",
-            )
+        check_selection_smaller(problems)
         attn = head_aligned(src.num_heads, src.head_dim, dst.num_heads, dst.head_dim)
         return {
             E: evenly_spaced(src.width, dst.width),
