@@ -2,6 +2,8 @@
 weit's templates than from the usual initialisations?
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generation.py --budget tiny    # ≤ 3 min on 2 shared cores; proves the pipeline, no claim
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generation.py --budget medium  # 2 CPU cores, ~1.5 h: --pretrain-only --threads 2, then
+                                                                                 # --methods random,weight-selection and --methods weit,weit+fit in parallel, then all
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generation.py --budget small   # a quiet CPU machine, ~5-8 h on one thread (see BUDGETS)
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generation.py --budget full --device cuda   # one GPU, ~3-5 h
 
@@ -89,6 +91,16 @@ BUDGETS = {
         targets=[(2, 32), (3, 48), (6, 96)], steps=2000, every=200, fit_steps=200, samples=1000, sample_steps=25,
         grid_n=40, seeds=3, lr=5e-4, warmup_steps=50, val_fraction=0.01,
     ),
+    # What fits a 2-core CPU machine in about 1.5 h (two processes, one thread each, split by method):
+    # the recipe's nested range (depths 2-4, widths 32-64), 2000 pretraining steps; targets 2×32 and
+    # 3×48 inside, 6×64 beyond in depth (so that dense-grown, identity blocks, is exactly the dense DiT:
+    # a width that is not a whole multiple cannot be tiled losslessly); 1000 finetuning steps scored
+    # every 100 with 500 samples × 20 DDIM steps (the judge's features are 128-dimensional).
+    "medium": dict(
+        overrides=["train.steps=2000", "train.warmup_steps=100", *NO_EVAL],
+        targets=[(2, 32), (3, 48), (6, 64)], steps=1000, every=100, fit_steps=200, samples=500, sample_steps=20,
+        grid_n=40, seeds=3, lr=5e-4, warmup_steps=50, val_fraction=0.01,
+    ),
     # One GPU (patch 2: 196 tokens, wider range): 20k pretraining steps, 10k finetuning steps scored
     # every 400 (an epoch is `every` × batch images, ≤ the 54 000 of the training split) with 2000
     # samples × 50 DDIM steps; estimated 3-5 h on one H100/H200 (finetuning dominates: 36 runs × 10k steps).
@@ -112,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared: 1 by default).")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--fresh", action="store_true", help="Discard cached stages.")
+    ap.add_argument("--pretrain-only", action="store_true",
+                    help="Stop after the bundle and the dense DiT (then run the methods in parallel processes: --methods a,b).")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -173,6 +187,8 @@ class Bench:
         compute = self.cached(self.pre / "compute", self.equal_compute)
         dense = self.cached(self.pre / f"dense-{compute['dense_steps']}", lambda: self.pretrain_dense(compute["dense_steps"]))
         self.dense = Path(dense["path"])
+        if a.pretrain_only:
+            raise SystemExit(f"pretrained: {self.bundle} and {self.dense}")
         self.largest = tuple(recipe.largest())
         # Finetuning runs are keyed by everything that shapes them besides the pretraining.
         shaping = {k: cfg[k] for k in ("steps", "every", "fit_steps", "samples", "sample_steps", "lr", "warmup_steps", "val_fraction")}
@@ -192,6 +208,7 @@ class Bench:
                 rows.append(pool(depth, width, "inside" if inside else "beyond", label, per_seed))
                 grids.append(self.cached(self.runs / f"grid-{depth}x{width}-{label}", lambda: self.grid(depth, width, label)))
                 print(f"{depth}x{width} {label:16s} FID " + " → ".join(f"{m:.1f}" for m in rows[-1]["fid_mean"]), flush=True)
+        floor = self.cached(self.runs / "real-floor", self.real_floor)
         return {
             "budget": a.budget,
             "command": "benchmarks/generation.py " + " ".join(sys.argv[1:]),
@@ -210,6 +227,7 @@ class Bench:
                 "threads": a.threads, "device": a.device, "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
             },
             "judge": self.judge_info(),
+            "real_floor": floor,
             "pretrain": {"bundle": bundle, "dense": dense, "compute": compute},
             "runs": rows,
             "claims": claims(rows),
@@ -292,8 +310,12 @@ class Bench:
         models = self.pre / "models"
         models.mkdir(exist_ok=True)
         plain = models / f"weit-{depth}x{width}"
-        if not plain.exists():
+
+        def make_plain() -> dict:  # shared by every method and by parallel processes: made once, under the stage lock
             materialize(self.bundle, plain, depth=depth, width=width, force=True)
+            return {"path": str(plain)}
+
+        self.cached(plain, make_plain)
         if label == "random":
             return plain, "random", None, {}
         if label == "weight-selection":
@@ -304,14 +326,15 @@ class Bench:
             from weit_cli.commands.extract import extract_templates
 
             grown = models / f"dense-grown-{depth}x{width}"
-            info = {}
-            if not grown.exists():
+
+            def grow() -> dict:
                 p = self.recipe.model.head_dim
                 full = models / "dense-full-rank.safetensors"
                 r = extract_templates(self.dense, full, template_size=p, num_templates=p * p, force=True)
-                info = {"relative_error": r.get("relative_error")}
                 materialize(full, grown, depth=depth, width=width, depth_rule="identity", force=True)
-            return grown, "weit", None, info
+                return {"relative_error": r.get("relative_error")}
+
+            return grown, "weit", None, {k: v for k, v in self.cached(grown, grow).items() if k != "stage_s"}
         if label == "weit+fit":
             from weit_cli.commands.fit_scalers import fit_scalers
 
@@ -355,11 +378,13 @@ class Bench:
         seen: set[int] = set()
 
         def keep_last(_info=None) -> None:
-            """After each epoch finetune replaces last/ (a new folder): copy each new one once."""
+            """After each epoch finetune replaces last/: copy each epoch's once (the epoch is read from
+            the model's provenance; a folder's inode is no identity, the file system reuses it)."""
             last = run / "last"
-            if last.is_dir() and last.stat().st_ino not in seen:
-                seen.add(last.stat().st_ino)
-                dst = snaps / f"epoch-{len(seen)}"
+            epoch = epoch_of(last)
+            if epoch is not None and epoch not in seen:
+                seen.add(epoch)
+                dst = snaps / f"epoch-{epoch}"
                 shutil.copytree(last, dst)
                 snapshots.append(dst)
 
@@ -391,17 +416,31 @@ class Bench:
         from weit_cli.tasks.fid import class_accuracy
 
         cfg = self.cfg
-        if self.scorer is None:
-            from weit_cli.data.images import load_data
-            from weit_cli.tasks.fid import FrechetScorer, load_judge
-
-            m = self.recipe.model
-            self.judge = load_judge("fashion-mnist", img_size=m.sample_size, in_chans=m.in_channels)
-            test = load_data("fashion-mnist", img_size=m.sample_size, in_chans=m.in_channels, seed=0).test
-            self.scorer = FrechetScorer(self.judge, test.tensors[0][: cfg["samples"]])
+        self.load_scorer()
         fake, labels, _ = sample_images(model, n=cfg["samples"], steps=cfg["sample_steps"], guidance=self.args.guidance,
                                         seed=0, device=self.args.device, command="evaluate")
         return {"fid_judge": self.scorer.score(fake), "class_accuracy": class_accuracy(self.judge.net, fake, labels)}
+
+    def load_scorer(self) -> None:
+        if self.scorer is not None:
+            return
+        from weit_cli.data.images import load_data
+        from weit_cli.tasks.fid import FrechetScorer, load_judge
+
+        m = self.recipe.model
+        self.judge = load_judge("fashion-mnist", img_size=m.sample_size, in_chans=m.in_channels)
+        self.data = load_data("fashion-mnist", img_size=m.sample_size, in_chans=m.in_channels, seed=0)
+        self.scorer = FrechetScorer(self.judge, self.data.test.tensors[0][: self.cfg["samples"]])
+
+    def real_floor(self) -> dict:
+        """The same score for real images: the first `samples` training images in place of samples
+        (what a perfect generator scores with this many images), and the judge's accuracy on them."""
+        from weit_cli.tasks.fid import class_accuracy
+
+        self.load_scorer()
+        x, y = (t[: self.cfg["samples"]] for t in self.data.train.tensors[:2])
+        return {"fid_judge": self.scorer.score(x), "class_accuracy": class_accuracy(self.judge.net, x, y),
+                "what": f"the first {self.cfg['samples']} training images scored as if they were samples"}
 
     def judge_info(self) -> dict:
         from weit_cli.tasks.fid import NOTE, load_judge
@@ -420,6 +459,14 @@ class Bench:
                         seed=0, device=self.args.device, force=True)
         return {"size": [depth, width], "method": label, "path": str(out), "sha256": r["sha256"],
                 "command": f"weit sample {model} -n {self.cfg['grid_n']} --steps {self.cfg['sample_steps']} --guidance {self.args.guidance} --seed 0 -o {out.name}"}
+
+
+def epoch_of(folder: Path) -> int | None:
+    """The epoch finetune recorded in a last/ folder's provenance (None: no model there yet)."""
+    from weit_cli.io.files import read_header, weights_file
+
+    found = weights_file(folder) if folder.is_dir() else None
+    return None if found is None else json.loads(read_header(found)["__metadata__"]["provenance"]).get("epoch")
 
 
 def pool(depth: int, width: int, where: str, label: str, per_seed: list[dict]) -> dict:

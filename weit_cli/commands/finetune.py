@@ -402,15 +402,15 @@ def _complete_run_folder(out_dir: Path, adapter, arch, net: nn.Module, origin, a
     """On --resume: an epoch writes its checkpoint first, then last/, best/ and metrics.json; a kill in
     between leaves those one epoch behind. Write them again from the checkpoint (the very bytes the
     epoch would have written), and remove temp files a killed writer left."""
-    from weit_cli.io.files import read_header, remove_stale_temps
+    from weit_cli.io.files import read_header, remove_stale_temps, weights_file
 
     for name in (STATE, STATE + ".json", "args.json", "metrics.json", "last", "best"):
         remove_stale_temps(out_dir / name)
 
     def epoch_of(folder: Path) -> int | None:
         try:
-            return json.loads((read_header(folder / "model.safetensors").get("__metadata__") or {})["provenance"]).get("epoch")
-        except (WeitError, KeyError, ValueError, AttributeError):
+            return json.loads((read_header(weights_file(folder)).get("__metadata__") or {})["provenance"]).get("epoch")
+        except (WeitError, KeyError, ValueError, AttributeError, TypeError):  # TypeError: no weights file
             return None
 
     with_files = with_files or {}
