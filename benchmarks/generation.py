@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         g["path"] = str(dst.relative_to(ROOT)) if dst.is_relative_to(ROOT) else str(dst)
     (args.docs / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, args.docs / f"{name}.png")
+    (args.docs / f"{name}.md").write_text(markdown(results) + "\n")
     print(summary(results))
     print(f"wrote {args.docs / name}.{{json,png}} and {grids}/ in {results['total_s'] / 60:.1f} min")
     return 0
@@ -380,6 +381,8 @@ class Bench:
         def keep_last(_info=None) -> None:
             """After each epoch finetune replaces last/: copy each epoch's once (the epoch is read from
             the model's provenance; a folder's inode is no identity, the file system reuses it)."""
+            from weit_cli.commands.finetune import epoch_of
+
             last = run / "last"
             epoch = epoch_of(last)
             if epoch is not None and epoch not in seen:
@@ -461,14 +464,6 @@ class Bench:
                 "command": f"weit sample {model} -n {self.cfg['grid_n']} --steps {self.cfg['sample_steps']} --guidance {self.args.guidance} --seed 0 -o {out.name}"}
 
 
-def epoch_of(folder: Path) -> int | None:
-    """The epoch finetune recorded in a last/ folder's provenance (None: no model there yet)."""
-    from weit_cli.io.files import read_header, weights_file
-
-    found = weights_file(folder) if folder.is_dir() else None
-    return None if found is None else json.loads(read_header(found)["__metadata__"]["provenance"]).get("epoch")
-
-
 def pool(depth: int, width: int, where: str, label: str, per_seed: list[dict]) -> dict:
     def ms(key):
         cols = list(zip(*(s[key] for s in per_seed)))
@@ -509,6 +504,30 @@ def summary(res: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(res: dict) -> str:
+    """The docs table: judge FID (mean ± sd over seeds) at step 0, at a fifth of the steps and at the
+    end; class accuracy and test loss at the end; the first step at random's final FID."""
+    steps = res["runs"][0]["steps"]
+    fifth = min(steps, key=lambda s: abs(s - steps[-1] / 5))
+    at = {(tuple(c["size"]), c["method"]): c for c in res["claims"]}
+    head = (f"| size | | method | FID step 0 | FID step {fifth} | FID step {steps[-1]} | class acc. step {steps[-1]} "
+            f"| test loss step {steps[-1]} | first step ≤ random's final FID |")
+    lines = [head, "|" + "---|" * 8]
+    for r in res["runs"]:
+        i = steps.index(fifth)
+        c = at.get((tuple(r["size"]), r["method"]), {})
+        hit = c.get("first_step_at_random_final")
+        lines.append(
+            f"| {r['size'][0]}×{r['size'][1]} | {r['where']} | {r['method']} | {r['fid_mean'][0]:.1f} ± {r['fid_std'][0]:.1f} "
+            f"| {r['fid_mean'][i]:.1f} ± {r['fid_std'][i]:.1f} | {r['fid_mean'][-1]:.1f} ± {r['fid_std'][-1]:.1f} "
+            f"| {100 * r['class_accuracy_mean'][-1]:.1f} ± {100 * r['class_accuracy_std'][-1]:.1f} % "
+            f"| {r['test_loss_mean'][-1]:.4f} ± {r['test_loss_std'][-1]:.4f} | {'never' if hit is None else hit} |")
+    if res.get("real_floor"):
+        f = res["real_floor"]
+        lines.append(f"\nReal images scored as samples ({f['what']}): FID {f['fid_judge']:.1f}, class accuracy {100 * f['class_accuracy']:.1f} %.")
+    return "\n".join(lines)
+
+
 def plot(res: dict, path: Path) -> None:
     import matplotlib
 
@@ -528,6 +547,9 @@ def plot(res: dict, path: Path) -> None:
                 ax = axes[i][j]
                 ax.plot(r["steps"], m, marker="o", ms=3, label=r["method"], color=styles.get(r["method"]))
                 ax.fill_between(r["steps"], [a - e for a, e in zip(m, s)], [a + e for a, e in zip(m, s)], alpha=0.15, color=styles.get(r["method"]))
+        if res.get("real_floor"):
+            axes[0][j].axhline(res["real_floor"]["fid_judge"], color="k", ls=":", lw=1, label="real images")
+            axes[1][j].axhline(100 * res["real_floor"]["class_accuracy"], color="k", ls=":", lw=1, label="real images")
         where = next(r["where"] for r in res["runs"] if tuple(r["size"]) == size)
         axes[0][j].set_title(f"depth {size[0]}, width {size[1]} ({where})", fontsize=9)
         axes[0][j].set_ylabel("judge FID (mean ± std, 3 seeds)")

@@ -110,6 +110,10 @@ def test_finetune_from_each_init(run, init):
     best = r["best"]
     assert best["val_loss"] == min(m["val_loss"] for m in json.loads((out / "metrics.json").read_text())["epochs"][1:])
     assert sorted(p.name for p in (out / "best").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"]
+    # --resume finds the epoch of a diffusers folder (its weights are not model.safetensors)
+    from weit_cli.commands.finetune import epoch_of
+
+    assert epoch_of(out / "last") == 1 and epoch_of(out / "best") == best["epoch"] and epoch_of(out / "nothing") is None
 
 
 def test_extract_templates_distils_the_teachers_noise_prediction(run):

@@ -398,21 +398,28 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
     }
 
 
+def epoch_of(folder: Path) -> int | None:
+    """The epoch a run folder's last/ or best/ model was written after (its provenance), whatever the
+    family's weights file is called; None when there is no readable model there."""
+    from weit_cli.io.files import read_header, weights_file
+
+    found = weights_file(Path(folder)) if Path(folder).is_dir() else None
+    if found is None:
+        return None
+    try:
+        return json.loads((read_header(found).get("__metadata__") or {})["provenance"]).get("epoch")
+    except (WeitError, KeyError, ValueError, AttributeError):
+        return None
+
+
 def _complete_run_folder(out_dir: Path, adapter, arch, net: nn.Module, origin, args, metrics, best, epoch: int, with_files: dict | None = None) -> None:
     """On --resume: an epoch writes its checkpoint first, then last/, best/ and metrics.json; a kill in
     between leaves those one epoch behind. Write them again from the checkpoint (the very bytes the
     epoch would have written), and remove temp files a killed writer left."""
-    from weit_cli.io.files import read_header, remove_stale_temps, weights_file
+    from weit_cli.io.files import remove_stale_temps
 
     for name in (STATE, STATE + ".json", "args.json", "metrics.json", "last", "best"):
         remove_stale_temps(out_dir / name)
-
-    def epoch_of(folder: Path) -> int | None:
-        try:
-            return json.loads((read_header(weights_file(folder)).get("__metadata__") or {})["provenance"]).get("epoch")
-        except (WeitError, KeyError, ValueError, AttributeError, TypeError):  # TypeError: no weights file
-            return None
-
     with_files = with_files or {}
     cpu = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     if epoch_of(out_dir / "last") != epoch:
