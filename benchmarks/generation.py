@@ -193,7 +193,8 @@ class Bench:
         self.largest = tuple(recipe.largest())
         # Finetuning runs are keyed by everything that shapes them besides the pretraining.
         shaping = {k: cfg[k] for k in ("steps", "every", "fit_steps", "samples", "sample_steps", "lr", "warmup_steps", "val_fraction")}
-        shaping.update(pretrain=self.pre.name, dense=dense["path"], guidance=a.guidance, device=a.device)
+        shaping.update(pretrain=self.pre.name, dense=dense["path"], guidance=a.guidance, device=a.device,
+                       sampler="ddim, clipped x0, eps re-derived")  # runs scored by the earlier sampler are not reused
         self.runs = self.work / f"runs-{digest(shaping)}"
         (self.runs / "models").mkdir(parents=True, exist_ok=True)
         self.scorer = None

@@ -127,6 +127,34 @@ def test_sampling_is_seeded_and_independent_of_the_batch_size():
     torch.testing.assert_close(a[:1], _sample(den, labels[:1], seed=7), atol=1e-4, rtol=0)
 
 
+def test_ddim_step_is_the_consistent_clipped_update():
+    """Each step is guided-diffusion's DDIM (η = 0), written out here from the noise schedule alone:
+    x0 = clip((x − √(1−ᾱ_t) ε) / √ᾱ_t), ε' = (x − √ᾱ_t x0) / √(1−ᾱ_t), x ← √ᾱ_prev x0 + √(1−ᾱ_prev) ε'.
+    The ε is large enough that x0 is clipped, where diffusers' default (the unclipped ε kept) differs."""
+    eps_of = lambda x, t, y: 0.3 * x + 0.5  # noqa: E731 (a fixed, input-dependent 'denoiser')
+    labels = torch.arange(3)
+    steps = 5
+    got = dif.sample(eps_of, labels, shape=SHAPE, num_classes=NUM_CLASSES, steps=steps, seed=3)
+
+    cfg = dif.SCHEDULER
+    betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], cfg["num_train_timesteps"], dtype=torch.float64)
+    abar = torch.cumprod(1.0 - betas, 0)
+    ts = [round(cfg["num_train_timesteps"] - i * cfg["num_train_timesteps"] / steps) - 1 for i in range(steps)]  # trailing: 999, 799, …
+    x = torch.randn((3, *SHAPE), generator=torch.Generator().manual_seed(3)).double()
+    clipped = False
+    for i, t in enumerate(ts):
+        a = abar[t]
+        a_prev = abar[ts[i + 1]] if i + 1 < steps else torch.tensor(1.0, dtype=torch.float64)  # set_alpha_to_one
+        eps = eps_of(x, t, labels)
+        raw = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        x0 = raw.clamp(-1, 1)
+        clipped |= not torch.equal(raw, x0)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    assert clipped
+    torch.testing.assert_close(got, x.clamp(-1, 1).float(), atol=1e-4, rtol=1e-4)
+
+
 def test_guidance_scale_one_is_no_guidance():
     den = DiTDenoiser(tiny_dit())
     labels = torch.arange(4)
