@@ -525,7 +525,7 @@ def markdown(res: dict) -> str:
             f"| {r['test_loss_mean'][-1]:.4f} ± {r['test_loss_std'][-1]:.4f} | {'never' if hit is None else hit} |")
     if res.get("real_floor"):
         f = res["real_floor"]
-        lines.append(f"\nReal images scored as samples ({f['what']}): FID {f['fid_judge']:.1f}, class accuracy {100 * f['class_accuracy']:.1f} %.")
+        lines.append(f"\nThe floor, {f['what']}: FID {f['fid_judge']:.1f}, class accuracy {100 * f['class_accuracy']:.1f} %.")
     return "\n".join(lines)
 
 
@@ -553,7 +553,8 @@ def plot(res: dict, path: Path) -> None:
             axes[1][j].axhline(100 * res["real_floor"]["class_accuracy"], color="k", ls=":", lw=1, label="real images")
         where = next(r["where"] for r in res["runs"] if tuple(r["size"]) == size)
         axes[0][j].set_title(f"depth {size[0]}, width {size[1]} ({where})", fontsize=9)
-        axes[0][j].set_ylabel("judge FID (mean ± std, 3 seeds)")
+        axes[0][j].set_ylabel("judge FID (mean ± std, 3 seeds; log)")
+        axes[0][j].set_yscale("log")  # random init starts an order of magnitude above the rest
         axes[1][j].set_ylabel("class accuracy of samples (%)")
         for i in range(2):
             axes[i][j].set_xlabel("finetuning steps")

@@ -222,7 +222,7 @@ def sample(
                 # predicted x0 is clipped to [-1, 1]; use_clipped_model_output re-derives ε from the
                 # clipped x0, so that the step moves along one consistent (x0, ε) pair, as guided-
                 # diffusion's DDIM does. diffusers' default keeps the unclipped ε: on an imperfect model
-                # that inconsistency compounds with every step (a 4×64 DiT, 300 samples: judge FID 152
+                # that inconsistency compounds with every step (a 4×64 denoiser, 300 samples: judge FID 152
                 # at 20 steps, 343 at 100; consistent: 98 at 20, 97 at 50; docs/benchmarks.md).
                 x = scheduler.step(eps, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
             out.append(x.clamp(-1.0, 1.0).float().cpu())
