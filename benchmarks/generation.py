@@ -510,12 +510,12 @@ def markdown(res: dict) -> str:
     end; class accuracy and test loss at the end; the first step at random's final FID."""
     steps = res["runs"][0]["steps"]
     fifth = min(steps, key=lambda s: abs(s - steps[-1] / 5))
+    i = steps.index(fifth)
     at = {(tuple(c["size"]), c["method"]): c for c in res["claims"]}
     head = (f"| size | | method | FID step 0 | FID step {fifth} | FID step {steps[-1]} | class acc. step {steps[-1]} "
             f"| test loss step {steps[-1]} | first step ≤ random's final FID |")
     lines = [head, "|" + "---|" * 8]
     for r in res["runs"]:
-        i = steps.index(fifth)
         c = at.get((tuple(r["size"]), r["method"]), {})
         hit = c.get("first_step_at_random_final")
         lines.append(
