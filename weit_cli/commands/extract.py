@@ -13,6 +13,7 @@ from weit_cli.arch._registry import detect_family
 from weit_cli.core.bundle import COMPANIONS, Bundle, from_dense
 from weit_cli.errors import WeitError
 from weit_cli.io.files import check_output, checkpoint_sha256, load_dense, save_tensors
+from weit_cli.io.hub import resolve as resolve_source
 from weit_cli.options import DISTILL, EXTRACT, SEED
 
 
@@ -54,6 +55,7 @@ def extract_templates(
         raise WeitError(f"--template-size must be at least 1, got {template_size}", "leave it out for the family's default (e.g. the attention head size)")
     if num_heads is not None and num_heads < 1:
         raise WeitError(f"--num-heads must be at least 1, got {num_heads}", "leave it out to read it from the checkpoint")
+    checkpoint, hub = resolve_source(checkpoint)
     state, hints = load_dense(checkpoint)
     if num_heads is not None:
         hints["num_heads"] = num_heads
@@ -74,6 +76,8 @@ def extract_templates(
         "num_templates": num_templates,
         "reconstruction_error": {k: round(v, 8) for k, v in errors.items()},
     }
+    if hub is not None:
+        provenance["source"] = hub
     report = None
     if data is not None:
         from weit_cli.commands.distill import distill
@@ -98,6 +102,8 @@ def extract_templates(
         "relative_error": errors,
         "params": bundle.param_counts(),
     }
+    if hub is not None:
+        result["source"] = hub
     if report is not None:
         result["distillation"] = report
     warning = _poor_reconstruction(errors) if data is None else None

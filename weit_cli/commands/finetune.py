@@ -76,20 +76,25 @@ def finetune(
     from weit_cli.limits import check_seed
     from weit_cli.training.dist import cleanup_distributed, setup_distributed
 
-    model, out_dir = Path(model), Path(out_dir)
+    from weit_cli.io.hub import resolve as resolve_source
+
+    out_dir = Path(out_dir)
     _check_options(epochs, init, source, lr, warmup, schedule, min_lr_ratio, batch_size, weight_decay, grad_clip, label_smoothing)
     check_seed(seed)
     check_seed(data_seed, "data_seed")
+    model, model_hub = resolve_source(model)  # a hub id (hf-hub:ORG/NAME) as its cached folder
+    source, source_hub = resolve_source(source) if source is not None else (None, None)
     for what, path in (("MODEL", model), ("--from", source)):
         if path is not None and not Path(path).exists():
             raise InputError(f"{what} {path} does not exist", "check the path")
+    hub = {k: v for k, v in (("model", model_hub), ("from", source_hub)) if v is not None}
     _check_run_dir(out_dir, resume, force)
     options = dict(
         model=model, out_dir=out_dir, data=data, epochs=epochs, init=init, source=source, lr=lr, warmup=warmup,
         schedule=schedule, min_lr_ratio=min_lr_ratio, batch_size=batch_size, weight_decay=weight_decay,
         grad_clip=grad_clip, label_smoothing=label_smoothing, train_subset=train_subset, data_seed=data_seed,
         val_fraction=val_fraction, reset_head=reset_head, seed=seed, resume=resume, eval_batch_size=eval_batch_size,
-        on_step=on_step,
+        on_step=on_step, hub=hub,
     )
     dist = setup_distributed(device)
     try:
@@ -226,7 +231,7 @@ def initial_state(adapter, arch, init: str, weights, source: Path | None, seed: 
 # ---------------------------------------------------------------------------------------------- the loop
 def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, min_lr_ratio, batch_size, weight_decay,
          grad_clip, label_smoothing, train_subset, data_seed, val_fraction, reset_head, seed, resume, eval_batch_size,
-         on_step, dist) -> dict[str, Any]:
+         on_step, dist, hub=None) -> dict[str, Any]:
     from weit_cli.tasks._registry import task_for
     from weit_cli.training.batches import Batches
     from weit_cli.training.dist import barrier, seed_everything
@@ -268,8 +273,11 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
         "batch_size": batch_size, "weight_decay": weight_decay, "grad_clip": grad_clip, "label_smoothing": label_smoothing,
         "train_subset": train_subset, "data_seed": data_seed, "val_fraction": val_fraction, "reset_head": reset_head,
         "seed": seed, "world_size": world, "architecture": arch.to_dict(), "new_head": new_head,
+        **({"hub": hub} if hub else {}),  # hub ids and the commits they resolved to
     }
     state0, origin = initial_state(adapter, arch, init, weights, source, seed)
+    if hub:
+        origin["hub"] = hub
     if new_head and init == "weight-selection":
         state0.update({k: v for k, v in _fresh(adapter, arch, seed).items() if k in adapter.classifier})
 

@@ -109,7 +109,7 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
     splits = task.load_data(
         recipe.data.source, m, seed=recipe.seed, val_fraction=recipe.data.val_fraction, train_subset=recipe.data.train_subset,
     )
-    teacher_state, teacher_sha = _teacher(recipe, task.classes(splits)) if recipe.teacher is not None else (None, None)
+    teacher_state, teacher_sha, teacher_hub = _teacher(recipe, task.classes(splits)) if recipe.teacher is not None else (None, None, None)
     recipe_sha = rcp.digest(recipe)
     bundle = initial_bundle(recipe, task.classes(splits), teacher_state if recipe.teacher and recipe.teacher.init else None)
     files = task.companion_files(splits)
@@ -214,6 +214,8 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
     }
     if recipe.teacher is not None:
         provenance["teacher_sha256"] = teacher_sha
+        if teacher_hub is not None:
+            provenance["teacher_source"] = teacher_hub
     if rank == 0:
         save_tensors(output, cpu.to_tensors(), cpu.metadata(**provenance), force=True)
         with atomic_file(recipe_out) as tmp:
@@ -230,7 +232,10 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
         "resumed_from": loop.start if resume else None,
         "final_loss": sum(loop.losses[-20:]) / max(1, len(loop.losses[-20:])) if loop.losses else None,
         "val": final,
-        "teacher": None if recipe.teacher is None else {"source": recipe.teacher.source, "sha256": teacher_sha, "weight": recipe.teacher.weight},
+        "teacher": None if recipe.teacher is None else {
+            "source": recipe.teacher.source, "sha256": teacher_sha, "weight": recipe.teacher.weight,
+            **({"revision": teacher_hub["revision"]} if teacher_hub else {}),
+        },
         "nested": {"depths": list(ns.depths), "widths": list(ns.widths)},
         "architecture": cpu.arch.to_dict(),
         "templates": {t: list(v.shape) for t, v in cpu.templates.items()},
@@ -243,13 +248,15 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
     }
 
 
-def _teacher(recipe, num_classes: int | None) -> tuple[dict[str, torch.Tensor], str]:
-    """The teacher's state dict, checked to be the recipe's family and largest size; and its sha256."""
+def _teacher(recipe, num_classes: int | None) -> tuple[dict[str, torch.Tensor], str, dict[str, Any] | None]:
+    """The teacher's state dict, checked to be the recipe's family and largest size; its sha256; and
+    for a hub id, the id and the commit it resolved to."""
     from weit_cli.arch._registry import detect_family
     from weit_cli.io.files import checkpoint_sha256, load_dense
+    from weit_cli.io.hub import resolve as resolve_source
     from weit_cli.training.nested import largest_arch
 
-    src = Path(recipe.teacher.source)
+    src, hub = resolve_source(recipe.teacher.source)
     state, hints = load_dense(src)
     adapter, want = largest_arch(recipe, num_classes)
     found = detect_family(state.keys())
@@ -267,7 +274,7 @@ def _teacher(recipe, num_classes: int | None) -> tuple[dict[str, torch.Tensor], 
             f"teacher {src} does not match the recipe's largest size: {', '.join(diff) or adapter.describe(arch)}",
             "make the recipe's largest nested size and model settings the teacher's (nested.depths, nested.widths, model.*)",
         )
-    return {k: v.detach().float() if v.is_floating_point() else v for k, v in state.items()}, checkpoint_sha256(src)
+    return {k: v.detach().float() if v.is_floating_point() else v for k, v in state.items()}, checkpoint_sha256(src), hub
 
 
 def _validate(task: Task, net: NestedModel, ds, largest, smallest, dev, calibrate=None) -> dict[str, float]:
