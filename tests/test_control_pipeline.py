@@ -129,6 +129,7 @@ def test_file_sources_name_their_environment(tmp_path):
     with pytest.raises(WeitError) as e:
         task().load_data(str(path), section(), seed=0)
     one_line(e.value, "does not say which environment")
+    assert f"--data HalfCheetah-v5:{path}" in e.value.hint, "the hint shows the syntax, not only the names"
 
 
 # ------------------------------------------------------------------------------------------ the model

@@ -82,6 +82,7 @@ def run(fn: Callable[[], dict[str, Any]], as_json: bool, render: Callable[[dict[
     # are removed and the one-line message says what was kept, instead of dying mid-write.
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if main else None
+    _plain_lines()
     try:
         result = fn()
     except WeitError as e:
@@ -100,6 +101,21 @@ def run(fn: Callable[[], dict[str, Any]], as_json: bool, render: Callable[[dict[
         sys.stdout.write(json.dumps(result, default=str) + "\n")
     else:
         render(result)
+
+
+def _plain_lines() -> None:
+    """Where stderr is no terminal (a CI log, `2> file`), long phases write plain progress lines there
+    (`weit: …`), at most one every WEIT_PROGRESS_INTERVAL seconds (default 10), on the main process only."""
+    from weit_cli.training import progress
+
+    if sys.stderr.isatty() or int(os.environ.get("RANK", "0")) != 0:
+        progress.plain_lines(None)
+        return
+    try:
+        every = float(os.environ.get("WEIT_PROGRESS_INTERVAL", "10"))
+    except ValueError:
+        every = 10.0
+    progress.plain_lines(lambda line: print(f"weit: {line}", file=sys.stderr, flush=True), every if every > 0 else 10.0)
 
 
 def _terminated(signum, frame) -> None:
@@ -158,7 +174,7 @@ def _human(n: int) -> str:
 
 @app.command("extract-templates")
 def extract_templates_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="timm model folder (config.json + weights) or weights file.")],
+    checkpoint: Annotated[Path, typer.Argument(help="Dense model: a timm, diffusers or transformers folder, a weights file, or a hub id hf-hub:ORG/NAME[@REVISION][/SUBFOLDER] (read from the Hugging Face cache).")],
     output: OutOpt,
     template_size: Annotated[Optional[int], typer.Option("--template-size", "-p", help="Template block size p (default: the family's, e.g. the attention head size or the gcd of the conv widths, at most 16).")] = None,
     num_templates: Annotated[int, typer.Option("--num-templates", "-n", help="Templates per matrix type (each type capped at its full rank p·q·k).")] = EXTRACT.num_templates,
@@ -225,7 +241,9 @@ def materialize(
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write an ordinary timm checkpoint of any size: a folder for local-dir:, or a bare .safetensors."""
+    """Write an ordinary checkpoint of any size for the family's own library: a timm folder (ViT, ResNet;
+    timm's local-dir:), a diffusers folder (DiT), a transformers folder (Decision Transformer), or a bare
+    .safetensors."""
 
     def go():
         from weit_cli.commands.materialize import materialize as mat
@@ -270,7 +288,7 @@ def pretrain(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).")],
     output: OutOpt,
     data: Annotated[Optional[str], typer.Option("--data", help="fashion-mnist[:folder], mnist5k, digits, or an image-folder path (overrides data.source).")] = None,
-    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Nested distillation: a dense checkpoint of the recipe's largest size that every trained size learns from (sets teacher.source; templates start from its SVD).")] = None,
+    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Nested distillation: a dense checkpoint (folder, file or hf-hub:ORG/NAME) of the recipe's largest size that every trained size learns from (sets teacher.source; templates start from its SVD).")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value, e.g. --set train.lr=1e-3 (repeatable).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint (OUTPUT stem + .ckpt.safetensors).")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda[:N] (default: a GPU when present).")] = None,
@@ -372,10 +390,27 @@ def _provenance_rows(prov: dict[str, Any], full: bool) -> list[tuple[str, str]]:
 
 
 class _StepProgress:
-    """A rich progress bar on stderr fed by a library's StepInfo callback (off for --json / no tty)."""
+    """A rich progress bar on stderr fed by a library's StepInfo callback (off for --json); where stderr
+    is no terminal, a plain line at most every WEIT_PROGRESS_INTERVAL seconds instead (`_plain_lines`)."""
 
     def __init__(self, label: str, enabled: bool):
         self.label, self.enabled, self.bar, self.task = label, enabled and sys.stderr.isatty(), None, None
+        self.last_line = None  # monotonic time of the last plain line
+
+    def _plain(self, info) -> None:
+        import time
+
+        from weit_cli.training import progress
+
+        now = time.monotonic()
+        if self.last_line is None:
+            self.last_line = now  # the clock starts at the first step
+        if now - self.last_line < progress.interval() and info.step < info.total_steps:
+            return
+        self.last_line = now
+        eta = f", eta {info.eta_s:.0f} s" if info.eta_s != float("inf") and info.step < info.total_steps else ""
+        extra = "".join(f", {k} {v:.4g}" for k, v in info.metrics.items())
+        progress.say(f"{self.label}: step {info.step}/{info.total_steps}, loss {info.loss:.4g}, {info.steps_per_sec:.2f} it/s{eta}{extra}")
 
     def __enter__(self):
         if self.enabled:
@@ -396,6 +431,7 @@ class _StepProgress:
 
     def __call__(self, info) -> None:
         if self.bar is None:
+            self._plain(info)
             return
         if self.task is None:
             self.task = self.bar.add_task(self.label, total=info.total_steps, info="")
@@ -488,12 +524,12 @@ def _materialize_hint(r: dict[str, Any]) -> str:
 
 @app.command()
 def finetune(
-    model: Annotated[Path, typer.Argument(help="Materialized model: timm folder (config.json + weights) or .safetensors.")],
+    model: Annotated[Path, typer.Argument(help="Model to train: a materialized timm, diffusers or transformers folder, a .safetensors file, or a hub id hf-hub:ORG/NAME[@REVISION][/SUBFOLDER].")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Run folder (metrics.json, best/, last/).")],
     data: Annotated[str, typer.Option(help="fashion-mnist, fashion-mnist:/folder, mnist5k, digits, or an image folder.")],
     epochs: Annotated[int, typer.Option(help="Epochs over the training split.")],
-    init: Annotated[str, typer.Option(help="weit (MODEL's weights) | random (timm's init) | weight-selection (needs --from).")] = FINETUNE.init,
-    source: Annotated[Optional[Path], typer.Option("--from", help="Larger dense checkpoint for --init weight-selection.")] = None,
+    init: Annotated[str, typer.Option(help="weit (MODEL's weights) | random (the library's own init) | weight-selection (needs --from).")] = FINETUNE.init,
+    source: Annotated[Optional[Path], typer.Option("--from", help="Larger dense checkpoint (folder, file or hf-hub:ORG/NAME) for --init weight-selection.")] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = FINETUNE.lr,
     warmup: Annotated[float, typer.Option(help="Linear warmup, in epochs (may be fractional).")] = FINETUNE.warmup,
     schedule: Annotated[str, typer.Option(help="cosine (to --min-lr-ratio) | constant, after warmup.")] = FINETUNE.schedule,
@@ -511,7 +547,9 @@ def finetune(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train a timm model (no constraint) from weit's weights or a baseline initialisation; DDP under torchrun."""
+    """Train a model of any family with its own library's layout, no constraint (classifiers on images,
+    DiTs on the diffusion loss, Decision Transformers on trajectories), from weit's weights or a baseline
+    initialisation; DDP under torchrun."""
 
     def go():
         from weit_cli.commands.finetune import finetune as ft
@@ -567,9 +605,11 @@ def sample(
 
     def go():
         from weit_cli.commands.sample import sample_grid
+        from weit_cli.training.progress import heartbeat
 
-        return sample_grid(model, output, cls=cls, n=n, steps=steps, guidance=guidance, seed=seed,
-                           batch_size=batch_size, device=device, force=force)
+        with heartbeat(f"sample: {n} images, {steps} DDIM steps"):
+            return sample_grid(model, output, cls=cls, n=n, steps=steps, guidance=guidance, seed=seed,
+                               batch_size=batch_size, device=device, force=force)
 
     def render(r):
         what = f"class {r['class']}" if r["class"] is not None else "every class in turn"
@@ -606,10 +646,12 @@ def evaluate(
 
     def go():
         from weit_cli.commands.sample import evaluate as ev
+        from weit_cli.training.progress import heartbeat
 
-        return ev(model, data=data, num_samples=num_samples, steps=steps, guidance=guidance, seed=seed,
-                  batch_size=batch_size, device=device, env=env, episodes=episodes, target_return=target_return,
-                  max_steps=max_steps)
+        with heartbeat(f"evaluate {model}"):
+            return ev(model, data=data, num_samples=num_samples, steps=steps, guidance=guidance, seed=seed,
+                      batch_size=batch_size, device=device, env=env, episodes=episodes, target_return=target_return,
+                      max_steps=max_steps)
 
     def render(r):
         if r["task"] == "control":

@@ -283,9 +283,14 @@ def _load_file(path: Path, env_id: str | None) -> OfflineData:
     raise InputError(f"{path} is neither .npz nor .h5/.hdf5", "save the data in the D4RL layout as .npz or HDF5")
 
 
+def _name_env_hint(path: Path) -> str:
+    first = next(iter(ENVIRONMENTS))
+    return f"name it before the path, e.g. --data {first}:{path} (environments: {', '.join(ENVIRONMENTS)})"
+
+
 def _need_env(env_id: str | None, path: Path) -> str:
     if env_id is None:
-        raise WeitError(f"{path} does not say which environment it was recorded in", f"name it: one of {', '.join(ENVIRONMENTS)}")
+        raise WeitError(f"{path} does not say which environment it was recorded in", _name_env_hint(path))
     env_info(env_id)
     return env_id
 
@@ -353,7 +358,7 @@ def _load_minari(main: Path, env_id: str | None) -> OfflineData:
     found = _minari_env(meta)
     if env_id is None:
         if found is None:
-            raise WeitError(f"{main} does not say which environment it was recorded in", f"name it: one of {', '.join(ENVIRONMENTS)}")
+            raise WeitError(f"{main} does not say which environment it was recorded in", _name_env_hint(main.parent))
         env_id = found
     elif found is not None and found != env_id:
         raise InputError(f"{main} was recorded in {found}, not {env_id}", f"use {found}, or data from {env_id}")
@@ -430,9 +435,11 @@ def generate(
         raise OutputError(f"cannot create the cache folder {folder.parent}: {e.strerror}", "set WEIT_CACHE to a writable folder") from None
     from weit_cli.io.files import atomic_dir, one_thread
 
-    say = progress or (lambda _msg: None)
+    from weit_cli.training import progress as lines
+
+    say = progress or lines.say
     try:
-        with atomic_dir(folder, force=False) as tmp, one_thread():
+        with atomic_dir(folder, force=False) as tmp, one_thread(), lines.heartbeat(f"{env_id}: generating behaviour data (cached afterwards)"):
             _generate_into(tmp, env_id, seed, budget, say)
     except OutputError:
         if (folder / "info.json").is_file():  # another process generated the same data meanwhile

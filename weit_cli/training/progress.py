@@ -1,11 +1,14 @@
-"""What a training loop reports after each step (`StepInfo`), and the steps/s and ETA meter. Nothing
-here prints: the CLI renders the callbacks."""
+"""What a training loop reports after each step (`StepInfo`), the steps/s and ETA meter, and plain
+progress lines for logs. Nothing here prints unless the CLI turns the lines on (`plain_lines`)."""
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -37,3 +40,50 @@ class Throughput:
         sps = done / dt if dt > 0 and done > 0 else 0.0
         eta = (self.total - step) / sps if sps > 0 else float("inf")
         return sps, eta
+
+
+# ---------------------------------------------------------------------------------------------- plain lines for logs
+# When stderr is no terminal (CI, `> log 2>&1`) the CLI has no progress bar to draw; it turns these on
+# so that a log gets a line every few seconds and work can be told from a hang. Off (silent) when weit
+# is used as a library.
+_PLAIN: dict[str, Any] = {"write": None, "interval": 10.0}
+
+
+def plain_lines(write: Callable[[str], None] | None, interval: float = 10.0) -> None:
+    """Send progress lines to `write` (None: silence), a step line at most every `interval` seconds."""
+    _PLAIN["write"], _PLAIN["interval"] = write, max(0.1, float(interval))
+
+
+def interval() -> float:
+    return _PLAIN["interval"]
+
+
+def say(message: str) -> None:
+    """One line about a phase starting (`Hopper-v5: training PPO for 120000 steps`), when lines are on."""
+    write = _PLAIN["write"]
+    if write is not None:
+        write(message)
+
+
+@contextmanager
+def heartbeat(label: str) -> Iterator[None]:
+    """A long phase that reports no steps (data generation, PPO, a sampler): with lines on, one line
+    when it starts and `label: N s` every interval while it runs."""
+    write = _PLAIN["write"]
+    if write is None:
+        yield
+        return
+    stop, t0 = threading.Event(), time.monotonic()
+
+    def beat() -> None:
+        while not stop.wait(_PLAIN["interval"]):
+            write(f"{label}: {time.monotonic() - t0:.0f} s")
+
+    write(f"{label} …")
+    thread = threading.Thread(target=beat, name="weit-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
