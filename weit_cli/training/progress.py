@@ -67,8 +67,9 @@ def say(message: str) -> None:
 
 @contextmanager
 def heartbeat(label: str) -> Iterator[None]:
-    """A long phase that reports no steps (data generation, PPO, a sampler): with lines on, one line
-    when it starts and `label: N s` every interval while it runs."""
+    """A long phase that reports no steps (data generation, PPO, a sampler): with lines on,
+    `label: N s` every interval while it runs (nothing for a phase shorter than one interval, so a
+    command refused at once still writes only its error)."""
     write = _PLAIN["write"]
     if write is None:
         yield
@@ -79,7 +80,6 @@ def heartbeat(label: str) -> Iterator[None]:
         while not stop.wait(_PLAIN["interval"]):
             write(f"{label}: {time.monotonic() - t0:.0f} s")
 
-    write(f"{label} …")
     thread = threading.Thread(target=beat, name="weit-heartbeat", daemon=True)
     thread.start()
     try:
