@@ -12,11 +12,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from torch import Tensor, nn
-
 from weit_cli.core.resize import Axis, ZeroRuns
 
 if TYPE_CHECKING:
+    from torch import Tensor, nn
+
     from weit_cli.section import Section
 
 

@@ -40,11 +40,9 @@ import math
 import re
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
-from torch import Tensor, nn
 
 from weit_cli.arch._registry import register
 from weit_cli.arch.base import (
@@ -63,6 +61,9 @@ from weit_cli.core.selection import evenly_spaced, head_aligned
 from weit_cli.errors import InputError, WeitError
 from weit_cli.io.export import Exporter, TransformersFolder
 from weit_cli.section import Section
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 BLOCK = r"encoder\.h\.\d+\."
 TEMPLATED = {
@@ -354,6 +355,8 @@ class DecisionTransformerAdapter(KeyTables, Adapter):
 
     # ------------------------------------------------------------------ weight selection
     def selection_indices(self, src: DecisionTransformerArch, dst: DecisionTransformerArch) -> dict[str, Tensor]:
+        import torch
+
         check_selection_same(src, dst, ("state_dim", "act_dim", "activation", "action_tanh", "scale_attn_weights"),
                              "select from a checkpoint trained on the same environment, with the same activation and action squashing")
         problems = []

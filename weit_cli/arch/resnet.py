@@ -24,10 +24,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
-from torch import Tensor
 
 from weit_cli.arch._registry import register
 from weit_cli.arch._timm import TimmFamily
@@ -43,6 +42,9 @@ from weit_cli.core.resize import Axis
 from weit_cli.core.selection import evenly_spaced
 from weit_cli.errors import InputError, WeitError
 from weit_cli.section import Section
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 STAGES = 4  # timm's ResNet always has layer1..layer4
 BLOCKS = ("basic", "bottleneck")

@@ -24,11 +24,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field, model_validator
-from torch import Tensor
 
 from weit_cli.arch._registry import register
 from weit_cli.arch._timm import TimmFamily
@@ -46,6 +44,9 @@ from weit_cli.core.resize import Axis
 from weit_cli.core.selection import evenly_spaced, head_aligned
 from weit_cli.errors import InputError, WeitError
 from weit_cli.section import Section
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 TEMPLATED = {
     "qkv": r"blocks\.\d+\.attn\.qkv\.weight",
@@ -302,6 +303,8 @@ class ViTAdapter(KeyTables, TimmFamily):
 
     # ------------------------------------------------------------------ weight selection
     def selection_indices(self, src: ViTArch, dst: ViTArch) -> dict[str, Tensor]:
+        import torch
+
         check_selection_same(src, dst, ("img_size", "patch_size", "in_chans", "class_token", "global_pool", "qkv_bias"),
                              "select from a checkpoint of the same patch grid and input format")
         problems = []

@@ -9,10 +9,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 import weit_cli.core.kron as kron
 from weit_cli.arch._registry import Adapter, get_adapter
@@ -25,6 +22,9 @@ from weit_cli.io.files import (
     load_weit,
     sha256,
 )
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: `Bundle.extra` key (and metadata key) of the JSON files a model needs beside its weights, name →
 #: content, which `materialize` and `finetune` write into the model's folder (`io/export.write_model`):
@@ -301,6 +301,8 @@ def reference_shapes(adapter: Adapter, arch: Any) -> dict[str, tuple[int, ...]]:
 
 @functools.lru_cache(maxsize=8)
 def _reference_shapes(adapter: Adapter, arch: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    import torch
+
     with torch.device("meta"):
         model = adapter.build(arch)
     return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
@@ -384,6 +386,8 @@ def _natural(k: str):
 
 def resize(b: Bundle, target: Any, depth_rule: str = "auto", width_rule: str = "tile") -> Bundle:
     """The bundle's parameters at `target` size (docs/method.md §4). Differentiable: pretraining uses it too."""
+    import torch
+
     scalers, small = dict(b.scalers), dict(b.small)
     ad = b.adapter
     identity, identity_rows = ad.identity_suffixes(target), ad.identity_rows(target)
