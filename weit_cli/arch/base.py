@@ -109,6 +109,12 @@ class Adapter(ABC):
         """The freshly initialised module of `arch` (its library's own initialisation)."""
 
     @abstractmethod
+    def state_shapes(self, arch) -> dict[str, tuple[int, ...]]:
+        """Every key of `arch`'s state dict with its shape, in the module's order, from the family's
+        own layout (no module built, no library imported): the truth every file check compares with.
+        tests/test_state_shapes.py holds it to the library's own module over many architectures."""
+
+    @abstractmethod
     def describe(self, arch) -> str:
         """One line for people: the family's name and sizes."""
 

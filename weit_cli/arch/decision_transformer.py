@@ -317,6 +317,21 @@ class DecisionTransformerAdapter(KeyTables, Adapter):
     def exporter(self) -> Exporter:
         return TransformersFolder(self.transformers_config, CONFIG_CLASS)
 
+    def state_shapes(self, a: DecisionTransformerArch) -> dict[str, tuple[int, ...]]:
+        """transformers' keys; GPT-2's blocks use Conv1D, which stores (in, out)."""
+        d, h, s, act = a.width, a.inner, a.state_dim, a.act_dim
+        out: dict[str, tuple[int, ...]] = {"encoder.wte.weight": (1, d), "encoder.wpe.weight": (a.n_positions, d)}
+        for i in range(a.depth):
+            b = f"encoder.h.{i}."
+            out |= {b + "ln_1.weight": (d,), b + "ln_1.bias": (d,), b + "attn.c_attn.weight": (d, 3 * d), b + "attn.c_attn.bias": (3 * d,),
+                    b + "attn.c_proj.weight": (d, d), b + "attn.c_proj.bias": (d,), b + "ln_2.weight": (d,), b + "ln_2.bias": (d,),
+                    b + "mlp.c_fc.weight": (d, h), b + "mlp.c_fc.bias": (h,), b + "mlp.c_proj.weight": (h, d), b + "mlp.c_proj.bias": (d,)}
+        out |= {"encoder.ln_f.weight": (d,), "encoder.ln_f.bias": (d,), "embed_timestep.weight": (a.max_ep_len, d),
+                "embed_return.weight": (d, 1), "embed_return.bias": (d,), "embed_state.weight": (d, s), "embed_state.bias": (d,),
+                "embed_action.weight": (d, act), "embed_action.bias": (d,), "embed_ln.weight": (d,), "embed_ln.bias": (d,)}
+        return out | {"predict_state.weight": (s, d), "predict_state.bias": (s,), "predict_action.0.weight": (act, d),
+                      "predict_action.0.bias": (act,), "predict_return.weight": (1, d), "predict_return.bias": (1,)}
+
     def describe(self, arch: DecisionTransformerArch) -> str:
         return (
             f"Decision Transformer depth {arch.depth}, width {arch.width}, {arch.num_heads} heads, mlp ×{arch.mlp_ratio:g}, "

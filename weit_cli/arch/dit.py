@@ -310,6 +310,23 @@ class DiTAdapter(KeyTables, Adapter):
 
         return DiTDenoiser(module)
 
+    def state_shapes(self, a: DiTArch) -> dict[str, tuple[int, ...]]:
+        """diffusers' keys; its LayerNorms carry no weights (`norm_elementwise_affine` False) and
+        the position code is a non-persistent buffer."""
+        d, h, pp = a.width, a.hidden, a.patch_size**2
+        out: dict[str, tuple[int, ...]] = {"pos_embed.proj.weight": (d, a.in_channels, a.patch_size, a.patch_size), "pos_embed.proj.bias": (d,)}
+        for i in range(a.depth):
+            b, t = f"transformer_blocks.{i}.", f"transformer_blocks.{i}.norm1.emb."
+            out |= {t + "timestep_embedder.linear_1.weight": (d, TIME_CHANNELS), t + "timestep_embedder.linear_1.bias": (d,),
+                    t + "timestep_embedder.linear_2.weight": (d, d), t + "timestep_embedder.linear_2.bias": (d,),
+                    t + "class_embedder.embedding_table.weight": (a.num_classes + 1, d),  # + the "no class" row
+                    b + "norm1.linear.weight": (MODULATION * d, d), b + "norm1.linear.bias": (MODULATION * d,)}
+            for m in ("to_q", "to_k", "to_v", "to_out.0"):
+                out |= {f"{b}attn1.{m}.weight": (d, d), f"{b}attn1.{m}.bias": (d,)}
+            out |= {b + "ff.net.0.proj.weight": (h, d), b + "ff.net.0.proj.bias": (h,), b + "ff.net.2.weight": (d, h), b + "ff.net.2.bias": (d,)}
+        return out | {"proj_out_1.weight": (2 * d, d), "proj_out_1.bias": (2 * d,),
+                      "proj_out_2.weight": (pp * a.out_channels, d), "proj_out_2.bias": (pp * a.out_channels,)}
+
     def describe(self, arch: DiTArch) -> str:
         return (
             f"DiT depth {arch.depth}, width {arch.width}, {arch.num_heads} heads, patch {arch.patch_size}, "
