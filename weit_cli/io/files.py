@@ -287,8 +287,20 @@ def load_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 def load_weit(path: Path, kind: str) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Load a weit file, checking `weit_format` and `kind` before anything else."""
+    weit_header(path, kind)
+    tensors, meta = load_safetensors(path)
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise InputError(f"{path} holds non-finite values (NaN or Inf) in '{bad}'", "the file is corrupt or training diverged")
+    return tensors, meta
+
+
+def weit_header(path: Path, kind: str) -> dict[str, Any]:
+    """The safetensors header of a weit file of `kind`, its `kind`, `weit_format` and `kron_order`
+    checked (no tensor read)."""
     path = Path(path)
-    meta = dict(read_header(path).get("__metadata__") or {})
+    header = read_header(path)
+    meta = dict(header.get("__metadata__") or {})
     what = {KIND_TEMPLATES: "template bundle", KIND_SCALERS: "scalers file"}[kind]
     found = meta.get("kind")
     if found != kind:
@@ -305,11 +317,7 @@ def load_weit(path: Path, kind: str) -> tuple[dict[str, Tensor], dict[str, str]]
         )
     if meta.get("kron_order", KRON_ORDER) != KRON_ORDER:
         raise InputError(f"{path} uses kron_order {meta['kron_order']!r}", f"this weit supports '{KRON_ORDER}' only")
-    tensors, meta = load_safetensors(path)
-    bad = first_nonfinite(tensors)
-    if bad is not None:
-        raise InputError(f"{path} holds non-finite values (NaN or Inf) in '{bad}'", "the file is corrupt or training diverged")
-    return tensors, meta
+    return header
 
 
 @contextmanager
