@@ -102,3 +102,19 @@ def test_damaged_values_need_check_damaged_layout_does_not(tiny_bundle, tmp_path
     save_tensors(tmp_path / "wide.safetensors", wide, meta)
     r = weit("inspect", tmp_path / "wide.safetensors", "--json", expect=EXIT_INPUT)
     assert "wrong shape" in json.loads(r.stdout)["error"]
+
+
+@pytest.mark.parametrize("args", [
+    ["materialize", "missing.safetensors", "-o", "OUT"],
+    ["materialize", "BUNDLE", "-o", "OUT", "--dtype", "float8"],
+    ["materialize", "BUNDLE", "-o", "OUT", "--depth-rule", "nope"],
+    ["fit-scalers", "BUNDLE", "--data", "digits", "-o", "OUT", "--steps", "0"],
+    ["inspect", "missing.safetensors"],
+])
+def test_argument_errors_before_torch(args, tiny_bundle, tmp_path):
+    """A missing file or an out-of-range option is answered (one line, exit code) before torch is imported."""
+    args = [{"BUNDLE": tiny_bundle, "OUT": tmp_path / "out.safetensors"}.get(a, a) for a in args]
+    r, imported = _probe(*args)
+    assert r.returncode in (2, 3), r.stderr
+    assert [l for l in r.stderr.splitlines() if l.startswith("error:")], r.stderr
+    assert imported == [], imported
