@@ -290,6 +290,11 @@ def check_head_sizes(depth: int, width: int, head_dim: int, p: int, num_heads: i
         )
 
 
+def batchnorm_shapes(name: str, channels: int) -> dict[str, tuple[int, ...]]:
+    """A BatchNorm's state dict (`state_shapes`): scale, shift, running statistics, scalar batch counter."""
+    return {f"{name}.{leaf}": (channels,) for leaf in ("weight", "bias", "running_mean", "running_var")} | {f"{name}.num_batches_tracked": ()}
+
+
 def check_param_count(adapter: Adapter, arch, what: str) -> None:
     """Refuse a size no machine could hold, counted in closed form before anything is allocated."""
     from weit_cli.errors import WeitError

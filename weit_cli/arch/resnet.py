@@ -34,6 +34,7 @@ from weit_cli.arch.base import (
     Hints,
     LayerGroup,
     TemplateType,
+    batchnorm_shapes,
     check_param_count,
     check_selection_same,
     check_selection_smaller,
@@ -379,26 +380,18 @@ class ResNetAdapter(TimmFamily):
 
     def state_shapes(self, a: ResNetArch) -> dict[str, tuple[int, ...]]:
         c0, c1, c2 = a.stem_chs
-        if a.stem_type == "":
-            out = {"conv1.weight": (c2, a.in_chans, 7, 7)}
-        else:
-            out = {"conv1.0.weight": (c0, a.in_chans, 3, 3), **_bn("conv1.1", c0), "conv1.3.weight": (c1, c0, 3, 3), **_bn("conv1.4", c1),
-                   "conv1.6.weight": (c2, c1, 3, 3)}
-        out |= _bn("bn1", c2)
+        deep = {"conv1.0.weight": (c0, a.in_chans, 3, 3), **batchnorm_shapes("conv1.1", c0), "conv1.3.weight": (c1, c0, 3, 3), **batchnorm_shapes("conv1.4", c1)}
+        out = ({"conv1.weight": (c2, a.in_chans, 7, 7)} if a.stem_type == "" else {**deep, "conv1.6.weight": (c2, c1, 3, 3)}) | batchnorm_shapes("bn1", c2)
         for s in range(STAGES):
             mid, o = a.mid(s), a.out(s)
             for i in range(a.depth[s]):
                 b, cin = f"layer{s + 1}.{i}.", (a.stem_out if s == 0 else a.out(s - 1)) if i == 0 else o
-                if a.block == "basic":
-                    out |= {b + "conv1.weight": (mid, cin, 3, 3), **_bn(b + "bn1", mid), b + "conv2.weight": (o, mid, 3, 3), **_bn(b + "bn2", o)}
-                else:
-                    out |= {b + "conv1.weight": (mid, cin, 1, 1), **_bn(b + "bn1", mid), b + "conv2.weight": (mid, mid, 3, 3), **_bn(b + "bn2", mid),
-                            b + "conv3.weight": (o, mid, 1, 1), **_bn(b + "bn3", o)}
-                if i == 0 and a.has_downsample(s):
-                    # timm's average-pool shortcut (avg_down) is pool, 1×1 conv, BatchNorm; otherwise conv, BatchNorm,
-                    # 1×1 where the stage does not stride (stage 1)
+                convs = [(mid, cin, 3), (o, mid, 3)] if a.block == "basic" else [(mid, cin, 1), (mid, mid, 3), (o, mid, 1)]
+                for j, (co, ci, k) in enumerate(convs, 1):
+                    out |= {f"{b}conv{j}.weight": (co, ci, k, k), **batchnorm_shapes(f"{b}bn{j}", co)}
+                if i == 0 and a.has_downsample(s):  # avg_down: pool, 1×1 conv, BN; else conv (1×1 in stage 1: no stride), BN
                     conv, bn, k = (1, 2, 1) if a.avg_down else (0, 1, a.down_kernel_size if s else 1)
-                    out |= {f"{b}downsample.{conv}.weight": (o, cin, k, k), **_bn(f"{b}downsample.{bn}", o)}
+                    out |= {f"{b}downsample.{conv}.weight": (o, cin, k, k), **batchnorm_shapes(f"{b}downsample.{bn}", o)}
         return out | ({"fc.weight": (a.num_classes, a.out(STAGES - 1)), "fc.bias": (a.num_classes,)} if a.num_classes > 0 else {})
 
     # ------------------------------------------------------------------ structure
@@ -555,11 +548,6 @@ class ResNetAdapter(TimmFamily):
             over = {t: n for t, n in counts.items() if n > limits[t]}
         if over:
             raise ValueError(f"templates.count {over} exceeds the full rank of {p}×{p} templates (conv3x3 {limits['conv3x3']}, conv1x1 {limits['conv1x1']})")
-
-
-def _bn(name: str, channels: int) -> dict[str, tuple[int, ...]]:
-    """A BatchNorm's state: scale, shift, running statistics and its (scalar) batch counter."""
-    return {f"{name}.{leaf}": (channels,) for leaf in BN_STATS} | {f"{name}.num_batches_tracked": ()}
 
 
 def _bn_axes(leaf: str, name: str) -> list[Axis] | None:
