@@ -10,6 +10,10 @@ Variants, each repeat in a fresh subprocess (torch.set_num_threads(1), float32, 
   write        safetensors.torch.save_file of the same tensors, already in memory: the write limit.
   write+fsync  the same, then fsync: the write limit for a durable file (materialize fsyncs).
 
+With --end-to-end the whole process is timed instead, spawn to exit, imports included (what a user
+waits for): `python -m weit_cli.cli materialize BUNDLE -o OUT` against a process that imports timm,
+creates vit_base_patch16_224 and saves it with safetensors; OMP_NUM_THREADS=1 for both.
+
 The bundle (random templates p = q = 64, N per type from --num-templates, random scalers, small
 parameters of a randomly initialised vit_base_patch16_224) is built once, before anything is timed.
 
@@ -138,6 +142,55 @@ def run_child(variant: str, bundle: Path, workdir: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+E2E = ("weit materialize", "timm create+save")
+TIMM_SAVE = (
+    "import sys, torch, timm; from safetensors.torch import save_file; torch.set_num_threads(1); "
+    "save_file(timm.create_model('vit_base_patch16_224', pretrained=False).state_dict(), sys.argv[1])"
+)
+
+
+def run_process(variant: str, bundle: Path, workdir: Path) -> float:
+    """Wall time of one whole process of `variant` (E2E), imports included."""
+    out = workdir / "e2e.safetensors"
+    cmd = {
+        "weit materialize": [sys.executable, "-m", "weit_cli.cli", "materialize", str(bundle), "-o", str(out), "--force"],
+        "timm create+save": [sys.executable, "-c", TIMM_SAVE, str(out)],
+    }[variant]
+    os.sync()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, check=False)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{proc.stderr}")
+    out.unlink(missing_ok=True)
+    return seconds
+
+
+def end_to_end(args) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="weit-bench-", dir=args.workdir))
+    load_before = os.getloadavg()[0]
+    try:
+        bundle = workdir / "bundle.safetensors"
+        build_bundle(bundle, args.num_templates, args.seed)
+        times: dict[str, list[float]] = {v: [] for v in E2E}
+        for r in range(args.repeats):
+            for v in E2E[r % 2 :] + E2E[: r % 2]:
+                times[v].append(run_process(v, bundle, workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    ratio = med["weit materialize"] / med["timm create+save"]
+    report = {"seconds_median": med, "seconds_all": {v: [round(x, 2) for x in t] for v, t in times.items()}, "ratio": ratio,
+              "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"ViT-B/16, bundle N={args.num_templates}, whole processes, {args.repeats} repeats\n| process | median (s) | min (s) |\n|---|---|---|")
+    for v, t in times.items():
+        print(f"| {v} | {med[v]:.2f} | {min(t):.2f} |")
+    print(f"weit materialize / timm create+save: {ratio:.2f} (target <= 0.5); load average (1 min) before, after: {report['load_average_1min']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5, help="fresh subprocesses per variant (median reported)")
@@ -145,12 +198,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None, help="where files are written (default: a temp folder)")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    ap.add_argument("--end-to-end", action="store_true", help="time whole processes (imports included): weit materialize vs timm create+save")
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.bundle, args.out)))
+        return
+    if args.end_to_end:
+        end_to_end(args)
         return
 
     load_before = os.getloadavg()[0]

@@ -16,7 +16,8 @@ PACKAGE = Path(weit_cli.__file__).parent
 
 
 # ============================================================================ families own their names
-# Only a family's own module (weit_cli/arch/<family>.py) and the registry may name a family — in code,
+# Only a family's own modules (weit_cli/arch/<family>.py and its private weit_cli/arch/_<family>_*.py,
+# e.g. the torch side kept apart from the torch-free family module) and the registry may name a family — in code,
 # strings, docstrings or comments. Anything else reaches a family through the registry and the
 # Adapter interface, so adding a family touches no other module.
 
@@ -44,7 +45,8 @@ def _allowed(path: Path) -> bool:
     from weit_cli.arch._registry import family_modules
 
     rel = path.relative_to(PACKAGE.parent).with_suffix("").as_posix().replace("/", ".")
-    return rel in family_modules() or rel == "weit_cli.arch._registry"
+    private = tuple(f"weit_cli.arch._{m.rsplit('.', 1)[1]}_" for m in family_modules())
+    return rel in family_modules() or rel == "weit_cli.arch._registry" or rel.startswith(private)
 
 
 def _mentions(path: Path, pattern: re.Pattern) -> list[str]:

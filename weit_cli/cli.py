@@ -338,6 +338,7 @@ def pretrain(
 def inspect(
     file: Annotated[Path, typer.Argument(help="A bundle, scalers file, or dense checkpoint.")],
     full: Annotated[bool, typer.Option("--full", help="Every provenance field as its own row (the resolved recipe too).")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Also read every tensor and check its values (without it a bundle or scalers file is answered from its header).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Show a file's kind, metadata, architecture, templates, parameter counts and where it came from."""
@@ -345,7 +346,7 @@ def inspect(
     def go():
         from weit_cli.commands.inspect import inspect as insp
 
-        return insp(file)
+        return insp(file, check=check)
 
     def render(r):
         rows = [(k, r[k]) for k in ("kind", "description") if r.get(k)]
@@ -354,7 +355,7 @@ def inspect(
         if r.get("nested"):
             rows.append(("nested sizes", r["nested"]))
         rows += [(f"params {k}", _human(v)) for k, v in r.get("params", {}).items()]
-        for k in ("weit_format", "weit_version", "kron_order", "sha256", "bundle_sha256", "producer"):
+        for k in ("weit_format", "weit_version", "kron_order", "sha256", "bundle_sha256", "producer", "check"):
             if r.get(k):
                 rows.append((k, r[k]))
         for name, content in (r.get("companion_files") or {}).items():

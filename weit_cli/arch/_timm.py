@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from functools import cached_property
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from weit_cli.arch.base import Adapter
 from weit_cli.io.export import Exporter, TimmLocalDir
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class TimmFamily(Adapter):

@@ -12,11 +12,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from torch import Tensor, nn
-
 from weit_cli.core.resize import Axis, ZeroRuns
 
 if TYPE_CHECKING:
+    from torch import Tensor, nn
+
     from weit_cli.section import Section
 
 
@@ -107,6 +107,12 @@ class Adapter(ABC):
     @abstractmethod
     def build(self, arch) -> nn.Module:
         """The freshly initialised module of `arch` (its library's own initialisation)."""
+
+    @abstractmethod
+    def state_shapes(self, arch) -> dict[str, tuple[int, ...]]:
+        """Every key of `arch`'s state dict with its shape, in the module's order, from the family's
+        own layout (no module built, no library imported): the truth every file check compares with.
+        tests/test_state_shapes.py holds it to the library's own module over many architectures."""
 
     @abstractmethod
     def describe(self, arch) -> str:
@@ -282,6 +288,11 @@ def check_head_sizes(depth: int, width: int, head_dim: int, p: int, num_heads: i
             f"--num-heads {num_heads} gives head_dim {width / num_heads:g}, but the templates fix head_dim at {head_dim}",
             f"use --num-heads {width // head_dim} or leave it out",
         )
+
+
+def batchnorm_shapes(name: str, channels: int) -> dict[str, tuple[int, ...]]:
+    """A BatchNorm's state dict (`state_shapes`): scale, shift, running statistics, scalar batch counter."""
+    return {f"{name}.{leaf}": (channels,) for leaf in ("weight", "bias", "running_mean", "running_var")} | {f"{name}.num_batches_tracked": ()}
 
 
 def check_param_count(adapter: Adapter, arch, what: str) -> None:

@@ -40,11 +40,9 @@ import math
 import re
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
-from torch import Tensor, nn
 
 from weit_cli.arch._registry import register
 from weit_cli.arch.base import (
@@ -63,6 +61,9 @@ from weit_cli.core.selection import evenly_spaced, head_aligned
 from weit_cli.errors import InputError, WeitError
 from weit_cli.io.export import Exporter, TransformersFolder
 from weit_cli.section import Section
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 BLOCK = r"encoder\.h\.\d+\."
 TEMPLATED = {
@@ -316,6 +317,21 @@ class DecisionTransformerAdapter(KeyTables, Adapter):
     def exporter(self) -> Exporter:
         return TransformersFolder(self.transformers_config, CONFIG_CLASS)
 
+    def state_shapes(self, a: DecisionTransformerArch) -> dict[str, tuple[int, ...]]:
+        """transformers' keys; GPT-2's blocks use Conv1D, which stores (in, out)."""
+        d, h, s, act = a.width, a.inner, a.state_dim, a.act_dim
+        out: dict[str, tuple[int, ...]] = {"encoder.wte.weight": (1, d), "encoder.wpe.weight": (a.n_positions, d)}
+        for i in range(a.depth):
+            b = f"encoder.h.{i}."
+            out |= {b + "ln_1.weight": (d,), b + "ln_1.bias": (d,), b + "attn.c_attn.weight": (d, 3 * d), b + "attn.c_attn.bias": (3 * d,),
+                    b + "attn.c_proj.weight": (d, d), b + "attn.c_proj.bias": (d,), b + "ln_2.weight": (d,), b + "ln_2.bias": (d,),
+                    b + "mlp.c_fc.weight": (d, h), b + "mlp.c_fc.bias": (h,), b + "mlp.c_proj.weight": (h, d), b + "mlp.c_proj.bias": (d,)}
+        out |= {"encoder.ln_f.weight": (d,), "encoder.ln_f.bias": (d,), "embed_timestep.weight": (a.max_ep_len, d),
+                "embed_return.weight": (d, 1), "embed_return.bias": (d,), "embed_state.weight": (d, s), "embed_state.bias": (d,),
+                "embed_action.weight": (d, act), "embed_action.bias": (d,), "embed_ln.weight": (d,), "embed_ln.bias": (d,)}
+        return out | {"predict_state.weight": (s, d), "predict_state.bias": (s,), "predict_action.0.weight": (act, d),
+                      "predict_action.0.bias": (act,), "predict_return.weight": (1, d), "predict_return.bias": (1,)}
+
     def describe(self, arch: DecisionTransformerArch) -> str:
         return (
             f"Decision Transformer depth {arch.depth}, width {arch.width}, {arch.num_heads} heads, mlp ×{arch.mlp_ratio:g}, "
@@ -354,6 +370,8 @@ class DecisionTransformerAdapter(KeyTables, Adapter):
 
     # ------------------------------------------------------------------ weight selection
     def selection_indices(self, src: DecisionTransformerArch, dst: DecisionTransformerArch) -> dict[str, Tensor]:
+        import torch
+
         check_selection_same(src, dst, ("state_dim", "act_dim", "activation", "action_tanh", "scale_attn_weights"),
                              "select from a checkpoint trained on the same environment, with the same activation and action squashing")
         problems = []

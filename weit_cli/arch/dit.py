@@ -38,11 +38,9 @@ import math
 import re
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field, model_validator
-from torch import Tensor, nn
 
 from weit_cli.arch._registry import register
 from weit_cli.arch.base import (
@@ -61,6 +59,9 @@ from weit_cli.core.selection import evenly_spaced, head_aligned
 from weit_cli.errors import InputError, WeitError
 from weit_cli.io.export import DiffusersFolder
 from weit_cli.section import Section
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 CLASS_NAME = "DiTTransformer2DModel"
 B = r"transformer_blocks\.\d+\."
@@ -293,15 +294,38 @@ class DiTAdapter(KeyTables, Adapter):
         """diffusers' module with its own label dropout off (see `DiTDenoiser`)."""
         from diffusers import DiTTransformer2DModel
 
-        return _no_label_dropout(DiTTransformer2DModel(**arch.model_args()))
+        from weit_cli.arch._dit_module import no_label_dropout
+
+        return no_label_dropout(DiTTransformer2DModel(**arch.model_args()))
 
     def apply(self, call, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """(x_t, t, y) → ε: diffusers' `.sample`, its first `in_channels` channels when the model
         predicts a learned variance too (out_channels = 2·in, as facebook's checkpoints)."""
-        return _eps(call, x, t, y)
+        from weit_cli.arch._dit_module import eps
+
+        return eps(call, x, t, y)
 
     def task_forward(self, module: nn.Module) -> nn.Module:
+        from weit_cli.arch._dit_module import DiTDenoiser
+
         return DiTDenoiser(module)
+
+    def state_shapes(self, a: DiTArch) -> dict[str, tuple[int, ...]]:
+        """diffusers' keys; its LayerNorms carry no weights (`norm_elementwise_affine` False) and
+        the position code is a non-persistent buffer."""
+        d, h, pp = a.width, a.hidden, a.patch_size**2
+        out: dict[str, tuple[int, ...]] = {"pos_embed.proj.weight": (d, a.in_channels, a.patch_size, a.patch_size), "pos_embed.proj.bias": (d,)}
+        for i in range(a.depth):
+            b, t = f"transformer_blocks.{i}.", f"transformer_blocks.{i}.norm1.emb."
+            out |= {t + "timestep_embedder.linear_1.weight": (d, TIME_CHANNELS), t + "timestep_embedder.linear_1.bias": (d,),
+                    t + "timestep_embedder.linear_2.weight": (d, d), t + "timestep_embedder.linear_2.bias": (d,),
+                    t + "class_embedder.embedding_table.weight": (a.num_classes + 1, d),  # + the "no class" row
+                    b + "norm1.linear.weight": (MODULATION * d, d), b + "norm1.linear.bias": (MODULATION * d,)}
+            for m in ("to_q", "to_k", "to_v", "to_out.0"):
+                out |= {f"{b}attn1.{m}.weight": (d, d), f"{b}attn1.{m}.bias": (d,)}
+            out |= {b + "ff.net.0.proj.weight": (h, d), b + "ff.net.0.proj.bias": (h,), b + "ff.net.2.weight": (d, h), b + "ff.net.2.bias": (d,)}
+        return out | {"proj_out_1.weight": (2 * d, d), "proj_out_1.bias": (2 * d,),
+                      "proj_out_2.weight": (pp * a.out_channels, d), "proj_out_2.bias": (pp * a.out_channels,)}
 
     def describe(self, arch: DiTArch) -> str:
         return (
@@ -357,6 +381,8 @@ class DiTAdapter(KeyTables, Adapter):
 
     # ------------------------------------------------------------------ weight selection
     def selection_indices(self, src: DiTArch, dst: DiTArch) -> dict[str, Tensor]:
+        import torch
+
         check_selection_same(src, dst, ("sample_size", "patch_size", "in_channels", "out_channels", "num_classes"),
                              "select from a DiT of the same image format and classes")
         problems = []
@@ -411,42 +437,6 @@ class DiTAdapter(KeyTables, Adapter):
             raise ValueError(f"templates.count {over} exceeds {limit} = size² (the most {p}×{p} templates can span)")
 
 
-def _no_label_dropout(model: nn.Module) -> nn.Module:
-    from diffusers.models.embeddings import LabelEmbedding
-
-    for m in model.modules():
-        if isinstance(m, LabelEmbedding):
-            m.dropout_prob = 0.0
-    return model
-
-
-class DiTDenoiser(nn.Module):
-    """(x_t, t, y) → ε for a diffusers `DiTTransformer2DModel` (`DiTAdapter.apply`).
-
-    Turns diffusers' own label dropout off (`LabelEmbedding.dropout_prob = 0`, an attribute, not a
-    weight or a config entry). In train mode diffusers drops labels with the global, unseeded RNG,
-    and independently in every block's embedder and again in the output layer's (block 0's), so one
-    image would be conditioned on its class in some blocks and on 'no class' in others. The
-    generation task drops labels itself, once per image, from its generator
-    (tasks/diffusion.noised). The null row of the table stays: `null_class` still selects it. With
-    `out_channels` = 2·in (a learned variance) weit trains the ε half only; the other half then
-    gets no gradient."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = _no_label_dropout(model)
-        self.in_channels = int(model.config.in_channels)
-        self.num_classes = int(model.config.num_embeds_ada_norm)
-
-    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        return _eps(self.model, x, t, y)
-
-
-def _eps(call, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-    out = call(x, timestep=t, class_labels=y).sample
-    return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
-
-
 def _one_size(hints: dict[str, Any]) -> int:
     """The sample size: the config's `sample_size` or the --img-size option; they must agree. The
     weights do not say it (the position code is not stored)."""
@@ -459,3 +449,12 @@ def _one_size(hints: dict[str, Any]) -> int:
     if not given:
         raise InputError("cannot tell the sample size of a DiT from its weights (its position code is not stored)", "pass --img-size, or keep the config.json beside the weights")
     return next(iter(given.values()))
+
+
+def __getattr__(name: str) -> Any:
+    """`DiTDenoiser` lives in `_dit_module` (an `nn.Module`: importing this family needs no torch)."""
+    if name == "DiTDenoiser":
+        from weit_cli.arch._dit_module import DiTDenoiser
+
+        return DiTDenoiser
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

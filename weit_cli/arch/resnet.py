@@ -24,10 +24,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
-from torch import Tensor
 
 from weit_cli.arch._registry import register
 from weit_cli.arch._timm import TimmFamily
@@ -35,6 +34,7 @@ from weit_cli.arch.base import (
     Hints,
     LayerGroup,
     TemplateType,
+    batchnorm_shapes,
     check_param_count,
     check_selection_same,
     check_selection_smaller,
@@ -43,6 +43,9 @@ from weit_cli.core.resize import Axis
 from weit_cli.core.selection import evenly_spaced
 from weit_cli.errors import InputError, WeitError
 from weit_cli.section import Section
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 STAGES = 4  # timm's ResNet always has layer1..layer4
 BLOCKS = ("basic", "bottleneck")
@@ -374,6 +377,22 @@ class ResNetAdapter(TimmFamily):
             f"ResNet ({arch.block}) blocks {_fmt(arch.depth)}, channels {_fmt(arch.width)}, {stem}, "
             f"{arch.img_size}px×{arch.in_chans}ch, {arch.num_classes} classes"
         )
+
+    def state_shapes(self, a: ResNetArch) -> dict[str, tuple[int, ...]]:
+        c0, c1, c2 = a.stem_chs
+        deep = {"conv1.0.weight": (c0, a.in_chans, 3, 3), **batchnorm_shapes("conv1.1", c0), "conv1.3.weight": (c1, c0, 3, 3), **batchnorm_shapes("conv1.4", c1)}
+        out = ({"conv1.weight": (c2, a.in_chans, 7, 7)} if a.stem_type == "" else {**deep, "conv1.6.weight": (c2, c1, 3, 3)}) | batchnorm_shapes("bn1", c2)
+        for s in range(STAGES):
+            mid, o = a.mid(s), a.out(s)
+            for i in range(a.depth[s]):
+                b, cin = f"layer{s + 1}.{i}.", (a.stem_out if s == 0 else a.out(s - 1)) if i == 0 else o
+                convs = [(mid, cin, 3), (o, mid, 3)] if a.block == "basic" else [(mid, cin, 1), (mid, mid, 3), (o, mid, 1)]
+                for j, (co, ci, k) in enumerate(convs, 1):
+                    out |= {f"{b}conv{j}.weight": (co, ci, k, k), **batchnorm_shapes(f"{b}bn{j}", co)}
+                if i == 0 and a.has_downsample(s):  # avg_down: pool, 1×1 conv, BN; else conv (1×1 in stage 1: no stride), BN
+                    conv, bn, k = (1, 2, 1) if a.avg_down else (0, 1, a.down_kernel_size if s else 1)
+                    out |= {f"{b}downsample.{conv}.weight": (o, cin, k, k), **batchnorm_shapes(f"{b}downsample.{bn}", o)}
+        return out | ({"fc.weight": (a.num_classes, a.out(STAGES - 1)), "fc.bias": (a.num_classes,)} if a.num_classes > 0 else {})
 
     # ------------------------------------------------------------------ structure
     def template_types(self, arch: ResNetArch, template_size: int | None = None) -> dict[str, TemplateType]:

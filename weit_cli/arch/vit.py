@@ -24,11 +24,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field, model_validator
-from torch import Tensor
 
 from weit_cli.arch._registry import register
 from weit_cli.arch._timm import TimmFamily
@@ -46,6 +44,9 @@ from weit_cli.core.resize import Axis
 from weit_cli.core.selection import evenly_spaced, head_aligned
 from weit_cli.errors import InputError, WeitError
 from weit_cli.section import Section
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 TEMPLATED = {
     "qkv": r"blocks\.\d+\.attn\.qkv\.weight",
@@ -251,6 +252,21 @@ class ViTAdapter(KeyTables, TimmFamily):
         embed = d * a.in_chans * a.patch_size**2 + d + tokens * d + d * int(a.class_token)
         return a.depth * block + embed + 2 * d + a.num_classes * (d + 1)
 
+    def state_shapes(self, a: ViTArch) -> dict[str, tuple[int, ...]]:
+        d, h = a.width, a.hidden
+        tokens = (a.img_size // a.patch_size) ** 2 + int(a.class_token)
+        out: dict[str, tuple[int, ...]] = {"cls_token": (1, 1, d)} if a.class_token else {}
+        out |= {"pos_embed": (1, tokens, d), "patch_embed.proj.weight": (d, a.in_chans, a.patch_size, a.patch_size), "patch_embed.proj.bias": (d,)}
+        for i in range(a.depth):
+            b = f"blocks.{i}."
+            out |= {b + "norm1.weight": (d,), b + "norm1.bias": (d,), b + "attn.qkv.weight": (3 * d, d)}
+            out |= {b + "attn.qkv.bias": (3 * d,)} if a.qkv_bias else {}
+            out |= {b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,), b + "norm2.weight": (d,), b + "norm2.bias": (d,)}
+            out |= {b + "mlp.fc1.weight": (h, d), b + "mlp.fc1.bias": (h,), b + "mlp.fc2.weight": (d, h), b + "mlp.fc2.bias": (d,)}
+        norm = "fc_norm" if a.global_pool == "avg" else "norm"  # timm's final norm moves after an average pool
+        out |= {f"{norm}.weight": (d,), f"{norm}.bias": (d,)}
+        return out | ({"head.weight": (a.num_classes, d), "head.bias": (a.num_classes,)} if a.num_classes > 0 else {})
+
     def timm_architecture(self, arch: ViTArch) -> str:
         return TIMM_ARCHITECTURE
 
@@ -302,6 +318,8 @@ class ViTAdapter(KeyTables, TimmFamily):
 
     # ------------------------------------------------------------------ weight selection
     def selection_indices(self, src: ViTArch, dst: ViTArch) -> dict[str, Tensor]:
+        import torch
+
         check_selection_same(src, dst, ("img_size", "patch_size", "in_chans", "class_token", "global_pool", "qkv_bias"),
                              "select from a checkpoint of the same patch grid and input format")
         problems = []

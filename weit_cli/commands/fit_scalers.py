@@ -27,10 +27,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any
 
 from weit_cli.core.bundle import (
     COMPANIONS,
@@ -50,7 +47,9 @@ from weit_cli.io.files import (
     save_tensors,
 )
 from weit_cli.options import FIT_SCALERS, SEED
-from weit_cli.training.nested import composed_forward
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 
 def fit_scalers(
@@ -88,10 +87,6 @@ def fit_scalers(
     from weit_cli.core.bundle import plan_target
     from weit_cli.io.files import sha256
     from weit_cli.tasks._registry import task_for
-    from weit_cli.training.batches import Batches
-    from weit_cli.training.dist import resolve_device, seed_everything
-    from weit_cli.training.loop import Loop, Plan, check_resume
-    from weit_cli.training.optim import adamw, lr_at
 
     out = Path(out)
     ckpt = checkpoint_for(out)
@@ -114,6 +109,16 @@ def fit_scalers(
         raise WeitError(f"--warmup must be 0 or more steps, got {warmup}", "e.g. --warmup 20")
     if checkpoint_every < 0:
         raise WeitError(f"--checkpoint-every must be 0 (never) or more steps, got {checkpoint_every}", f"e.g. --checkpoint-every {FIT_SCALERS.checkpoint_every}")
+    # the options are checked: now torch and the training code
+    import torch
+    from torch import nn
+
+    from weit_cli.training.batches import Batches
+    from weit_cli.training.dist import resolve_device, seed_everything
+    from weit_cli.training.loop import Loop, Plan, check_resume
+    from weit_cli.training.nested import composed_forward
+    from weit_cli.training.optim import adamw, lr_at
+
     check_resume(ckpt, resume, force)
     dev = resolve_device(device)
 
@@ -286,20 +291,24 @@ def fit_scalers(
     }
 
 
-@torch.no_grad()
 def _recalibrate(module: nn.Module, sized: Bundle, small: dict[str, Tensor], splits, batches: int, batch_size: int, seed: int, dev) -> str:
     """Re-estimate the fitted model's BatchNorm statistics on the fitting data; updates `small` in place."""
+    import torch
+
     from weit_cli.training.calibrate import recalibrate_bn, recalibrated
 
-    stats, used = recalibrated(
-        module, sized.state_dict(), lambda m: recalibrate_bn(m, splits.train, batches, max(2, batch_size), seed=seed, device=dev),
-    )
+    with torch.no_grad():
+        stats, used = recalibrated(
+            module, sized.state_dict(), lambda m: recalibrate_bn(m, splits.train, batches, max(2, batch_size), seed=seed, device=dev),
+        )
     small.update({k: stats[k] for k in small if k in stats})
     module.train()
     return f"recalibrated on the fitting data ({used['batches']} batches, {used['images']} images, seed {seed})"
 
 
 def _fresh_head(adapter, arch, seed: int, dev: torch.device) -> dict[str, nn.Parameter]:
+    from torch import nn
+
     from weit_cli.core.selection import random_init
 
     fresh = random_init(adapter, arch, seed)

@@ -10,6 +10,9 @@ from weit_cli.arch._registry import detect_family, get_adapter
 from weit_cli.core.bundle import (
     COMPANIONS,
     Bundle,
+    Shaped,
+    bundle_header,
+    header_tensors,
     load_bundle,
     read_companions,
     tensor_problems,
@@ -21,58 +24,85 @@ from weit_cli.io.files import (
     load_dense,
     load_weit,
     read_header,
+    sha256,
     weights_file,
+    weit_header,
 )
 
+#: What `--check` adds to the answer from the header, which checks the layout already.
+CHECKED = "passed: {n} tensors read, their shapes those of the architecture, every value finite"
 
-def inspect(path: Path) -> dict[str, Any]:
+
+def inspect(path: Path, check: bool = False) -> dict[str, Any]:
+    """What a file holds. A bundle or scalers file answers from its safetensors header alone (kind,
+    architecture, templates, tensor layout, parameter counts: no tensor read, no torch); `check`
+    also reads every tensor and checks its values, as materialize and fit-scalers do before use."""
     path = Path(path)
     if path.is_dir() or (path.suffix != ".safetensors" and path.exists()):  # a timm folder, a torch file
-        return _inspect_dense(path)
+        return _inspect_dense(path, check)
     header = read_header(path)
     meta = dict(header.get("__metadata__") or {})
     kind = meta.get("kind")
     if kind == KIND_TEMPLATES:
-        b, bsha = load_bundle(path)
-        return {
-            "path": str(path),
-            "kind": kind,
-            "sha256": bsha,
-            "weit_format": meta.get("weit_format"),
-            "weit_version": meta.get("weit_version"),
-            "kron_order": meta.get("kron_order"),
-            "architecture": b.arch.to_dict(),
-            "description": b.adapter.describe(b.arch),
-            "nested": b.extra.get("nested"),
-            "templates": {t: list(v.shape) for t, v in b.templates.items()},
-            "params": b.param_counts(),
-            "provenance": b.extra.get("provenance", {}),
-            **_companions(b.extra.get(COMPANIONS)),
-        }
+        return _inspect_bundle(path, meta, check)
     if kind == KIND_SCALERS:
-        tensors, meta = load_weit(path, KIND_SCALERS)
-        try:
-            arch_d = json.loads(meta["architecture"])
-            adapter = get_adapter(arch_d["family"])
-        except (KeyError, ValueError, TypeError):
-            raise InputError(f"{path} has no usable architecture record", "the file was not written by this weit") from None
-        arch = adapter.arch_from_dict(arch_d)
-        _check_scalers(path, tensors, meta, adapter, arch)
-        return {
-            "path": str(path),
-            "kind": kind,
-            "weit_format": meta.get("weit_format"),
-            "weit_version": meta.get("weit_version"),
-            "bundle_sha256": meta.get("bundle_sha256"),
-            "architecture": arch.to_dict(),
-            "description": adapter.describe(arch),
-            "params": {"scalers+small": sum(v.numel() for v in tensors.values())},
-            "provenance": json.loads(meta.get("provenance", "{}")),
-            **_companions(read_companions(meta, str(path))),
-        }
+        return _inspect_scalers(path, check)
     if kind:
         raise InputError(f"{path} is of unknown kind '{kind}'", "this weit reads weit.templates and weit.scalers")
-    return _inspect_dense(path)
+    return _inspect_dense(path, check)
+
+
+def _inspect_bundle(path: Path, meta: dict[str, str], check: bool) -> dict[str, Any]:
+    b = bundle_header(path)
+    out = {
+        "path": str(path),
+        "kind": KIND_TEMPLATES,
+        "sha256": sha256(path),
+        "weit_format": meta.get("weit_format"),
+        "weit_version": meta.get("weit_version"),
+        "kron_order": meta.get("kron_order"),
+        "architecture": b.arch.to_dict(),
+        "description": b.adapter.describe(b.arch),
+        "nested": b.extra.get("nested"),
+        "templates": {t: list(v.shape) for t, v in b.templates.items()},
+        "params": b.param_counts(),
+        "provenance": b.extra.get("provenance", {}),
+        **_companions(b.extra.get(COMPANIONS)),
+    }
+    if check:
+        full, _ = load_bundle(path)
+        out["check"] = CHECKED.format(n=len(full.templates) + len(full.scalers) + len(full.small))
+    return out
+
+
+def _inspect_scalers(path: Path, check: bool) -> dict[str, Any]:
+    header = weit_header(path, KIND_SCALERS)
+    meta = dict(header.get("__metadata__") or {})
+    try:
+        arch_d = json.loads(meta["architecture"])
+        adapter = get_adapter(arch_d["family"])
+    except (KeyError, ValueError, TypeError):
+        raise InputError(f"{path} has no usable architecture record", "the file was not written by this weit") from None
+    arch = adapter.arch_from_dict(arch_d)
+    tensors = header_tensors(header, str(path))
+    _check_scalers(path, tensors, meta, adapter, arch)
+    out = {
+        "path": str(path),
+        "kind": KIND_SCALERS,
+        "weit_format": meta.get("weit_format"),
+        "weit_version": meta.get("weit_version"),
+        "bundle_sha256": meta.get("bundle_sha256"),
+        "architecture": arch.to_dict(),
+        "description": adapter.describe(arch),
+        "params": {"scalers+small": sum(v.numel() for v in tensors.values())},
+        "provenance": json.loads(meta.get("provenance", "{}")),
+        **_companions(read_companions(meta, str(path))),
+    }
+    if check:
+        full, meta = load_weit(path, KIND_SCALERS)
+        _check_scalers(path, full, meta, adapter, arch)
+        out["check"] = CHECKED.format(n=len(full))
+    return out
 
 
 def _companions(files: dict[str, Any] | None) -> dict[str, Any]:
@@ -82,15 +112,10 @@ def _companions(files: dict[str, Any] | None) -> dict[str, Any]:
 
 def _check_scalers(path: Path, tensors: dict[str, Any], meta: dict[str, str], adapter: Any, arch: Any) -> None:
     """The checks `materialize --scalers` makes, without the bundle: its templates stand in as
-    shapes on the meta device, from the file's own `templates` record."""
-    import torch
-
+    shapes, from the file's own `templates` record."""
     try:
         record = json.loads(meta["templates"])
-        templates = {
-            t: torch.empty(int(r["count"]), int(r["p"]), int(r["q"]), *map(int, r["kernel"]), device="meta")
-            for t, r in record.items()
-        }
+        templates = {t: Shaped((int(r["count"]), int(r["p"]), int(r["q"]), *map(int, r["kernel"])), "F32") for t, r in record.items()}
     except (KeyError, ValueError, TypeError, AttributeError):
         raise InputError(f"{path} has no usable templates record", "the file is damaged; fit anew") from None
     scalers = {k[len("scalers.") :]: v for k, v in tensors.items() if k.startswith("scalers.")}
@@ -106,7 +131,9 @@ def _check_scalers(path: Path, tensors: dict[str, Any], meta: dict[str, str], ad
         )
 
 
-def _inspect_dense(path: Path) -> dict[str, Any]:
+def _inspect_dense(path: Path, check: bool = False) -> dict[str, Any]:
+    """A dense checkpoint is read whole (its family is told from its keys), so `check` adds nothing
+    to what loading it checks already (readable, every value finite)."""
     state, hints = load_dense(path)
     try:
         adapter = detect_family(state.keys())
@@ -123,6 +150,7 @@ def _inspect_dense(path: Path) -> dict[str, Any]:
         "tensors": len(state),
         "params": {"dense": sum(v.numel() for v in state.values())},
         **_written_by(path),
+        **({"check": f"passed: {len(state)} tensors read, every value finite"} if check else {}),
     }
 
 

@@ -9,8 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from weit_cli.core.bundle import Bundle, load_bundle, load_scalers, plan_target, resize
 from weit_cli.core.resize import check_rules
 from weit_cli.errors import WeitError
@@ -18,7 +16,7 @@ from weit_cli.io.export import exporter_for, write_model
 from weit_cli.io.files import check_output, one_thread, read_header, sha256
 from weit_cli.options import MATERIALIZE, SEED
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # torch's names: torch is imported once the arguments are checked
 
 
 def materialize(
@@ -53,8 +51,10 @@ def materialize(
             f"--calibrate needs at least 1 batch of 2 or more images, got {calibrate_batches} × {calibrate_batch_size}",
             "pass --calibrate-batches 1 or more and --calibrate-batch-size 2 or more",
         )
-    bundle, bsha = load_bundle(bundle_path)
+    bundle, bsha = load_bundle(bundle_path)  # a missing or foreign file is refused before torch is imported
     target = plan_target(bundle, depth=depth, width=width, mlp_ratio=mlp_ratio, num_heads=num_heads, num_classes=num_classes)
+    import torch
+
     if scalers is not None:
         sized = load_scalers(scalers, bundle, bsha, target)
     else:
@@ -81,7 +81,7 @@ def materialize(
         "width_rule": width_rule,
         "bn_statistics": bn_stats,
     }
-    files = write_model(sized, out, DTYPES[dtype], provenance, force)
+    files = write_model(sized, out, getattr(torch, dtype), provenance, force)
     export = exporter_for(sized.adapter, out).summary(target, out)
     return {
         "command": "materialize",
@@ -110,6 +110,8 @@ def _fitted_bn_statistics(path: Path) -> str | None:
 
 def _calibrate(sized: Bundle, source: str, batches: int, batch_size: int, seed: int, progress) -> tuple[Bundle, str]:
     """Re-estimate the BatchNorm running statistics of the materialized model on `source`."""
+    import torch
+
     from weit_cli.data.images import load_data
     from weit_cli.training.calibrate import recalibrate_bn, recalibrated
 

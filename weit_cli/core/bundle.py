@@ -3,16 +3,12 @@ them that every command shares — extraction from a dense model, resizing, comp
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 import weit_cli.core.kron as kron
 from weit_cli.arch._registry import Adapter, get_adapter
@@ -24,7 +20,11 @@ from weit_cli.io.files import (
     base_metadata,
     load_weit,
     sha256,
+    weit_header,
 )
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: `Bundle.extra` key (and metadata key) of the JSON files a model needs beside its weights, name →
 #: content, which `materialize` and `finetune` write into the model's folder (`io/export.write_model`):
@@ -209,11 +209,61 @@ def load_bundle(path: Path) -> tuple[Bundle, str]:
     """Load a template bundle; returns it and its sha256 (scalers files bind to it)."""
     tensors, meta = load_weit(path, KIND_TEMPLATES)
     b = bundle_from_tensors(tensors, meta, str(path))
-    try:
-        b.extra["provenance"] = json.loads(meta.get("provenance", "{}"))
-    except ValueError:
-        b.extra["provenance"] = {}
+    b.extra["provenance"] = _provenance(meta)
     return b, sha256(path)
+
+
+def bundle_header(path: Path) -> Bundle:
+    """A bundle as its safetensors header describes it, its tensors `Shaped` stand-ins: the
+    architecture, templates and layout checked as `load_bundle` checks them, no tensor read (what
+    `weit inspect` shows; the values are read and checked where they are used)."""
+    header = weit_header(path, KIND_TEMPLATES)
+    meta = dict(header.get("__metadata__") or {})
+    b = bundle_from_tensors(header_tensors(header, str(path)), meta, str(path))
+    b.extra["provenance"] = _provenance(meta)
+    return b
+
+
+def _provenance(meta: dict[str, str]) -> dict[str, Any]:
+    try:
+        return json.loads(meta.get("provenance", "{}"))
+    except ValueError:
+        return {}
+
+
+#: safetensors' floating-point dtype names
+_FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+@dataclass(frozen=True)
+class Shaped:
+    """A tensor as a safetensors header lists it: shape and dtype, no values. The layout checks
+    (`tensor_problems`) and the parameter counts take it as they take a tensor, without reading
+    the file's data or importing torch."""
+
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name: F32, BF16, I64, …
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def is_floating_point(self) -> bool:
+        return self.dtype in _FLOATS
+
+
+def header_tensors(header: dict[str, Any], source: str) -> dict[str, Shaped]:
+    """The tensors of a safetensors header (`read_header`), by name in sorted order as
+    safetensors loads them."""
+    out = {}
+    for k in sorted(k for k in header if k != "__metadata__"):
+        try:
+            out[k] = Shaped(tuple(int(d) for d in header[k]["shape"]), str(header[k]["dtype"]))
+        except (TypeError, KeyError, ValueError):
+            raise InputError(f"{source} is not a valid safetensors file (bad entry {k!r})", "the file is corrupt") from None
+    return out
 
 
 def _check_consistent(b: Bundle, source: str, record: dict[str, Any] | None = None) -> None:
@@ -290,20 +340,10 @@ def tensor_problems(b: Bundle, record: dict[str, Any] | None = None) -> list[str
 
 
 def reference_shapes(adapter: Adapter, arch: Any) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes of the module of `arch`, the truth every check compares with. Built on the
-    meta device (no memory; the library's initialisation runs on shapes only: about 0.07 s for an 86M-parameter model) and
-    kept: a materialize at the bundle's own size checks the bundle and the output against one build."""
-    try:
-        return dict(_reference_shapes(adapter, arch))
-    except TypeError:  # an architecture record that cannot be a cache key
-        return dict(_reference_shapes.__wrapped__(adapter, arch))
-
-
-@functools.lru_cache(maxsize=8)
-def _reference_shapes(adapter: Adapter, arch: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    with torch.device("meta"):
-        model = adapter.build(arch)
-    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+    """Keys and shapes of the module of `arch`, the truth every check compares with: the family's
+    own layout (`Adapter.state_shapes`), so no module is built and no model library imported
+    (building an 86M-parameter model on the meta device cost ~3 s of a 7 s materialize, mostly importing its library)."""
+    return dict(adapter.state_shapes(arch))
 
 
 # ---------------------------------------------------------------------------------------------- extraction
@@ -384,6 +424,8 @@ def _natural(k: str):
 
 def resize(b: Bundle, target: Any, depth_rule: str = "auto", width_rule: str = "tile") -> Bundle:
     """The bundle's parameters at `target` size (docs/method.md §4). Differentiable: pretraining uses it too."""
+    import torch
+
     scalers, small = dict(b.scalers), dict(b.small)
     ad = b.adapter
     identity, identity_rows = ad.identity_suffixes(target), ad.identity_rows(target)

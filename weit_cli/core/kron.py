@@ -7,9 +7,10 @@ a×b grid of p×q blocks (times any trailing kernel dims k, for convolutions).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def compose(scalers: Tensor, templates: Tensor, *, out: Tensor | None = None, work: Tensor | None = None) -> Tensor:
@@ -19,6 +20,8 @@ def compose(scalers: Tensor, templates: Tensor, *, out: Tensor | None = None, wo
     least W's number of elements) holds the matmul result: a streaming writer that reuses both for
     every weight avoids page-faulting fresh memory, which costs as much as the matmul itself. Both
     are for no-grad use only."""
+    import torch
+
     n, a, b = scalers.shape
     nt, p, q, *kernel = templates.shape
     if n != nt:
@@ -52,6 +55,8 @@ def extract_shared(weights: list[Tensor], p: int, q: int, num_templates: int) ->
     With N = p·q·k the factorisation is exact. Directions beyond the matrix rank get zero scalers and
     unit-scale templates from the orthogonal complement, so they stay trainable rather than dead.
     """
+    import torch
+
     kernel = tuple(weights[0].shape[2:])
     dim = p * q * math.prod(kernel)
     if not 1 <= num_templates <= dim:
@@ -92,6 +97,8 @@ def extract_shared(weights: list[Tensor], p: int, q: int, num_templates: int) ->
 
 def relative_error(weights: list[Tensor], scalers: list[Tensor], templates: Tensor) -> float:
     """‖W − Σ S⊗T‖_F / ‖W‖_F over all layers of one type."""
+    import torch
+
     num = den = 0.0
     for w, s in zip(weights, scalers):
         w64 = w.to(torch.float64)

@@ -8,12 +8,12 @@ serve pretraining's nested prefixes as well as `materialize`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Literal
 
 from weit_cli.errors import WeitError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 DepthRule = Literal["auto", "prefix", "interp", "stack", "interleave", "identity"]
 WidthRule = Literal["tile", "tile-nodiv"]
@@ -113,6 +113,8 @@ class ZeroRuns:
     zero: tuple[int, ...]
 
     def __call__(self, x: Tensor, dim: int = 0) -> Tensor:
+        import torch
+
         if x.shape[dim] % self.runs:
             raise ValueError(f"dimension {dim} has {x.shape[dim]} entries, not {self.runs} equal runs")
         parts = list(x.split(x.shape[dim] // self.runs, dim))
@@ -123,12 +125,16 @@ class ZeroRuns:
 
 def width_index(old: int, new: int, runs: int = 1) -> Tensor:
     """Target position → source position: prefix when shrinking, cyclic tiling when growing."""
+    import torch
+
     base = torch.arange(new) % old
     return torch.cat([base + r * old for r in range(runs)]) if runs > 1 else base
 
 
 def resize_axis(x: Tensor, dim: int, old: int, new: int, *, runs: int = 1, divide: bool = False) -> Tensor:
     """Resize one dimension holding `runs` runs of `old` units to runs of `new` units."""
+    import torch
+
     if old == new:
         return x
     if x.shape[dim] != runs * old:

@@ -20,16 +20,18 @@ family module's docstring spells out its rule):
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from weit_cli.errors import WeitError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def evenly_spaced(n: int, m: int) -> Tensor:
     """m of n indices, evenly spaced, first one 0 (the reference code's rule)."""
+    import torch
+
     if not 1 <= m <= n:
         raise ValueError(f"cannot select {m} of {n}")
     if n % m == 0:
@@ -85,6 +87,8 @@ def _check_fits(key: str, x: Tensor, ref: Tensor) -> Tensor:
 
 def random_init(adapter, arch: Any, seed: int) -> dict[str, Tensor]:
     """The family's own initialisation at `arch`, reproducible from `seed`."""
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = adapter.build(arch)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from weit_cli.errors import InputError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 CHECKPOINT_FORMAT = "weit.checkpoint.1"
 
@@ -25,6 +26,8 @@ def checkpoint_paths(path: Path) -> tuple[Path, Path]:
 
 
 def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
+    import torch
+
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -40,6 +43,8 @@ def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 
 def set_rng_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    import torch
+
     torch.set_rng_state(tensors["rng.torch"])
     cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
     if cuda and torch.cuda.is_available():
@@ -64,6 +69,8 @@ def save_checkpoint(
     the checkpoint: a kill at any moment leaves the previous checkpoint or this one, whole. The
     `.json` sidecar written after it is a readable copy (it names the tensors file's sha256); a kill
     between the two renames leaves an older sidecar, which loading ignores."""
+    import torch
+
     from weit_cli.io.files import atomic_file, sha256, write_safetensors
 
     tpath, jpath = checkpoint_paths(path)

@@ -14,15 +14,16 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import weit_cli.core.kron as kron
 from weit_cli import __version__
 from weit_cli.core.bundle import COMPANIONS, Bundle, state_problems
 from weit_cli.errors import InputError
 from weit_cli.io.files import atomic_dir, atomic_file, one_thread, write_safetensors
+
+if TYPE_CHECKING:
+    import torch
 
 #: Streams the composed dense weights into one safetensors file at the given path.
 WriteWeights = Callable[[Path], None]
@@ -212,6 +213,8 @@ def exporter_for(adapter, out: Path) -> Exporter:
 
 def write_model(sized: Bundle, out: Path, dtype: torch.dtype, provenance: dict[str, Any], force: bool) -> list[str]:
     """Stream the composed dense weights to `out` in the layout `exporter_for` picks."""
+    import torch
+
     exporter = exporter_for(sized.adapter, out)
     files = sized.extra.get(COMPANIONS) or {}
     meta = {
@@ -252,16 +255,20 @@ class _Streamer:
         self.bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def _buf(self, role: str, dtype: torch.dtype) -> torch.Tensor:
+        import torch
+
         if (role, dtype) not in self.bufs:
             self.bufs[role, dtype] = torch.empty(self.size, dtype=dtype)
         return self.bufs[role, dtype]
 
-    @torch.no_grad()
     def __call__(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        import torch
+
         b = self.b
-        if key in b.small:
-            return b.small[key].to(dtype)
-        s, t = b.scalers[key], b.template_of(key)
-        ct = torch.promote_types(s.dtype, t.dtype)
-        out = self._buf("out", dtype)[: math.prod(b.dense_shape(key))]
-        return kron.compose(s.to(ct), t.to(ct), out=out, work=self._buf("work", ct))
+        with torch.no_grad():
+            if key in b.small:
+                return b.small[key].to(dtype)
+            s, t = b.scalers[key], b.template_of(key)
+            ct = torch.promote_types(s.dtype, t.dtype)
+            out = self._buf("out", dtype)[: math.prod(b.dense_shape(key))]
+            return kron.compose(s.to(ct), t.to(ct), out=out, work=self._buf("work", ct))
