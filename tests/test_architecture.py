@@ -28,9 +28,11 @@ def _family_pattern(names) -> re.Pattern:
     any case, or as a CamelCase part (`NestedViT`), but not inside a word (`activity`, `gravity`)."""
     alternatives = []
     for name in sorted(set(names), key=len, reverse=True):
-        body = re.escape(name)
+        # a name of several words (`decision-transformer`) in every spelling: `decision_transformer`,
+        # `Decision Transformer`, `DecisionTransformerModel`
+        body = r"[-_ ]?".join(re.escape(part) for part in re.split(r"[-_ ]", name))
         alternatives.append(rf"(?<![A-Za-z])(?i:{body})s?(?![a-z])")
-        alternatives.append(rf"(?<=[a-z]){re.escape(name[0].upper())}(?i:{re.escape(name[1:])})s?(?![a-z])")
+        alternatives.append(rf"(?<=[a-z]){re.escape(name[0].upper())}(?i:{body[1:]})s?(?![a-z])")
     return re.compile("|".join(alternatives))
 
 
@@ -87,6 +89,15 @@ def test_family_pattern_finds_names_not_words():
                  "resnet50d", "ResNets", "get_adapter('resnet')", "a timm ResNet", "(ViT: head_dim)"):
         assert p.search(text), text
     for text in ("activity", "gravity", "vitamin", "inevitable", "Revit", "resnetting"):
+        assert not p.search(text), text
+
+
+def test_family_pattern_finds_every_spelling_of_a_name_of_several_words():
+    p = _family_pattern(["decision-transformer", "dit"])
+    for text in ("decision-transformer", "decision_transformer", "DecisionTransformer", "DecisionTransformerModel",
+                 "a Decision Transformer", "transformers' DecisionTransformerModel", "DiTs", "TinyDiT", "DiTDenoiser"):
+        assert p.search(text), text
+    for text in ("decision", "transformer", "a transformers model", "ditto", "audit"):
         assert not p.search(text), text
 
 
