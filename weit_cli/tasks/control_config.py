@@ -6,12 +6,13 @@ config.json as `control_config.json`."""
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from weit_cli.data.envs import env_info
 from weit_cli.data.trajectories import RTG_SCALE
@@ -51,6 +52,36 @@ def control_config(
     return check_control_config(config)
 
 
+class ControlConfig(BaseModel):
+    """The fields a control config must have, and their types (strict: no bool for a number, no
+    string for either, no tuple for a list, no NaN or ±inf); other keys (kind, version, env_id,
+    data) pass through."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    state_dim: int = Field(ge=1)
+    act_dim: int = Field(ge=1)
+    context: int = Field(ge=1)
+    max_ep_len: int = Field(ge=1)
+    state_mean: list[float]
+    state_std: list[float]
+    rtg_scale: float = Field(gt=0)
+    target_return: float | None = None
+
+    @field_validator("state_mean", "state_std")
+    @classmethod
+    def _one_per_state_feature(cls, v: list[float], info: ValidationInfo) -> list[float]:
+        if len(v) != info.data.get("state_dim"):
+            raise PydanticCustomError("length", "one number per state feature")
+        if info.field_name == "state_std" and not all(x > 0 for x in v):
+            raise PydanticCustomError("positive", "state_std must be positive")
+        return v
+
+
+#: The order in which a config's problems are told (the first one is).
+_ORDER = ("state_dim", "act_dim", "context", "max_ep_len", "state_mean", "state_std", "rtg_scale", "target_return")
+
+
 def check_control_config(config: Any, where: str = "the control config") -> dict[str, Any]:
     """`config` if it is a usable control config; a one-line error naming the first problem."""
     hint = "write it with weit (materialize a control model), or see weit_cli.tasks.control.control_config"
@@ -59,25 +90,26 @@ def check_control_config(config: Any, where: str = "the control config") -> dict
     missing = [k for k in ("state_dim", "act_dim", "state_mean", "state_std", "context", "rtg_scale", "max_ep_len") if k not in config]
     if missing:
         raise InputError(f"{where} lacks {', '.join(missing)}", hint)
-    for k in ("state_dim", "act_dim", "context", "max_ep_len"):
-        v = config[k]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise InputError(f"{where}: {k} must be a positive integer, got {v!r}", hint)
-    for k in ("state_mean", "state_std"):
-        v = config[k]
-        if not isinstance(v, list) or len(v) != config["state_dim"] or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
-            raise InputError(f"{where}: {k} must be {config['state_dim']} finite numbers (state_dim)", hint)
-    if not all(x > 0 for x in config["state_std"]):
-        raise InputError(f"{where}: state_std must be positive", hint)
-    for k, optional in (("rtg_scale", False), ("target_return", True)):
-        v = config.get(k)
-        if optional and v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (k == "rtg_scale" and v <= 0):
-            raise InputError(f"{where}: {k} must be a {'positive ' if k == 'rtg_scale' else ''}finite number, got {v!r}", hint)
+    try:
+        ControlConfig.model_validate(dict(config))
+    except ValidationError as e:
+        raise InputError(_problem(e, config, where), hint) from None
     if config.get("env_id") is not None:
         env_info(config["env_id"])
     return dict(config)
+
+
+def _problem(e: ValidationError, config: Mapping[str, Any], where: str) -> str:
+    """The first of `e`'s problems (in `_ORDER`), worded as weit words it."""
+    errors = {err["loc"][0]: err for err in reversed(e.errors())}
+    k = min(errors, key=_ORDER.index)
+    if k in ("state_mean", "state_std") and errors[k]["type"] == "positive":
+        return f"{where}: state_std must be positive"
+    if k in ("state_mean", "state_std"):
+        return f"{where}: {k} must be {config['state_dim']} finite numbers (state_dim)"
+    if k in ("rtg_scale", "target_return"):
+        return f"{where}: {k} must be a {'positive ' if k == 'rtg_scale' else ''}finite number, got {config.get(k)!r}"
+    return f"{where}: {k} must be a positive integer, got {config[k]!r}"
 
 
 def save_control_config(folder, config: Mapping[str, Any]) -> Path:
