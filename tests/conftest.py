@@ -172,3 +172,17 @@ def weit(*args, expect: int | None = 0, cwd: Path | None = None):
         assert r.exit_code == expect, (r.exit_code, r.stdout, r.stderr)
     r.returncode = r.exit_code
     return r
+
+
+def predict_actions(model, windows):
+    """The reference for the control task's call: the actions transformers' DecisionTransformerModel
+    predicts for each window position, called by keyword as its documentation shows."""
+    out = model(
+        states=windows.states,
+        actions=windows.actions,
+        returns_to_go=windows.returns_to_go,
+        timesteps=windows.timesteps,
+        attention_mask=windows.attention_mask,
+        return_dict=True,
+    )
+    return out.action_preds

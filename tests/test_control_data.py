@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("gymnasium")
 pytest.importorskip("h5py")
 
+from weit_cli.data import builtin as B  # noqa: E402
 from weit_cli.data import control as C  # noqa: E402
 from weit_cli.errors import InputError, WeitError  # noqa: E402
 
@@ -111,7 +112,7 @@ def test_same_seed_same_bytes_and_cache_reuse(tmp_path, monkeypatch):
     assert digests(folders[0]) == digests(folders[1])
     assert set(digests(folders[0])) == {"info.json", "random.safetensors"}
     # a second call reuses the cache instead of regenerating
-    monkeypatch.setattr(C, "_generate_into", lambda *a: pytest.fail("regenerated a cached dataset"))
+    monkeypatch.setattr(B, "_generate_into", lambda *a: pytest.fail("regenerated a cached dataset"))
     assert C.generate("Hopper-v5", seed=3, budget=TINY) == folders[1]
     # another seed is another key and other data
     monkeypatch.undo()
@@ -125,7 +126,7 @@ def test_failed_generation_writes_nothing(cache, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(C, "record", boom)
+    monkeypatch.setattr(B, "record", boom)
     with pytest.raises(RuntimeError):
         C.generate("Hopper-v5", seed=0, budget=TINY)
     assert list((cache / "control").iterdir()) == []

@@ -14,6 +14,8 @@ import torch
 pytest.importorskip("gymnasium")
 pytest.importorskip("transformers")
 
+from conftest import predict_actions  # noqa: E402
+
 from weit_cli.arch._registry import get_adapter  # noqa: E402
 from weit_cli.data import control as C  # noqa: E402
 from weit_cli.errors import InputError, OutputError, WeitError  # noqa: E402
@@ -147,7 +149,7 @@ def test_outputs_reduce_what_the_model_returns(splits):
 def _check_outputs(c, model, batch):
     got = c.outputs(model, batch)  # a ModelOutput
     assert got.shape == (4, K, 3) and got.dtype == torch.float32
-    torch.testing.assert_close(got, T.predict_actions(model, T.Windows(*batch)))
+    torch.testing.assert_close(got, predict_actions(model, T.Windows(*batch)))
     torch.testing.assert_close(c.outputs(lambda *x: model(*x).action_preds, batch), got)  # a tensor
     torch.testing.assert_close(c.outputs(lambda *x: {"action_preds": model(*x).action_preds}, batch), got)
     with pytest.raises(WeitError) as e:
@@ -207,7 +209,7 @@ def test_state_normalisation_round_trips_through_the_exported_folder(splits, exp
         torch.cat([torch.zeros(1, pad, 1), rtg / config["rtg_scale"]], 1),
         torch.cat([torch.zeros(1, pad, dtype=torch.long), steps], 1), torch.tensor([[0.0] * pad + [1.0] * 3]),
     )
-    torch.testing.assert_close(got, T.predict_actions(plain, w)[0, -1])
+    torch.testing.assert_close(got, predict_actions(plain, w)[0, -1])
 
 
 def test_control_config_problems_are_one_line(splits, tmp_path):

@@ -9,6 +9,8 @@ import torch
 pytest.importorskip("gymnasium")
 transformers = pytest.importorskip("transformers")
 
+from conftest import predict_actions  # noqa: E402
+
 from weit_cli.data import control as C  # noqa: E402
 from weit_cli.errors import WeitError  # noqa: E402
 from weit_cli.tasks import control as T  # noqa: E402
@@ -138,7 +140,7 @@ def test_dt_trains_on_windows(tiny):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(15):
-        loss = T.action_loss(T.predict_actions(model, w), w.actions, w.attention_mask)
+        loss = T.action_loss(predict_actions(model, w), w.actions, w.attention_mask)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -151,7 +153,7 @@ def test_dt_policy_pads_like_a_full_window(tiny):
     """Left padding to the context gives the same action as the model on the masked window."""
     cs = T.prepare(tiny)
     model = tiny_dt(context=5)
-    policy = T.DecisionTransformerPolicy.for_data(model, cs, context=5)
+    policy = dt_policy(model, cs, context=5)
     g = torch.Generator().manual_seed(1)
     states, actions = torch.randn(1, 3, 11, generator=g), torch.randn(1, 3, 3, generator=g)
     rtg, steps, mask = torch.full((1, 3, 1), 300.0), torch.arange(3)[None], torch.ones(1, 3)
@@ -164,10 +166,23 @@ def test_dt_policy_pads_like_a_full_window(tiny):
         torch.cat([torch.zeros(1, 2, dtype=torch.long), steps], 1),
         torch.tensor([[0, 0, 1, 1, 1.0]]),
     )
-    torch.testing.assert_close(got, T.predict_actions(model, w)[0, -1])
+    torch.testing.assert_close(got, predict_actions(model, w)[0, -1])
     # a longer history keeps only the last `context` steps
     long = policy(torch.randn(1, 9, 11, generator=g), torch.randn(1, 9, 3, generator=g), torch.ones(1, 9, 1), torch.arange(9)[None], torch.ones(1, 9))
     assert long.shape == (3,)
+
+
+def dt_policy(model, data, *, context: int) -> T.ContextPolicy:
+    """transformers' DecisionTransformerModel as a rollout policy with the statistics of `data` (a
+    prepared ControlSet), sizes read from `model.config`: refused if it does not fit the environment."""
+    cfg = model.config
+    T.check_fits(cfg.state_dim, cfg.act_dim, data.env_id)
+    config = {
+        "state_dim": int(cfg.state_dim), "act_dim": int(cfg.act_dim),
+        "state_mean": [float(x) for x in data.state_mean], "state_std": [float(x) for x in data.state_std],
+        "context": int(context), "rtg_scale": float(data.rtg_scale), "max_ep_len": int(cfg.max_ep_len),
+    }
+    return T.ContextPolicy(model, config, device=next(model.parameters()).device)
 
 
 def test_model_that_does_not_fit_the_environment(tiny):
@@ -175,7 +190,7 @@ def test_model_that_does_not_fit_the_environment(tiny):
 
     cheetah = DecisionTransformerModel(DecisionTransformerConfig(state_dim=17, act_dim=6, hidden_size=32, n_layer=1, n_head=1))
     with pytest.raises(WeitError) as e:
-        T.DecisionTransformerPolicy.for_data(cheetah, T.prepare(tiny), context=5)
+        dt_policy(cheetah, T.prepare(tiny), context=5)
     assert "\n" not in str(e.value) and "17 state features and 6 actions; Hopper-v5 has 11 and 3" in str(e.value)
     with pytest.raises(WeitError):
         T.check_fits(11, 3, "Hopper-v4")
@@ -183,7 +198,7 @@ def test_model_that_does_not_fit_the_environment(tiny):
 
 def test_dt_rollout_is_reproducible(tiny):
     cs = T.prepare(tiny)
-    policy = T.DecisionTransformerPolicy.for_data(tiny_dt(context=5), cs, context=5)
+    policy = dt_policy(tiny_dt(context=5), cs, context=5)
     runs = [T.rollout("Hopper-v5", policy, target_return=3600.0, episodes=2, seed=7, max_steps=50) for _ in range(2)]
     a, b = runs
     assert a.returns == b.returns and a.lengths == b.lengths

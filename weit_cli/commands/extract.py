@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from weit_cli.arch._registry import detect_family
 from weit_cli.core.bundle import COMPANIONS, Bundle, from_dense
 from weit_cli.errors import WeitError
-from weit_cli.io.files import check_output, checkpoint_sha256, load_dense, save_tensors
+from weit_cli.io.dense import read_dense
+from weit_cli.io.files import check_output, checkpoint_sha256, save_tensors
 from weit_cli.io.hub import resolve as resolve_source
 from weit_cli.options import DISTILL, EXTRACT, SEED
 
@@ -37,33 +37,13 @@ def extract_templates(
 ) -> dict[str, Any]:
     """Data-free SVD extraction; with `data`, then WAVE-style distillation (distill.py) from the checkpoint."""
     check_output(out, force)
-    if data is None and (distill_steps is not None or distill_lr is not None or batch_size is not None):
-        raise WeitError("--distill-steps, --distill-lr and --batch-size need --data", "pass --data DATA to distil, or leave them out")
-    if data is not None:
-        from weit_cli.commands.distill import check_options
-
-        distill_steps = DISTILL.steps if distill_steps is None else distill_steps
-        distill_lr = DISTILL.lr if distill_lr is None else distill_lr
-        batch_size = DISTILL.batch_size if batch_size is None else batch_size
-        check_options(distill_steps, distill_lr, batch_size, temperature)
-        from weit_cli.limits import check_seed
-        from weit_cli.training.dist import resolve_device
-
-        check_seed(seed)
-        resolve_device(device)
-    if template_size is not None and template_size < 1:
-        raise WeitError(f"--template-size must be at least 1, got {template_size}", "leave it out for the family's default (e.g. the attention head size)")
-    if num_heads is not None and num_heads < 1:
-        raise WeitError(f"--num-heads must be at least 1, got {num_heads}", "leave it out to read it from the checkpoint")
+    distill_steps, distill_lr, batch_size = _check_options(
+        data, distill_steps, distill_lr, batch_size, temperature, seed, device, template_size, num_heads,
+    )
     checkpoint, hub = resolve_source(checkpoint)
-    state, hints = load_dense(checkpoint)
-    if num_heads is not None:
-        hints["num_heads"] = num_heads
-    if img_size is not None:
-        hints["img_size"] = img_size
-    adapter = detect_family(state.keys())
-    state = adapter.loadable(state)
-    arch = adapter.infer_arch(state, hints)
+    overrides = {k: v for k, v in (("num_heads", num_heads), ("img_size", img_size)) if v is not None}
+    dense = read_dense(checkpoint, **overrides)
+    adapter, arch, state = dense.adapter, dense.arch, dense.state
     from weit_cli.tasks._registry import task_for
 
     task = task_for(adapter)
@@ -94,6 +74,34 @@ def extract_templates(
     if files:  # the source's own record of its data wins: the student imitates the source's function
         bundle.extra[COMPANIONS] = files
     save_tensors(out, bundle.to_tensors(), bundle.metadata(**provenance), force)
+    return _result(out, arch, bundle, errors, hub, report, data)
+
+
+def _check_options(data, distill_steps, distill_lr, batch_size, temperature, seed, device, template_size, num_heads):
+    """Refuse an option out of range, in one line; returns the distillation's steps, learning rate and
+    batch size with their defaults filled in (when there is `data` to distil on)."""
+    if data is None and (distill_steps is not None or distill_lr is not None or batch_size is not None):
+        raise WeitError("--distill-steps, --distill-lr and --batch-size need --data", "pass --data DATA to distil, or leave them out")
+    if data is not None:
+        from weit_cli.commands.distill import check_options
+
+        distill_steps = DISTILL.steps if distill_steps is None else distill_steps
+        distill_lr = DISTILL.lr if distill_lr is None else distill_lr
+        batch_size = DISTILL.batch_size if batch_size is None else batch_size
+        check_options(distill_steps, distill_lr, batch_size, temperature)
+        from weit_cli.limits import check_seed
+        from weit_cli.training.dist import resolve_device
+
+        check_seed(seed)
+        resolve_device(device)
+    if template_size is not None and template_size < 1:
+        raise WeitError(f"--template-size must be at least 1, got {template_size}", "leave it out for the family's default (e.g. the attention head size)")
+    if num_heads is not None and num_heads < 1:
+        raise WeitError(f"--num-heads must be at least 1, got {num_heads}", "leave it out to read it from the checkpoint")
+    return distill_steps, distill_lr, batch_size
+
+
+def _result(out: Path, arch, bundle: Bundle, errors: dict[str, float], hub, report, data) -> dict[str, Any]:
     result = {
         "command": "extract-templates",
         "output": str(out),

@@ -1,15 +1,18 @@
-"""`finetune`: ordinary training of a timm model — no constraint — with a choice of initialisation.
+"""`finetune`: ordinary training of a dense model of any family — no constraint — with a choice of
+initialisation.
 
-MODEL is a materialized model (a timm local-dir folder, or a bare .safetensors whose metadata holds
-`model_args`) or any timm checkpoint weit can read. It fixes the architecture and, with `--init weit`
-(the default), the starting weights. The baselines start the same architecture elsewhere:
-`--init random` (timm's own initialisation) and `--init weight-selection --from DENSE` (a subset of a
-larger dense checkpoint, see baselines.py). All three then run through this same loop.
+MODEL is a materialized model (the family's folder, or a bare .safetensors whose metadata holds its
+architecture), any checkpoint weit can read, or a hub id. It fixes the architecture and, with
+`--init weit` (the default), the starting weights. The baselines start the same architecture
+elsewhere: `--init random` (the family's own initialisation) and `--init weight-selection --from
+DENSE` (a subset of a larger dense checkpoint, core/selection.py). All three then run through this
+same loop, in stages: `_setup` (model, task, data, head plan), `_build`, `_loop` (with `_Record`, the
+epoch hooks), `_start` (resume or a new run folder), then the summary.
 
 A run folder holds:
     args.json           the resolved options (a resumed run must match them)
     metrics.json        one record per epoch (0 = before training): train loss, val/test accuracy, time
-    last/, best/        timm local-dir folders (config.json + model.safetensors), written atomically
+    last/, best/        the family's folders (config.json + weights), written atomically
     state.safetensors   (+ .json) weights, optimizer and RNG states after the last finished epoch
 Under torchrun every rank trains on its shard of each batch (DDP); rank 0 evaluates and writes.
 """
@@ -22,7 +25,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -173,8 +176,8 @@ def _check_run_dir(out_dir: Path, resume: bool, force: bool) -> None:
 def read_model(path: Path, need_weights: bool) -> tuple[Any, Any, dict[str, Tensor] | None]:
     """(adapter, architecture, weights) of MODEL. A folder with only config.json (timm's `model_args`)
     is enough when the weights are not used (`--init random` / `weight-selection`)."""
-    from weit_cli.arch._registry import detect_family
-    from weit_cli.io.files import load_dense, weights_file
+    from weit_cli.io.dense import identify, read_dense
+    from weit_cli.io.files import weights_file
 
     path = Path(path)
     cfg = path / "config.json"
@@ -182,34 +185,35 @@ def read_model(path: Path, need_weights: bool) -> tuple[Any, Any, dict[str, Tens
     if weightless:
         if need_weights:
             raise InputError(f"{path} holds a config.json but no weights", "--init weit needs a materialized model; or use --init random")
-        import timm
-
-        try:
-            conf = json.loads(cfg.read_text())
-            model_args = dict(conf["model_args"])
-            name = conf["architecture"]
-        except (ValueError, KeyError, TypeError):
-            raise InputError(f"{cfg} has no usable 'architecture' and 'model_args'", "write it with 'weit materialize'") from None
-        try:
-            shell = timm.create_model(name, pretrained=False, **model_args)
-        except Exception as e:  # timm raises many types for bad arguments
-            raise InputError(f"{cfg} does not describe a timm model: {str(e).splitlines()[0][:200]}", "check model_args") from None
-        pretrained_cfg = conf.get("pretrained_cfg") if isinstance(conf.get("pretrained_cfg"), dict) else {}
-        state, hints, weights = shell.state_dict(), {**model_args, "pretrained_cfg": pretrained_cfg}, None
+        dense, weights = identify(*_shell(cfg)), None
     else:
-        state, hints = load_dense(path)
-        weights = state
-    adapter = detect_family(state.keys())
-    state = adapter.loadable(state)
-    if weights is not None:
-        weights = state  # the same weights, less the keys the family's library skips on load
-    arch = adapter.infer_arch(state, hints)
+        dense = read_dense(path)
+        weights = dense.state  # the weights, less the keys the family's library skips on load
+    adapter, arch = dense.adapter, dense.arch
     if weights is not None:
         from weit_cli.core.bundle import check_state
 
         check_state(adapter, arch, weights)
         weights = {k: (v.float() if v.is_floating_point() else v) for k, v in weights.items()}
     return adapter, arch, weights
+
+
+def _shell(cfg: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(state dict, hints) of the untrained model a weightless folder's config.json describes."""
+    import timm
+
+    try:
+        conf = json.loads(cfg.read_text())
+        model_args = dict(conf["model_args"])
+        name = conf["architecture"]
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{cfg} has no usable 'architecture' and 'model_args'", "write it with 'weit materialize'") from None
+    try:
+        shell = timm.create_model(name, pretrained=False, **model_args)
+    except Exception as e:  # timm raises many types for bad arguments
+        raise InputError(f"{cfg} does not describe a timm model: {str(e).splitlines()[0][:200]}", "check model_args") from None
+    pretrained_cfg = conf.get("pretrained_cfg") if isinstance(conf.get("pretrained_cfg"), dict) else {}
+    return shell.state_dict(), {**model_args, "pretrained_cfg": pretrained_cfg}
 
 
 def initial_state(adapter, arch, init: str, weights, source: Path | None, seed: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -232,16 +236,76 @@ def initial_state(adapter, arch, init: str, weights, source: Path | None, seed: 
 def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, min_lr_ratio, batch_size, weight_decay,
          grad_clip, label_smoothing, train_subset, data_seed, val_fraction, reset_head, seed, resume, eval_batch_size,
          on_step, dist, hub=None) -> dict[str, Any]:
-    from weit_cli.tasks._registry import task_for
-    from weit_cli.training.batches import Batches
-    from weit_cli.training.dist import barrier, seed_everything
-    from weit_cli.training.loop import Loop, Plan
-    from weit_cli.training.optim import adamw
+    from weit_cli.training.dist import barrier
 
     rank, world, dev = dist
     t_begin = time.perf_counter()
     if batch_size % world:
         raise WeitError(f"--batch-size {batch_size} does not split over {world} processes", f"use a multiple of {world}")
+    setup = _setup(model, data, init, label_smoothing, data_seed, val_fraction, train_subset, reset_head, seed)
+    adapter, arch, task, splits, new_head = setup.adapter, setup.arch, setup.task, setup.splits, setup.new_head
+    args = {
+        "model": str(model), "model_sha256": checkpoint_sha256(model), "init": init, "source": str(source) if source else None,
+        "source_sha256": checkpoint_sha256(source) if source else None, "data": data, "data_description": splits.description,
+        "epochs": epochs, "lr": lr, "warmup": warmup, "schedule": schedule, "min_lr_ratio": min_lr_ratio,
+        "batch_size": batch_size, "weight_decay": weight_decay, "grad_clip": grad_clip, "label_smoothing": label_smoothing,
+        "train_subset": train_subset, "data_seed": data_seed, "val_fraction": val_fraction, "reset_head": reset_head,
+        "seed": seed, "world_size": world, "architecture": arch.to_dict(), "new_head": new_head,
+        **({"hub": hub} if hub else {}),  # hub ids and the commits they resolved to
+    }
+    state0, origin = initial_state(adapter, arch, init, setup.weights, source, seed)
+    if hub:
+        origin["hub"] = hub
+    if new_head and init == "weight-selection":
+        state0.update({k: v for k, v in _fresh(adapter, arch, seed).items() if k in adapter.classifier})
+    net, train_mod = _build(adapter, arch, state0, seed, dev, world)
+    loop, record = _loop(setup, net, train_mod, out_dir, args, origin, dist, epochs=epochs, lr=lr, warmup=warmup,
+                         schedule=schedule, min_lr_ratio=min_lr_ratio, batch_size=batch_size, weight_decay=weight_decay,
+                         grad_clip=grad_clip, seed=seed, eval_batch_size=eval_batch_size, on_step=on_step)
+    start_epoch = _start(loop, record, out_dir, args, resume, rank)
+    loop.run()
+    if rank == 0:  # finished: the resumable state is no longer needed (last/ holds the weights)
+        loop.discard_checkpoint()
+    barrier()
+    key = task.metric_key
+    return {
+        "command": "finetune",
+        "output": str(out_dir),
+        "init": origin,
+        "architecture": arch.to_dict(),
+        "description": adapter.describe(arch),
+        "new_head": new_head,
+        "epochs": epochs,
+        "steps": loop.plan.total_steps,
+        "resumed_from_epoch": start_epoch if resume else None,
+        "final": record.metrics[-1] if record.metrics else {},
+        "best": record.best,
+        "metric": task.metric_name,
+        f"test_{key}_by_epoch": [m.get(f"test_{key}") for m in record.metrics],
+        "data": splits.description,
+        "device": str(dev),
+        "world_size": world,
+        "wall_s": round(time.perf_counter() - t_begin, 2),
+        "files": [str(out_dir / n) for n in ("metrics.json", "last", "best", "args.json")],
+    }
+
+
+@dataclass
+class _Setup:
+    """MODEL read and the data loaded for its task, with the head plan."""
+
+    adapter: Any
+    arch: Any  # with the data's classes when the classifier is new
+    weights: dict[str, Tensor] | None  # MODEL's weights (for --init weit), a new classifier's included
+    task: Any
+    splits: Any
+    new_head: bool
+    files: dict[str, Any]  # the task's companion files, written beside last/ and best/
+
+
+def _setup(model, data, init, label_smoothing, data_seed, val_fraction, train_subset, reset_head, seed) -> _Setup:
+    from weit_cli.tasks._registry import task_for
+
     adapter, arch, weights = read_model(model, need_weights=init == "weit")
     task = task_for(adapter, label_smoothing=label_smoothing)
     task.adopt(task.companions_of(model))  # data prepared as MODEL was trained on (its control_config.json)
@@ -253,90 +317,108 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
     # Written beside last/ and best/ (the control task's state statistics); passed only when there
     # are any, so `_write_model`'s call is the same as before for the other tasks.
     files = task.companion_files(splits)
-    with_files = {"files": files} if files else {}
     if new_head and not adapter.classifier:
         raise WeitError(
             f"this model's {arch.num_classes} classes are part of every block and cannot be replaced (the data has {classes})",
             "finetune on data with the model's classes, without --reset-head",
         )
-    key = task.metric_key  # val_acc / test_acc, or val_loss / test_loss
-    better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
     if new_head:
         arch = replace(arch, num_classes=classes)
         if weights is not None:
             weights = {k: v for k, v in weights.items() if k not in adapter.classifier}
             weights.update({k: v for k, v in _fresh(adapter, arch, seed).items() if k in adapter.classifier})
-    args = {
-        "model": str(model), "model_sha256": checkpoint_sha256(model), "init": init, "source": str(source) if source else None,
-        "source_sha256": checkpoint_sha256(source) if source else None, "data": data, "data_description": splits.description,
-        "epochs": epochs, "lr": lr, "warmup": warmup, "schedule": schedule, "min_lr_ratio": min_lr_ratio,
-        "batch_size": batch_size, "weight_decay": weight_decay, "grad_clip": grad_clip, "label_smoothing": label_smoothing,
-        "train_subset": train_subset, "data_seed": data_seed, "val_fraction": val_fraction, "reset_head": reset_head,
-        "seed": seed, "world_size": world, "architecture": arch.to_dict(), "new_head": new_head,
-        **({"hub": hub} if hub else {}),  # hub ids and the commits they resolved to
-    }
-    state0, origin = initial_state(adapter, arch, init, weights, source, seed)
-    if hub:
-        origin["hub"] = hub
-    if new_head and init == "weight-selection":
-        state0.update({k: v for k, v in _fresh(adapter, arch, seed).items() if k in adapter.classifier})
+    return _Setup(adapter, arch, weights, task, splits, new_head, files)
+
+
+def _build(adapter, arch, state0: dict[str, Tensor], seed: int, dev, world: int) -> tuple[nn.Module, nn.Module]:
+    """(the model with its starting weights on `dev`, in training mode; what the loop calls: the
+    task's call signature (the model itself for a classifier), wrapped in DDP under torchrun)."""
+    from weit_cli.training.dist import seed_everything
 
     seed_everything(seed)
     net = adapter.build(arch)
     with torch.no_grad():
         net.load_state_dict(state0, strict=True)
     net.to(dev).train()
-    train_mod: nn.Module = adapter.task_forward(net)  # the task's call signature (net itself for a classifier)
+    train_mod: nn.Module = adapter.task_forward(net)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         train_mod = DistributedDataParallel(train_mod, device_ids=[dev.index] if dev.type == "cuda" else None)
-    named = dict(net.named_parameters())
-    opt = adamw(named, lr=lr, weight_decay=weight_decay, no_decay_keys=adapter.no_decay)
-    batches = Batches(splits.train, batch_size // world, seed=seed, rank=rank, world_size=world)
-    per_epoch = batches.batches_per_epoch
-    total = epochs * per_epoch
-    warm = round(warmup * per_epoch)
+    return net, train_mod
 
-    metrics: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None
-    start_epoch, wall, finished, improved = 0, 0.0, 0, False
-    state_path = out_dir / STATE
 
-    scored = adapter.task_forward(net)
+class _Record:
+    """The run's record across epochs (metrics per epoch, the best, wall time) and the loop's epoch
+    hooks that keep it: rank 0 evaluates and writes last/, best/ and metrics.json."""
 
-    def evaluate_all(epoch: int, train_loss: float | None) -> dict[str, Any]:
-        val = task.evaluate(scored, splits.val, eval_batch_size, dev) if len(splits.val) else None
-        test = task.evaluate(scored, splits.test, eval_batch_size, dev) if splits.test is not None and len(splits.test) else None
+    def __init__(self, setup: _Setup, net: nn.Module, out_dir: Path, args, origin, rank: int, dev, eval_batch_size: int, per_epoch: int):
+        self.setup, self.net, self.out_dir, self.args, self.origin = setup, net, out_dir, args, origin
+        self.rank, self.dev, self.eval_batch_size, self.per_epoch = rank, dev, eval_batch_size, per_epoch
+        self.key = setup.task.metric_key  # val_acc / test_acc, or val_loss / test_loss
+        self.scored = setup.adapter.task_forward(net)
+        self.with_files = {"files": setup.files} if setup.files else {}
+        self.metrics: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.wall, self.finished, self.improved = 0.0, 0, False
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.setup.task.higher_is_better else a < b
+
+    def evaluate_all(self, epoch: int, train_loss: float | None) -> dict[str, Any]:
+        task, splits, key = self.setup.task, self.setup.splits, self.key
+        val = task.evaluate(self.scored, splits.val, self.eval_batch_size, self.dev) if len(splits.val) else None
+        test = task.evaluate(self.scored, splits.test, self.eval_batch_size, self.dev) if splits.test is not None and len(splits.test) else None
         return {
-            "epoch": epoch, "step": epoch * per_epoch, "train_loss": train_loss,
+            "epoch": epoch, "step": epoch * self.per_epoch, "train_loss": train_loss,
             f"val_{key}": val.metric if val else None, "val_loss": val.loss if val else None,
             f"test_{key}": test.metric if test else None, "test_loss": test.loss if test else None,
         }
 
-    def end_epoch(epoch: int, train_loss: float, lr_now: float, seconds: float) -> dict[str, float]:
-        nonlocal wall, best, finished, improved
-        finished = epoch
-        if rank != 0:
-            wall += seconds
+    def end_epoch(self, epoch: int, train_loss: float, lr_now: float, seconds: float) -> dict[str, float]:
+        key = self.key
+        self.finished = epoch
+        if self.rank != 0:
+            self.wall += seconds
             return {}
         t1 = time.perf_counter()
-        rec = evaluate_all(epoch, train_loss)
-        wall += seconds + (time.perf_counter() - t1)
-        rec.update(lr=lr_now, train_s=round(seconds, 3), wall_s=round(wall, 3))
-        metrics.append(rec)
-        improved = rec[f"val_{key}"] is not None and (best is None or better(rec[f"val_{key}"], best[f"val_{key}"]))
-        if improved:
-            best = {"epoch": epoch, f"val_{key}": rec[f"val_{key}"], f"test_{key}": rec[f"test_{key}"]}
+        rec = self.evaluate_all(epoch, train_loss)
+        self.wall += seconds + (time.perf_counter() - t1)
+        rec.update(lr=lr_now, train_s=round(seconds, 3), wall_s=round(self.wall, 3))
+        self.metrics.append(rec)
+        self.improved = rec[f"val_{key}"] is not None and (self.best is None or self.better(rec[f"val_{key}"], self.best[f"val_{key}"]))
+        if self.improved:
+            self.best = {"epoch": epoch, f"val_{key}": rec[f"val_{key}"], f"test_{key}": rec[f"test_{key}"]}
         return {k: rec[k] for k in (f"val_{key}", f"test_{key}") if rec[k] is not None}
 
-    def write_epoch(epoch: int) -> None:  # after the epoch's checkpoint (the loop's order, for --resume)
-        cpu = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        _write_model(adapter, arch, cpu, out_dir / "last", {**origin, "epoch": epoch}, **with_files)
-        if improved:
-            _write_model(adapter, arch, cpu, out_dir / "best", {**origin, "epoch": epoch}, **with_files)
-        _write_json(out_dir / "metrics.json", _metrics_doc(args, origin, metrics, best))
+    def write_epoch(self, epoch: int) -> None:  # after the epoch's checkpoint (the loop's order, for --resume)
+        adapter, arch = self.setup.adapter, self.setup.arch
+        cpu = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        _write_model(adapter, arch, cpu, self.out_dir / "last", {**self.origin, "epoch": epoch}, **self.with_files)
+        if self.improved:
+            _write_model(adapter, arch, cpu, self.out_dir / "best", {**self.origin, "epoch": epoch}, **self.with_files)
+        _write_json(self.out_dir / "metrics.json", _metrics_doc(self.args, self.origin, self.metrics, self.best))
 
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.finished, "metrics": self.metrics, "best": self.best, "wall_s": self.wall}
+
+
+def _loop(setup: _Setup, net, train_mod, out_dir: Path, args, origin, dist, *, epochs, lr, warmup, schedule, min_lr_ratio,
+          batch_size, weight_decay, grad_clip, seed, eval_batch_size, on_step):
+    """(the training loop, the record its epoch hooks keep): AdamW, each rank's shard of each batch, the schedule."""
+    from weit_cli.training.batches import Batches
+    from weit_cli.training.loop import Loop, Plan
+    from weit_cli.training.optim import adamw
+
+    rank, world, dev = dist
+    named = dict(net.named_parameters())
+    opt = adamw(named, lr=lr, weight_decay=weight_decay, no_decay_keys=setup.adapter.no_decay)
+    batches = Batches(setup.splits.train, batch_size // world, seed=seed, rank=rank, world_size=world)
+    per_epoch = batches.batches_per_epoch
+    total = epochs * per_epoch
+    warm = round(warmup * per_epoch)
+    record = _Record(setup, net, out_dir, args, origin, rank, dev, eval_batch_size, per_epoch)
+    task = setup.task
     plan = Plan(
         total, lambda step: _lr(step, lr, total, warm, schedule, min_lr_ratio), grad_clip, steps_per_epoch=per_epoch,
         diverged_hint="lower --lr or add --warmup",
@@ -344,10 +426,18 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
     loop = Loop(
         plan, optimizer=opt, params=named, batches=batches, device=dev,
         loss_step=lambda batch: task.train_loss(train_mod, task.prepare(batch)),
-        end_epoch=end_epoch, write_epoch=write_epoch, checkpoint=state_path, tensors=net.state_dict,
-        state=lambda: {"epoch": finished, "metrics": metrics, "best": best, "wall_s": wall},
-        on_step=on_step, rank=rank, world_size=world,
+        end_epoch=record.end_epoch, write_epoch=record.write_epoch, checkpoint=out_dir / STATE, tensors=net.state_dict,
+        state=record.state, on_step=on_step, rank=rank, world_size=world,
     )
+    return loop, record
+
+
+def _start(loop, record: _Record, out_dir: Path, args: dict[str, Any], resume: bool, rank: int) -> int:
+    """Continue the run in `out_dir` (--resume: the same options, from the last finished epoch) or
+    create its folder and record epoch 0 (before training); returns the epoch it starts from."""
+    from weit_cli.training.dist import barrier
+
+    start_epoch = 0
     if resume:
         old = json.loads((out_dir / "args.json").read_text())
         diff = [k for k in RUN_KEYS if old.get(k) != args.get(k)]
@@ -357,9 +447,10 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
                 "resume with the same options, or start over with --force",
             )
         st = loop.resume()
-        metrics, best, start_epoch, wall = st["metrics"], st["best"], int(st["epoch"]), float(st["wall_s"])
+        record.metrics, record.best, start_epoch, record.wall = st["metrics"], st["best"], int(st["epoch"]), float(st["wall_s"])
         if rank == 0:
-            _complete_run_folder(out_dir, adapter, arch, net, origin, args, metrics, best, start_epoch, with_files)
+            s = record.setup
+            _complete_run_folder(out_dir, s.adapter, s.arch, record.net, record.origin, args, record.metrics, record.best, start_epoch, record.with_files)
     elif rank == 0:
         try:
             if out_dir.exists():
@@ -373,37 +464,12 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
     if not resume:
         t0 = time.perf_counter()
         if rank == 0:
-            rec = evaluate_all(0, None)
-            wall += time.perf_counter() - t0
-            metrics = [{**rec, "lr": 0.0, "train_s": 0.0, "wall_s": round(wall, 3)}]
-            _write_json(out_dir / "metrics.json", _metrics_doc(args, origin, metrics, best))
+            rec = record.evaluate_all(0, None)
+            record.wall += time.perf_counter() - t0
+            record.metrics = [{**rec, "lr": 0.0, "train_s": 0.0, "wall_s": round(record.wall, 3)}]
+            _write_json(out_dir / "metrics.json", _metrics_doc(args, record.origin, record.metrics, record.best))
         barrier()
-
-    loop.run()
-    if rank == 0:  # finished: the resumable state is no longer needed (last/ holds the weights)
-        loop.discard_checkpoint()
-    barrier()
-    final = metrics[-1] if metrics else {}
-    return {
-        "command": "finetune",
-        "output": str(out_dir),
-        "init": origin,
-        "architecture": arch.to_dict(),
-        "description": adapter.describe(arch),
-        "new_head": new_head,
-        "epochs": epochs,
-        "steps": total,
-        "resumed_from_epoch": start_epoch if resume else None,
-        "final": final,
-        "best": best,
-        "metric": task.metric_name,
-        f"test_{key}_by_epoch": [m.get(f"test_{key}") for m in metrics],
-        "data": splits.description,
-        "device": str(dev),
-        "world_size": world,
-        "wall_s": round(time.perf_counter() - t_begin, 2),
-        "files": [str(out_dir / n) for n in ("metrics.json", "last", "best", "args.json")],
-    }
+    return start_epoch
 
 
 def epoch_of(folder: Path) -> int | None:

@@ -2,8 +2,8 @@
 
 The target's scalers (and, unless switched off, its small parameters) start from the resizing rules
 of docs/method.md §4 and are trained for a few hundred steps on a small labelled set; optionally the bundle's
-own, largest model is a distillation teacher (KL on logits). The forward pass runs through the real
-timm module of the target size with the composed weights (`torch.func.functional_call`), so what is
+own, largest model is a distillation teacher (KL on logits). The forward pass runs through the family's real
+module of the target size with the composed weights (`torch.func.functional_call`), so what is
 fitted is exactly what `materialize --scalers` writes out.
 
 BatchNorm families: during fitting each batch is normalised with its own statistics; after
@@ -13,7 +13,7 @@ size whose statistics the bundle never observed gets them from its own activatio
 
 The output is a `weit.scalers` file: `scalers.<dense key>` and `small.<dense key>` tensors for the
 whole target model, bound to its bundle by the bundle's sha256 and to its size by the target
-architecture record; `api.load_scalers` checks both.
+architecture record; `core.bundle.load_scalers` checks both.
 
 A fit is resumable as `pretrain` is: every `checkpoint_every` steps the scalers, small parameters,
 optimizer, RNG states and data position go to OUT's stem + `.ckpt.safetensors`; `--resume` continues
@@ -49,6 +49,7 @@ from weit_cli.io.files import (
 from weit_cli.options import FIT_SCALERS, SEED
 
 if TYPE_CHECKING:
+    import torch
     from torch import Tensor, nn
 
 
@@ -84,13 +85,58 @@ def fit_scalers(
     """Fit target-size scalers; returns what was done (losses, accuracies, time) and written.
     `depth`/`width`: one number, or one per stage (families with stages). `resume` continues from the checkpoint
     beside `out` (see the module doc)."""
-    from weit_cli.core.bundle import plan_target
-    from weit_cli.io.files import sha256
-    from weit_cli.tasks._registry import task_for
-
     out = Path(out)
     ckpt = checkpoint_for(out)
     check_output(out, force or resume)  # a resumed fit may replace what it wrote itself (see pretrain)
+    warmup = _check_options(steps, lr, batch_size, distill, temperature, depth_rule, width_rule, calibrate_batches, warmup, checkpoint_every)
+    # the options are checked (answered before torch is imported): now the training code
+    from weit_cli.tasks._registry import task_for
+    from weit_cli.training.batches import Batches
+    from weit_cli.training.dist import resolve_device, seed_everything
+    from weit_cli.training.loop import check_resume
+    from weit_cli.training.optim import adamw
+    from weit_cli.training.sized import frozen_forward
+
+    check_resume(ckpt, resume, force)
+    dev = resolve_device(device)
+
+    bundle, bsha = load_bundle(bundle_path)
+    task = task_for(bundle.adapter)
+    task.adopt(bundle.extra.get(COMPANIONS) or {})  # data prepared as the bundle was trained on
+    splits = task.load_data(data, bundle.arch, seed=seed, train_subset=train_subset)
+    target, new_classes = _plan_target(bundle, task, splits, depth, width, mlp_ratio, num_classes, reset_head, distill)
+    seed_everything(seed)
+    student, new_head = _student(bundle, target, depth_rule, width_rule, train_small, reset_head or new_classes, seed, dev)
+    teacher = frozen_forward(bundle.adapter, bundle.arch, bundle.state_dict(), dev) if distill > 0 else None
+    trainable = student.trainable(new_head)
+    opt = adamw(trainable, lr=lr, weight_decay=weight_decay, no_decay_keys=bundle.adapter.no_decay)
+
+    before = student.evaluate(task, splits.val, dev)
+    batches = Batches(splits.train, batch_size, seed)
+    provenance = {"command": "fit-scalers", "bundle_sha256": bsha, "data": splits.description, **dict(
+        steps=steps, lr=lr, warmup=warmup, batch_size=batch_size, weight_decay=weight_decay, train_small=train_small,
+        reset_head=bool(new_head), distill=distill, temperature=temperature, depth_rule=depth_rule, width_rule=width_rule, seed=seed,
+    )}
+    run = {**provenance, "architecture": target.to_dict(), "calibrate_batches": calibrate_batches}
+    run_sha = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
+    loop = _train(
+        task, student, teacher, trainable, opt, batches, dev, out, ckpt, run_sha, steps=steps, lr=lr, warmup=warmup,
+        distill=distill, temperature=temperature, checkpoint_every=checkpoint_every, resume=resume, on_step=on_step,
+    )
+    bn_stats = None
+    if bundle.adapter.batchnorm:
+        bn_stats = _recalibrate(student.module, student.bundle(), student.small, splits, calibrate_batches, batch_size, seed, dev)
+    after = student.evaluate(task, splits.val, dev)
+    if bn_stats is not None:
+        provenance["bn_statistics"] = bn_stats
+    _save(out, student, bundle, bsha, provenance, task.companion_files(splits), force or resume)
+    loop.discard_checkpoint()
+    return _summary(out, bundle, bsha, target, task, splits, loop, trainable, before, after, steps=steps, resume=resume,
+                    train_small=train_small, new_head=new_head, bn_stats=bn_stats)
+
+
+def _check_options(steps, lr, batch_size, distill, temperature, depth_rule, width_rule, calibrate_batches, warmup, checkpoint_every) -> int:
+    """Refuse an option out of range, in one line; returns the warmup (a tenth of the steps by default)."""
     if not 1 <= steps <= 10_000_000:
         raise WeitError(f"--steps must be in 1..10000000, got {steps}", "a few hundred steps is typical")
     if not (lr > 0 and math.isfinite(lr)) or batch_size < 1:
@@ -109,24 +155,13 @@ def fit_scalers(
         raise WeitError(f"--warmup must be 0 or more steps, got {warmup}", "e.g. --warmup 20")
     if checkpoint_every < 0:
         raise WeitError(f"--checkpoint-every must be 0 (never) or more steps, got {checkpoint_every}", f"e.g. --checkpoint-every {FIT_SCALERS.checkpoint_every}")
-    # the options are checked: now torch and the training code
-    import torch
-    from torch import nn
+    return warmup
 
-    from weit_cli.training.batches import Batches
-    from weit_cli.training.dist import resolve_device, seed_everything
-    from weit_cli.training.loop import Loop, Plan, check_resume
-    from weit_cli.training.nested import composed_forward
-    from weit_cli.training.optim import adamw, lr_at
 
-    check_resume(ckpt, resume, force)
-    dev = resolve_device(device)
+def _plan_target(bundle: Bundle, task, splits, depth, width, mlp_ratio, num_classes, reset_head: bool, distill: float):
+    """(the target architecture, whether its classifier is new): the size asked for, with the data's classes."""
+    from weit_cli.core.bundle import plan_target
 
-    bundle, bsha = load_bundle(bundle_path)
-    arch0 = bundle.arch
-    task = task_for(bundle.adapter)
-    task.adopt(bundle.extra.get(COMPANIONS) or {})  # data prepared as the bundle was trained on
-    splits = task.load_data(data, arch0, seed=seed, train_subset=train_subset)
     classes = task.classes(splits)
     if classes is None and (num_classes is not None or reset_head):
         raise WeitError(f"--num-classes and --reset-head are for classifiers; a {bundle.adapter.family} has no classes", "leave them out")
@@ -138,95 +173,59 @@ def fit_scalers(
             f"leave --num-classes out or pass --num-classes {classes}",
         )
     target = plan_target(bundle, depth=depth, width=width, mlp_ratio=mlp_ratio, num_classes=num_classes)
-    new_classes = classes is not None and target.num_classes != arch0.num_classes
+    new_classes = classes is not None and target.num_classes != bundle.arch.num_classes
     if distill > 0 and (reset_head or new_classes):
         raise WeitError(
             "distillation needs the bundle's own classes, but the classifier is new (other data or --reset-head)",
             "fit without --distill on data with other classes",
         )
+    return target, new_classes
 
-    seed_everything(seed)
+
+def _student(bundle: Bundle, target, depth_rule: str, width_rule: str, train_small: bool, fresh_head: bool, seed: int, dev):
+    """(the student at `target`'s size, the keys of its new classifier): the bundle resized by the
+    rules, templates frozen; with `fresh_head` a new classifier (timm's init, always trained)."""
+    import torch
+
+    from weit_cli.training.sized import SizedModel
+
     with torch.no_grad():
         init = resize(bundle, target, depth_rule, width_rule)
     module = bundle.adapter.build(target).to(dev)
-    learnable = {n for n, _ in module.named_parameters()}  # small tensors that are not buffers (BatchNorm stats)
-    templates = {t: v.detach().to(dev) for t, v in bundle.templates.items()}
-    scalers = {k: nn.Parameter(v.detach().clone().float().to(dev)) for k, v in init.scalers.items()}
-    small: dict[str, Tensor] = {}
-    for k, v in init.small.items():
-        v = v.detach().clone().to(dev)
-        small[k] = nn.Parameter(v.float(), requires_grad=train_small) if k in learnable else v
+    student = SizedModel(
+        bundle.adapter, target, bundle.templates, init.scalers, init.small, bundle.extra, module, dev,
+        train_templates=False, train_small=train_small, float_small=True,
+    )
     new_head: list[str] = []
-    if reset_head or new_classes:  # a new classifier: timm's init, always trained
+    if fresh_head:
         head = _fresh_head(bundle.adapter, target, seed, dev)
-        small.update(head)
+        student.small.update(head)
         new_head = sorted(head)
-    sized = Bundle(bundle.adapter, target, templates, scalers, small, dict(bundle.extra))
-    check_state(bundle.adapter, target, {k: v.detach() for k, v in sized.state_dict().items()})
+    check_state(bundle.adapter, target, {k: v.detach() for k, v in student.bundle().state_dict().items()})
     module.train()
-    student = composed_forward(module, sized)
+    return student, new_head
 
-    teacher = None
-    if distill > 0:
-        teacher_mod = bundle.adapter.build(arch0).to(dev).eval()
-        with torch.no_grad():
-            teacher_mod.load_state_dict(bundle.state_dict(), strict=True)
-        teacher_mod.requires_grad_(False)
-        teacher = bundle.adapter.task_forward(teacher_mod)
 
-    trainable = {f"scalers.{k}": v for k, v in scalers.items()}
-    trainable.update({f"small.{k}": v for k, v in small.items() if k in learnable and (train_small or k in new_head)})
-    opt = adamw(trainable, lr=lr, weight_decay=weight_decay, no_decay_keys=bundle.adapter.no_decay)
+def _train(task, student, teacher, trainable, opt, batches, dev, out: Path, ckpt: Path, run_sha: str, *, steps, lr, warmup,
+           distill, temperature, checkpoint_every, resume, on_step):
+    """The fit's loop, run (continued from the checkpoint with `resume`); returns it, for its losses and time."""
+    from weit_cli.training.loop import Loop, Plan
+    from weit_cli.training.optim import lr_at
+    from weit_cli.training.sized import distill_loss_step
 
-    def frozen_eval(dataset):
-        frozen = Bundle(
-            bundle.adapter, target, templates,
-            {k: v.detach() for k, v in scalers.items()}, {k: v.detach() for k, v in small.items()},
-        )
-        module.eval()
-        try:
-            return task.evaluate(composed_forward(module, frozen), dataset, device=dev)
-        finally:
-            module.train()
-
-    before = frozen_eval(splits.val)
-    batches = Batches(splits.train, batch_size, seed)
-    provenance = {
-        "command": "fit-scalers",
-        "bundle_sha256": bsha,
-        "data": splits.description,
-        "steps": steps,
-        "lr": lr,
-        "warmup": warmup,
-        "batch_size": batch_size,
-        "weight_decay": weight_decay,
-        "train_small": train_small,
-        "reset_head": bool(new_head),
-        "distill": distill,
-        "temperature": temperature,
-        "depth_rule": depth_rule,
-        "width_rule": width_rule,
-        "seed": seed,
-    }
-    run = {**provenance, "architecture": target.to_dict(), "calibrate_batches": calibrate_batches}
-    run_sha = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
+    forward = student.forward()
 
     def loss_step(batch):
-        batch = task.prepare(batch)
-        out = task.outputs(student, batch)
-        loss = task.loss(out, batch)
         if teacher is not None:
-            with torch.no_grad():
-                t_out = task.outputs(teacher, batch)
-            loss = (1 - distill) * loss + distill * task.distill_loss(out, t_out, batch, temperature)
-        return loss
+            return distill_loss_step(task, forward, teacher, batch, temperature=temperature, task_weight=1 - distill, distill_weight=distill)
+        batch = task.prepare(batch)
+        return task.loss(task.outputs(forward, batch), batch)
 
     plan = Plan(
         steps, lambda step: lr_at(step, base_lr=lr, total_steps=steps, warmup_steps=warmup), 1.0,
         checkpoint_every=checkpoint_every, diverged="the loss became {loss} at step {step}", diverged_hint="lower --lr",
     )
-    everything = {f"scalers.{k}": v for k, v in scalers.items()}  # a checkpoint holds all of the fit's tensors
-    everything.update({f"small.{k}": v for k, v in small.items()})
+    everything = student.tensors()  # a checkpoint holds all of the fit's tensors
     loop = Loop(
         plan, optimizer=opt, params=trainable, batches=batches, device=dev, loss_step=loss_step, checkpoint=ckpt,
         tensors=lambda: everything, state=lambda: {"run_sha256": run_sha, "losses": loop.losses}, on_step=on_step,
@@ -244,29 +243,30 @@ def fit_scalers(
 
         loop.losses = [float(v) for v in loop.resume(same_fit)["losses"]]
     loop.run()
-    fit_time, losses = loop.seconds, loop.losses
-    bn_stats = None
-    if bundle.adapter.batchnorm:
-        bn_stats = _recalibrate(module, sized, small, splits, calibrate_batches, batch_size, seed, dev)
-    after = frozen_eval(splits.val)
+    return loop
 
-    tensors = {f"scalers.{k}": v.detach().cpu() for k, v in scalers.items()}
-    tensors.update({f"small.{k}": v.detach().cpu() for k, v in small.items()})
-    templates_meta = templates_record(bundle.templates)
-    if bn_stats is not None:
-        provenance["bn_statistics"] = bn_stats
-    files = task.companion_files(splits)  # the fitting data's record (state statistics): materialize --scalers writes it
+
+def _save(out: Path, student, bundle: Bundle, bsha: str, provenance: dict[str, Any], files, force: bool) -> None:
+    """The `weit.scalers` file: the target's scalers and small tensors, bound to the bundle."""
+    tensors = {f"scalers.{k}": v.detach().cpu() for k, v in student.scalers.items()}
+    tensors.update({f"small.{k}": v.detach().cpu() for k, v in student.small.items()})
     meta = base_metadata(
         KIND_SCALERS,
-        architecture=target.to_dict(),
+        architecture=student.arch.to_dict(),
         bundle_sha256=bsha,
-        templates=templates_meta,
+        templates=templates_record(bundle.templates),
         provenance=provenance,
-        **({COMPANIONS: files} if files else {}),
+        **({COMPANIONS: files} if files else {}),  # the fitting data's record (state statistics): materialize --scalers writes it
     )
-    save_tensors(out, tensors, meta, force or resume)
-    loop.discard_checkpoint()
-    window = max(1, min(20, steps // 5))
+    save_tensors(out, tensors, meta, force)
+
+
+def _summary(out: Path, bundle: Bundle, bsha: str, target, task, splits, loop, trainable, before, after, *, steps, resume,
+             train_small, new_head, bn_stats) -> dict[str, Any]:
+    from weit_cli.io.files import sha256
+    from weit_cli.training.sized import loss_window
+
+    first, last = loss_window(loop.losses, steps)
     return {
         "command": "fit-scalers",
         "output": str(out),
@@ -279,13 +279,13 @@ def fit_scalers(
         "resumed_from": loop.start if resume else None,
         "trained": ["scalers", "small"] if train_small else ["scalers", *(["classifier"] if new_head else [])],
         "params": sum(v.numel() for v in trainable.values()),
-        "loss_first": sum(losses[:window]) / window,
-        "loss_last": sum(losses[-window:]) / window,
+        "loss_first": first,
+        "loss_last": last,
         f"val_{task.metric_key}_before": before.metric,
         f"val_{task.metric_key}_after": after.metric,
         "metric": task.metric_name,
         "val_count": after.count,
-        "fit_seconds": fit_time,
+        "fit_seconds": loop.seconds,
         "data": splits.description,
         "bn_statistics": bn_stats,
     }

@@ -16,10 +16,6 @@ def _tasks() -> dict[str, Any]:
     return {t.name: t for t in (Classification, Generation, Control)}
 
 
-def task_names() -> list[str]:
-    return sorted(_tasks())
-
-
 def task_for(adapter, **options):
     """The task that trains `adapter`'s models, built from the commands' task options
     (`label_smoothing`); an option the task does not have is refused in one line."""
