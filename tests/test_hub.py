@@ -201,3 +201,10 @@ def test_teacher_by_hub_id_is_recorded(cache, tmp_path):
     assert res["teacher"]["source"] == "hf-hub:org/teacher" and res["teacher"]["revision"] == COMMIT
     prov = json.loads(load_weit(out, "weit.templates")[1]["provenance"])
     assert prov["teacher_source"]["repo_id"] == "org/teacher" and prov["teacher_sha256"] == checkpoint_sha256(teacher)
+
+
+def test_inspect_a_hub_model(cache, vit_folder):
+    publish(cache, "timm/tiny-vit", vit_folder)
+    r = js(weit("inspect", "hf-hub:timm/tiny-vit", "--json"))
+    assert r["kind"] == "dense" and r["architecture"]["family"] and r["source"]["revision"] == COMMIT
+    assert r["params"]["dense"] == js(weit("inspect", vit_folder, "--json"))["params"]["dense"]

@@ -241,9 +241,9 @@ def materialize(
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write an ordinary checkpoint of any size for the family's own library: a timm folder (ViT, ResNet;
-    timm's local-dir:), a diffusers folder (DiT), a transformers folder (Decision Transformer), or a bare
-    .safetensors."""
+    """Write an ordinary checkpoint of any size in its family's own library layout: a timm folder
+    (classifiers; timm's local-dir:), a diffusers folder (image generators), a transformers folder
+    (control models), or a bare .safetensors."""
 
     def go():
         from weit_cli.commands.materialize import materialize as mat
@@ -336,7 +336,7 @@ def pretrain(
 
 @app.command()
 def inspect(
-    file: Annotated[Path, typer.Argument(help="A bundle, scalers file, or dense checkpoint.")],
+    file: Annotated[Path, typer.Argument(help="A bundle, scalers file, or dense checkpoint (folder, file or hf-hub:ORG/NAME).")],
     full: Annotated[bool, typer.Option("--full", help="Every provenance field as its own row (the resolved recipe too).")] = False,
     check: Annotated[bool, typer.Option("--check", help="Also read every tensor and check its values (without it a bundle or scalers file is answered from its header).")] = False,
     as_json: JsonOpt = False,
@@ -549,7 +549,7 @@ def finetune(
     as_json: JsonOpt = False,
 ) -> None:
     """Train a model of any family with its own library's layout, no constraint (classifiers on images,
-    DiTs on the diffusion loss, Decision Transformers on trajectories), from weit's weights or a baseline
+    image generators on the diffusion loss, control models on trajectories), from weit's weights or a baseline
     initialisation; DDP under torchrun."""
 
     def go():

@@ -37,6 +37,11 @@ def inspect(path: Path, check: bool = False) -> dict[str, Any]:
     """What a file holds. A bundle or scalers file answers from its safetensors header alone (kind,
     architecture, templates, tensor layout, parameter counts: no tensor read, no torch); `check`
     also reads every tensor and checks its values, as materialize and fit-scalers do before use."""
+    from weit_cli.io.hub import is_hub_id, resolve
+
+    if is_hub_id(path):  # a dense model in the Hugging Face cache, by its hub id
+        folder, hub = resolve(path)
+        return {**_inspect_dense(folder, check), "source": hub}
     path = Path(path)
     if path.is_dir() or (path.suffix != ".safetensors" and path.exists()):  # a timm folder, a torch file
         return _inspect_dense(path, check)

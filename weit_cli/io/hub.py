@@ -1,8 +1,7 @@
 """Models named by their Hugging Face hub id: `hf-hub:ORG/NAME[@REVISION][/SUBFOLDER]`.
 
-timm's spelling (`timm.create_model('hf-hub:timm/vit_small_patch16_224.augreg_in21k')`), for every
-family; a subfolder names the model inside a pipeline repository (diffusers keeps a DiT in
-`transformer/`). The id is resolved through `huggingface_hub`'s own cache, so `HF_HUB_OFFLINE=1`
+timm's spelling (`timm.create_model('hf-hub:ORG/NAME')`), for every family; a subfolder names the
+model inside a pipeline repository (diffusers keeps a pipeline's transformer in `transformer/`). The id is resolved through `huggingface_hub`'s own cache, so `HF_HUB_OFFLINE=1`
 reads whatever is cached and nothing else; only configs and safetensors weights are fetched (weit
 never unpickles). Resolved, a hub model is an ordinary local folder: every reader of models takes
 the folder, and the provenance records the id and the commit it resolved to (`hub_record`).
@@ -20,7 +19,7 @@ from weit_cli.errors import InputError
 PREFIX = "hf-hub:"
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _ID = re.compile(rf"^(?P<org>{_PART})/(?P<name>{_PART})(?:@(?P<rev>[A-Za-z0-9._-]+))?(?:/(?P<sub>{_PART}(?:/{_PART})*))?/?$")
-SPELLING = "hf-hub:ORG/NAME[@REVISION][/SUBFOLDER], e.g. hf-hub:timm/vit_small_patch16_224.augreg_in21k"
+SPELLING = "hf-hub:ORG/NAME[@REVISION][/SUBFOLDER], e.g. hf-hub:ORG/NAME@main/transformer"
 
 
 @dataclass(frozen=True)
