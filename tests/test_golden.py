@@ -1,5 +1,8 @@
 """Golden outputs: a fixed set of commands on tiny ViTs and ResNets gives the same bytes as it did
-before the family/task/export redesign (issue 9). The hashes were recorded at commit 0c4b593 with
+before the family/task/export redesign (issue 9). The hashes were first recorded at commit 0c4b593;
+on 2026-12-03 a fresh .venv on this machine (timm 1.0.31, numpy 2.4.6, … now pinned in constraints.txt)
+gave other bytes for the unchanged b51f714 (the trained and the ResNet outputs), so they were recorded
+anew at b51f714 and every later tree compared with that table. Record with
 
     WEIT_RECORD_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden.py -q -s
 
@@ -93,38 +96,38 @@ COMMANDS: list[list[str]] = [
 
 GOLDEN: dict[str, str] = {
     "rn-calibrated/config.json": "695c8a074a24524a2674626773fba7c492abac41c2dd761da93a724253aa575d",
-    "rn-calibrated/model.safetensors": "4db5346c8cc40a1cf920d9431bf9d482b16fe3eda7fc083e426c5f2d64614e89",
-    "rn-deep.safetensors": "f9990d0d1655926d97e45056fcb5d3530e3523d363249a6352278c167176dc2c",
-    "rn-fit.safetensors": "af9dca682fbf4cb7c5eca93f043b2ea4ecf545c2eea21c2bd2d07a5ee0d01ed7",
+    "rn-calibrated/model.safetensors": "1603ff82ab278515e593a280d76be5766dfb873614594054be13ae7d2eaa3d0b",
+    "rn-deep.safetensors": "dd654a48b6e476de6cbef9194b83bd8736fbcd79b4049bf2b5268e0e4eccc809",
+    "rn-fit.safetensors": "afb514037658edf8d51d20e1795b72dd32f17af8b03b63ac911cc4a7c4728f42",
     "rn-fitted/config.json": "695c8a074a24524a2674626773fba7c492abac41c2dd761da93a724253aa575d",
-    "rn-fitted/model.safetensors": "6d970208246dcf33dc76da343c6949534e53dab6f7088a019d86c9b1ab4d3684",
+    "rn-fitted/model.safetensors": "03530ec04401725a959fd908633931dd9ab740361e0a5cb134fe96a0ab10e718",
     "rn-ft/best/config.json": "695c8a074a24524a2674626773fba7c492abac41c2dd761da93a724253aa575d",
-    "rn-ft/best/model.safetensors": "3d3cc132b80f0da901cea07db383f6fe7d619646064a13106eadd9fce2a0b9b5",
+    "rn-ft/best/model.safetensors": "68cdb921875d698ffaa85474d909fb2d3a037099ec6f047ae502e58f28b7d5c1",
     "rn-ft/last/config.json": "695c8a074a24524a2674626773fba7c492abac41c2dd761da93a724253aa575d",
-    "rn-ft/last/model.safetensors": "3d3cc132b80f0da901cea07db383f6fe7d619646064a13106eadd9fce2a0b9b5",
+    "rn-ft/last/model.safetensors": "68cdb921875d698ffaa85474d909fb2d3a037099ec6f047ae502e58f28b7d5c1",
     "rn-mixed/config.json": "7de6a83c03b08a87d4b2ede5bf5abdecdacec0b4ddc99eee0f6168fff45524d1",
-    "rn-mixed/model.safetensors": "409a46c5005d937ddd8a60f2d5aa6f163f11dd900eae5df149e6c5dbdb4e5b64",
+    "rn-mixed/model.safetensors": "a95d711d9f6da9aa490e00c7176a00a9506297be994516b4c9415f53c016cfbb",
     "rn-pre.recipe.yaml": "3e89f3d9beabd76a5294fda0f6c4c0c9a1300adbe8b1a12a0622d17d6aed7386",
-    "rn-pre.safetensors": "703c1544a08a7d3bb1ac76f96968ae9d0271de59be4e08d1772ac5c50478ca72",
-    "rn.safetensors": "f3eeede9213156ab80458b0ef1cacad191f7d199e2d9326555a43031d5f85795",
+    "rn-pre.safetensors": "18e1a090a3ec9377fa036e9a84fd5d4c634f211be7fd29adddf9e1ceef252a07",
+    "rn.safetensors": "9ef7c2a7a4ac466fc4ebec89aaef3565f4fbb8f5e445a59483ebc590eaa105e3",
     "vit-bf16.safetensors": "7131b9fa413faefc524f2f5534004e5146bab76ea6148bcd66753b177dacfe83",
-    "vit-distilled.safetensors": "47f4426c23ffba006df04fe8e0eca72af3c6a79e7dd5b3776367fd96bf9f17f9",
-    "vit-fit-kd.safetensors": "0037d1c7da281a4898eb0af8a58bcc95a5e64db4ef3ae7693718d7f5eebf42b8",
-    "vit-fit.safetensors": "707103e3fa53b032d6efd4e898aff6967bf7261605c77378c53be4ea8cc45a94",
+    "vit-distilled.safetensors": "36f6f8c10c879d8011f785e66907f2a8521d330fcebc7b015912fddafb859311",
+    "vit-fit-kd.safetensors": "d85a5baa074de29d35a3abba2cc1ff7dcead016bbf0ea261397316ec07bcf34e",
+    "vit-fit.safetensors": "0c3816dfbfeef56922e6606721e490ecdb917a39efb371d66ab7b3af515db53b",
     "vit-fitted/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
-    "vit-fitted/model.safetensors": "14a91e252f95bcfea32b766ab27fe1d5f3cc11a406dea6e87dd3328792574d18",
+    "vit-fitted/model.safetensors": "67b4d71f50c91f69d6762870b5503712089cdbd4d95df3f9765a5f7cbff8f445",
     "vit-ft-random/best/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
-    "vit-ft-random/best/model.safetensors": "cb2b1c2785e3d4cba329f07e030b5ff2658f5f62f226ca8cafe202cdd7da3998",
+    "vit-ft-random/best/model.safetensors": "a9ae83320301371f0d2c42d220a4c2c91673fc49528498d671bc1a47bee16ed9",
     "vit-ft-random/last/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
-    "vit-ft-random/last/model.safetensors": "cb2b1c2785e3d4cba329f07e030b5ff2658f5f62f226ca8cafe202cdd7da3998",
+    "vit-ft-random/last/model.safetensors": "a9ae83320301371f0d2c42d220a4c2c91673fc49528498d671bc1a47bee16ed9",
     "vit-ft-ws/best/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
-    "vit-ft-ws/best/model.safetensors": "a5f6dac87faac2476b36ae7ea19eb2cafebc7a1c29275cb0f6d3d55b19752daa",
+    "vit-ft-ws/best/model.safetensors": "ef1f4aee3d6f3b30ac3f9ad6bd2e354bdd9e1c11863cae7ddc5e24b57724dfe8",
     "vit-ft-ws/last/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
-    "vit-ft-ws/last/model.safetensors": "a5f6dac87faac2476b36ae7ea19eb2cafebc7a1c29275cb0f6d3d55b19752daa",
+    "vit-ft-ws/last/model.safetensors": "ef1f4aee3d6f3b30ac3f9ad6bd2e354bdd9e1c11863cae7ddc5e24b57724dfe8",
     "vit-ft/best/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
-    "vit-ft/best/model.safetensors": "7bd16b68a7475c4afd1345b93f3c218ce9477abde7e225ce532d7eb4469a7c4e",
+    "vit-ft/best/model.safetensors": "36f89021e761af5b742cf5388f5086e84f1dcbe36282b5cf55802bf188895523",
     "vit-ft/last/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
-    "vit-ft/last/model.safetensors": "7bd16b68a7475c4afd1345b93f3c218ce9477abde7e225ce532d7eb4469a7c4e",
+    "vit-ft/last/model.safetensors": "36f89021e761af5b742cf5388f5086e84f1dcbe36282b5cf55802bf188895523",
     "vit-full.safetensors": "ef9cc7e70b5bca0c6d3e77e508e19131a9ed83dac88fb4b7ad2cd513c3bcd224",
     "vit-grow/config.json": "e2a0e7d78f142485c7ef71b28aef0d89225803486fcb4379fec6f6e154cd76b4",
     "vit-grow/model.safetensors": "ef07dbe64bfcfb691161c226bc7318568266889d883b1151fd41fee75e44b312",
@@ -135,9 +138,9 @@ GOLDEN: dict[str, str] = {
     "vit-p4-grow/model.safetensors": "91e5030ee471c7ff3b142aa83ccf6bf5680446a28f497923d261adc0426b103f",
     "vit-p4.safetensors": "344913747a8f0b00f3651494d0adb143de14ed5fef8676d883b5cbd002221f2f",
     "vit-pre-grow/config.json": "98f74722a03c660cc961a348f543f209b727c5d2f19fe238549df1f400ff5571",
-    "vit-pre-grow/model.safetensors": "7c6f6187417cede19dc15d1ba7a6028f8161c55f824dcdc41cc2973ac17fa8bc",
+    "vit-pre-grow/model.safetensors": "dd49ad75ffc6e87d8026627857775a4a20b20954e5c52d2f469470093b34af99",
     "vit-pre.recipe.yaml": "20af2e02f830574bb98dedfc934394c36b09b132b439749b310ed700dbd3ff0a",
-    "vit-pre.safetensors": "22906579f92f91ebffe53c4e05b6d69de069ad1d90773c3089855cce79960d8c",
+    "vit-pre.safetensors": "74f17a2360441b20e9e38349a99ecc091942003cd017a70c010a727e5c6be5da",
     "vit-shrink.safetensors": "4ed0452b7111a7077e9c0b0b2be7aa824de35dd2bc259151da30c8e65d704aa3"
 }
 
