@@ -41,8 +41,9 @@ STATE = "state.safetensors"
 RUN_KEYS = (
     "model_sha256", "init", "source_sha256", "data", "epochs", "lr", "warmup", "schedule", "min_lr_ratio",
     "batch_size", "weight_decay", "grad_clip", "label_smoothing", "train_subset", "data_seed", "val_fraction",
-    "reset_head", "seed", "world_size",
+    "reset_head", "seed", "world_size", "ema",
 )
+EMA_WARMUP_POWER = 0.75  # --ema's warm-up: decay at update k = min(--ema, 1 - (1 + k)^-0.75) (training/loop.make_ema)
 
 
 def finetune(
@@ -71,6 +72,7 @@ def finetune(
     device: str | None = None,
     eval_batch_size: int = 256,
     on_step: Callable[[Any], None] | None = None,
+    ema: float = 0.0,
 ) -> dict[str, Any]:
     """Train MODEL's architecture on `data` for `epochs`; returns a summary. Every rank calls this."""
     from weit_cli.limits import check_seed
@@ -89,8 +91,10 @@ def finetune(
         schedule=schedule, min_lr_ratio=min_lr_ratio, batch_size=batch_size, weight_decay=weight_decay,
         grad_clip=grad_clip, label_smoothing=label_smoothing, train_subset=train_subset, data_seed=data_seed,
         val_fraction=val_fraction, reset_head=reset_head, seed=seed, resume=resume, eval_batch_size=eval_batch_size,
-        on_step=on_step,
+        on_step=on_step, ema=ema,
     )
+    if not 0.0 <= ema < 1.0:
+        raise WeitError(f"--ema must be a decay in [0, 1), got {ema}", "e.g. --ema 0.999, or 0 for none")
     dist = setup_distributed(device)
     try:
         return _run(dist=dist, **options)
@@ -226,11 +230,11 @@ def initial_state(adapter, arch, init: str, weights, source: Path | None, seed: 
 # ---------------------------------------------------------------------------------------------- the loop
 def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, min_lr_ratio, batch_size, weight_decay,
          grad_clip, label_smoothing, train_subset, data_seed, val_fraction, reset_head, seed, resume, eval_batch_size,
-         on_step, dist) -> dict[str, Any]:
+         on_step, dist, ema=0.0) -> dict[str, Any]:
     from weit_cli.tasks._registry import task_for
     from weit_cli.training.batches import Batches
     from weit_cli.training.dist import barrier, seed_everything
-    from weit_cli.training.loop import Loop, Plan
+    from weit_cli.training.loop import Loop, Plan, make_ema, rank_generator
     from weit_cli.training.optim import adamw
 
     rank, world, dev = dist
@@ -268,6 +272,7 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
         "batch_size": batch_size, "weight_decay": weight_decay, "grad_clip": grad_clip, "label_smoothing": label_smoothing,
         "train_subset": train_subset, "data_seed": data_seed, "val_fraction": val_fraction, "reset_head": reset_head,
         "seed": seed, "world_size": world, "architecture": arch.to_dict(), "new_head": new_head,
+        **({"ema": ema} if ema else {}),  # only when set: args.json of a run without it stays as it was
     }
     state0, origin = initial_state(adapter, arch, init, weights, source, seed)
     if new_head and init == "weight-selection":
@@ -298,6 +303,10 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
     scored = adapter.task_forward(net)
 
     def evaluate_all(epoch: int, train_loss: float | None) -> dict[str, Any]:
+        with loop.ema_weights():  # with --ema, the EMA weights are scored (and written: write_epoch)
+            return _scores(epoch, train_loss)
+
+    def _scores(epoch: int, train_loss: float | None) -> dict[str, Any]:
         val = task.evaluate(scored, splits.val, eval_batch_size, dev) if len(splits.val) else None
         test = task.evaluate(scored, splits.test, eval_batch_size, dev) if splits.test is not None and len(splits.test) else None
         return {
@@ -323,7 +332,8 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
         return {k: rec[k] for k in (f"val_{key}", f"test_{key}") if rec[k] is not None}
 
     def write_epoch(epoch: int) -> None:  # after the epoch's checkpoint (the loop's order, for --resume)
-        cpu = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        with loop.ema_weights():
+            cpu = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         _write_model(adapter, arch, cpu, out_dir / "last", {**origin, "epoch": epoch}, **with_files)
         if improved:
             _write_model(adapter, arch, cpu, out_dir / "best", {**origin, "epoch": epoch}, **with_files)
@@ -338,8 +348,13 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
         loss_step=lambda batch: task.train_loss(train_mod, task.prepare(batch)),
         end_epoch=end_epoch, write_epoch=write_epoch, checkpoint=state_path, tensors=net.state_dict,
         state=lambda: {"epoch": finished, "metrics": metrics, "best": best, "wall_s": wall},
-        on_step=on_step, rank=rank, world_size=world,
+        on_step=on_step, rank=rank, world_size=world, ema=make_ema(named, ema, EMA_WARMUP_POWER),
+        noise=rank_generator(world) if hasattr(task, "generator") else None,
     )
+    if loop.noise is not None:
+        task.generator = loop.noise  # under torchrun: this process's own diffusion noise (training/loop.py)
+    if ema:
+        origin = {**origin, "weights": "ema", "ema_decay": ema, "ema_warmup_power": EMA_WARMUP_POWER}
     if resume:
         old = json.loads((out_dir / "args.json").read_text())
         diff = [k for k in RUN_KEYS if old.get(k) != args.get(k)]

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,20 @@ class Loop:
 
     def _ema_state(self) -> dict[str, Any]:
         return {} if self.ema is None else {"ema_step": self.ema.optimization_step}
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """The EMA weights in the trained tensors for the block (evaluating, writing), then the last
+        weights back, so that training and its checkpoint go on from them; nothing without an EMA."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params.values())
+        self.ema.copy_to(self.params.values())
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params.values())
 
     def use_ema(self) -> dict[str, Any] | None:
         """Put the EMA weights into the trained tensors (after `run`, before the final evaluation and
