@@ -561,6 +561,7 @@ def sample(
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1: none).")] = SAMPLE.guidance,
     seed: Annotated[int, typer.Option(help="Seed of the starting noise: the same seed gives the same PNG bytes.")] = SEED,
     batch_size: Annotated[int, typer.Option(help="Images per sampling batch (the images do not depend on it).")] = SAMPLE.batch_size,
+    scale: Annotated[Optional[int], typer.Option(help="Enlarge the grid N× (nearest neighbour; default: each image ≥ 112 px, ×4 for 28 px).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if present).")] = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -571,7 +572,8 @@ def sample(
         from weit_cli.commands.sample import sample_grid
 
         return sample_grid(model, output, cls=cls, n=n, steps=steps, guidance=guidance, seed=seed,
-                           batch_size=batch_size, device=device, force=force)
+                           batch_size=batch_size, device=device, force=force,
+                           scale=scale)
 
     def render(r):
         what = f"class {r['class']}" if r["class"] is not None else "every class in turn"
@@ -579,6 +581,7 @@ def sample(
             ("wrote", r["output"]),
             ("model", r["description"]),
             ("images", f"{r['n']} ({what}), {r['steps']} DDIM steps, guidance {r['guidance']:g}, seed {r['seed']}"),
+            ("scale", f"×{r['scale']} (nearest neighbour)"),
             ("scheduler", r["scheduler"]),
             ("sha256", r["sha256"]),
         ])
