@@ -634,11 +634,20 @@ def evaluate(
                 ("FID (judge)", f"{r['fid_judge']:.4f} ({r['n_fake']} samples vs {r['n_real']} real)"),
                 ("class accuracy", f"{100 * r['class_accuracy']:.2f}% of samples judged their class"),
                 ("judge sha256", f"{r['judge_sha256']} (test accuracy {100 * r['judge_test_accuracy']:.1f}%)"),
+                *_judge_reference_rows(r.get("judge_references")),
                 ("note", r["note"]),
             ]
         _table("evaluate", rows)
 
     run(go, as_json, render)
+
+
+def _judge_reference_rows(refs: dict | None) -> list[tuple[str, str]]:
+    """`evaluate`'s reading aid: the judge's FID and class accuracy of real images and of junk."""
+    if not refs:
+        return []
+    return [(f"  {label}", f"FID {refs[k]['fid_judge']:.2f}, class accuracy {100 * refs[k]['class_accuracy']:.1f}%")
+            for k, label in (("real_train", "real images (floor)"), ("blank", "blank images"), ("noise", "Gaussian noise"))]
 
 
 @app.command("list-archs")

@@ -168,7 +168,7 @@ def evaluate(model: Path, *, data: str | None = None, num_samples: int = EVALUAT
     }
     if adapter.task != GENERATION:
         return out
-    from weit_cli.tasks.fid import evaluate_samples, load_judge
+    from weit_cli.tasks.fid import evaluate_samples, judge_references, load_judge
 
     if not 2 <= num_samples <= 100_000:
         raise WeitError(f"--num-samples must be in 2..100000, got {num_samples}", f"e.g. --num-samples {EVALUATE.num_samples}")
@@ -177,6 +177,8 @@ def evaluate(model: Path, *, data: str | None = None, num_samples: int = EVALUAT
     real = held_out.tensors[0][:num_samples]
     metrics = evaluate_samples(judge, real, fake, labels)
     out.update({k: v for k, v in metrics.items()})
+    # The judge's scale: the same numbers for real training images (floor), blank images and noise.
+    out["judge_references"] = judge_references(judge, real, *splits.train.tensors[:2])
     out.update(steps=steps, guidance=guidance, seed=seed, scheduler=info["scheduler"])
     return out
 
