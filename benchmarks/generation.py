@@ -438,13 +438,15 @@ class Bench:
 
     def real_floor(self) -> dict:
         """The same score for real images: the first `samples` training images in place of samples
-        (what a perfect generator scores with this many images), and the judge's accuracy on them."""
-        from weit_cli.tasks.fid import class_accuracy
+        (what a perfect generator scores with this many images), and the judge's accuracy on them;
+        beside it the ceilings `weit evaluate` reports (blank images, Gaussian noise; tasks/fid.py)."""
+        from weit_cli.tasks.fid import judge_references
 
         self.load_scorer()
-        x, y = (t[: self.cfg["samples"]] for t in self.data.train.tensors[:2])
-        return {"fid_judge": self.scorer.score(x), "class_accuracy": class_accuracy(self.judge.net, x, y),
-                "what": f"the first {self.cfg['samples']} training images scored as if they were samples"}
+        n = self.cfg["samples"]
+        refs = judge_references(self.judge, self.data.test.tensors[0][:n], *self.data.train.tensors[:2])
+        return {**refs["real_train"], "what": f"the first {n} training images scored as if they were samples",
+                "ceilings": {k: refs[k] for k in ("blank", "noise")}}
 
     def judge_info(self) -> dict:
         from weit_cli.tasks.fid import NOTE, load_judge
@@ -526,6 +528,10 @@ def markdown(res: dict) -> str:
     if res.get("real_floor"):
         f = res["real_floor"]
         lines.append(f"\nThe floor, {f['what']}: FID {f['fid_judge']:.1f}, class accuracy {100 * f['class_accuracy']:.1f} %.")
+        for k, what in (("blank", "blank images"), ("noise", "Gaussian noise")):
+            if k in f.get("ceilings", {}):
+                c = f["ceilings"][k]
+                lines.append(f"Ceiling, {what} scored the same way: FID {c['fid_judge']:.1f}, class accuracy {100 * c['class_accuracy']:.1f} %.")
     return "\n".join(lines)
 
 
