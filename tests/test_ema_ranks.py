@@ -223,3 +223,33 @@ def test_finetune_ema_scores_and_writes_the_average(tmp_path):
     assert "ema" not in json.loads((tmp_path / "raw" / "args.json").read_text())
     bad = weit("finetune", tmp_path / "m", "-o", tmp_path / "bad", "--ema", "1.5", *common, expect=None)
     assert bad.exit_code != 0 and "--ema" in bad.output and not (tmp_path / "bad").exists()
+
+
+@needs_sklearn
+def test_finetune_ema_resume_equals_uninterrupted(tmp_path):
+    from weit_cli.commands.finetune import finetune
+    from weit_cli.errors import WeitError
+    from weit_cli.io.files import sha256
+
+    weit("pretrain", ROOT / "recipes" / "dit-fashion.yaml", "-o", tmp_path / "b.safetensors", *SMALL)
+    weit("materialize", tmp_path / "b.safetensors", "--depth", "1", "--width", "16", "-o", tmp_path / "m")
+    fast = dict(data="digits", epochs=3, train_subset=48, batch_size=16, ema=0.9)
+    finetune(tmp_path / "m", tmp_path / "full", **fast)
+
+    seen = []
+
+    def stop(info):  # the last epoch's end (the 2nd report of step 9): after its checkpoint and last/
+        seen.append(info.step)
+        if seen.count(9) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(WeitError):
+        finetune(tmp_path / "m", tmp_path / "cut", on_step=stop, **fast)
+    for name in ("last", "best"):  # as if killed after the checkpoint, before last/ and best/ were written
+        (tmp_path / "cut" / name / "diffusion_pytorch_model.safetensors").unlink(missing_ok=True)
+    assert finetune(tmp_path / "m", tmp_path / "cut", resume=True, **fast)["resumed_from_epoch"] == 3
+    for name in ("last", "best"):  # written again from the checkpoint: the EMA weights, not the last ones
+        assert sha256(tmp_path / "cut" / name / "diffusion_pytorch_model.safetensors") == sha256(tmp_path / "full" / name / "diffusion_pytorch_model.safetensors")
+    epochs = [json.loads((tmp_path / r / "metrics.json").read_text())["epochs"] for r in ("full", "cut")]
+    assert [[{k: v for k, v in e.items() if not k.endswith("_s")} for e in run] for run in epochs][0] == \
+        [[{k: v for k, v in e.items() if not k.endswith("_s")} for e in run] for run in epochs][1]

@@ -366,7 +366,8 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
         st = loop.resume()
         metrics, best, start_epoch, wall = st["metrics"], st["best"], int(st["epoch"]), float(st["wall_s"])
         if rank == 0:
-            _complete_run_folder(out_dir, adapter, arch, net, origin, args, metrics, best, start_epoch, with_files)
+            with loop.ema_weights():  # --ema: last/ and best/ hold the EMA weights, as the epoch wrote them
+                _complete_run_folder(out_dir, adapter, arch, net, origin, args, metrics, best, start_epoch, with_files)
     elif rank == 0:
         try:
             if out_dir.exists():
