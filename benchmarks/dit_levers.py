@@ -129,6 +129,7 @@ def table(rows: list[dict], a, scores: list[dict] | None = None) -> str:
         f"# DiT recipe levers: {a.depth}×{a.width} trained alone, {a.steps} steps, batch {a.batch}, lr {a.lr}, {len(a.seeds)} seeds, 1 CPU thread",
         "",
         f"    OMP_NUM_THREADS=1 python benchmarks/dit_levers.py --work runs/dit-levers --steps {a.steps} --warmup {a.warmup}"
+        + (f" --dense-seeds {' '.join(map(str, a.dense_seeds))}" if a.dense_seeds is not None else "")
         + (f" --score {a.score} --guidance {' '.join(f'{g:g}' for g in a.guidance)}" if a.score else ""),
         "",
         "Denoising loss (ε-MSE, lower is better; fixed noise and timesteps). val: 6000 held-out training images;",
@@ -150,6 +151,9 @@ def table(rows: list[dict], a, scores: list[dict] | None = None) -> str:
         lines += ["", "The judge's scale at this sample count: " + ", ".join(
             f"{what} FID {refs[k]['fid_judge']:.1f} ({100 * refs[k]['class_accuracy']:.1f} %)"
             for k, what in (("real_train", "real training images"), ("blank", "blank images"), ("noise", "Gaussian noise"))) + "."]
+    n_seeds = {m: len([r for r in rows if r["method"] == m]) for m in dict.fromkeys(r["method"] for r in rows)}
+    if len(set(n_seeds.values())) > 1:
+        lines += ["", "Seeds per method: " + ", ".join(f"{m} {k}" for m, k in n_seeds.items()) + " (one value: no ± sd)."]
     lines += ["", "Per-run commands are in dit-levers.json."]
     return "\n".join(lines) + "\n"
 
@@ -166,7 +170,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=40)
     ap.add_argument("--ema-decay", type=float, default=0.999)
-    ap.add_argument("--no-dense", action="store_true")
+    ap.add_argument("--dense-seeds", type=int, nargs="*", default=None, help="Seeds of the dense arm (default: --seeds; none: no dense).")
     ap.add_argument("--score", type=int, default=0, help="Then score seed 0's models with `weit evaluate` on this many samples (0: no).")
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="Guidance scales scored for the best weit count.")
     a = ap.parse_args()
@@ -176,7 +180,7 @@ def main() -> None:
         for count in a.counts:
             rows.append(weit_run(a.work, count, seed, a))
             print(json.dumps(rows[-1]), flush=True)
-        if not a.no_dense:
+        if seed in (a.seeds if a.dense_seeds is None else a.dense_seeds):
             rows.append(dense_run(a.work, seed, a))
             print(json.dumps(rows[-1]), flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
