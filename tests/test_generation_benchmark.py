@@ -26,3 +26,6 @@ def test_generation_benchmark_tiny(tmp_path):
         assert all(f > 0 for f in r["fid_mean"]) and all(0 <= a <= 1 for a in r["class_accuracy_mean"])
     assert len(res["grids"]) == 6 and all((ROOT / g["path"]).is_file() or Path(g["path"]).is_file() for g in res["grids"])
     assert (tmp_path / "docs" / "generation-tiny.png").stat().st_size > 0
+    floor = res["real_floor"]  # the judge's scale: real images, and the ceilings weit evaluate reports
+    assert floor["fid_judge"] < floor["ceilings"]["blank"]["fid_judge"] and floor["fid_judge"] < floor["ceilings"]["noise"]["fid_judge"]
+    assert "Ceiling, Gaussian noise" in (tmp_path / "docs" / "generation-tiny.md").read_text()

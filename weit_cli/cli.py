@@ -541,6 +541,7 @@ def finetune(
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the loss.")] = FINETUNE.label_smoothing,
     train_subset: Annotated[Optional[float], typer.Option(help="Train on part of the training split: fraction ≤ 1 or image count.")] = None,
     data_seed: Annotated[int, typer.Option(help="Seed of the validation split and the training subset.")] = SEED,
+    ema: Annotated[float, typer.Option(help="Keep an EMA of the weights with this decay (warm-up power 0.75); it is scored and written (0: off).")] = 0.0,
     reset_head: Annotated[bool, typer.Option("--reset-head", help="Start a fresh classifier (automatic when the class count differs).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the initialisation and the data order.")] = SEED,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in the output folder.")] = False,
@@ -563,6 +564,7 @@ def finetune(
                 schedule=schedule, min_lr_ratio=min_lr_ratio, batch_size=batch_size, weight_decay=weight_decay,
                 grad_clip=grad_clip, label_smoothing=label_smoothing, train_subset=subset, data_seed=data_seed,
                 reset_head=reset_head, seed=seed, resume=resume, force=force, device=device, on_step=progress,
+                ema=ema,
             )
 
     def render(r):
@@ -598,6 +600,7 @@ def sample(
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1: none).")] = SAMPLE.guidance,
     seed: Annotated[int, typer.Option(help="Seed of the starting noise: the same seed gives the same PNG bytes.")] = SEED,
     batch_size: Annotated[int, typer.Option(help="Images per sampling batch (the images do not depend on it).")] = SAMPLE.batch_size,
+    scale: Annotated[Optional[int], typer.Option(help="Enlarge the grid N× (nearest neighbour; default: each image ≥ 112 px, ×4 for 28 px).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if present).")] = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -610,7 +613,7 @@ def sample(
 
         with heartbeat(f"sample: {n} images, {steps} DDIM steps"):
             return sample_grid(model, output, cls=cls, n=n, steps=steps, guidance=guidance, seed=seed,
-                               batch_size=batch_size, device=device, force=force)
+                               batch_size=batch_size, device=device, force=force, scale=scale)
 
     def render(r):
         what = f"class {r['class']}" if r["class"] is not None else "every class in turn"
@@ -618,6 +621,7 @@ def sample(
             ("wrote", r["output"]),
             ("model", r["description"]),
             ("images", f"{r['n']} ({what}), {r['steps']} DDIM steps, guidance {r['guidance']:g}, seed {r['seed']}"),
+            ("scale", f"×{r['scale']} (nearest neighbour)"),
             ("scheduler", r["scheduler"]),
             ("sha256", r["sha256"]),
         ])
@@ -672,11 +676,20 @@ def evaluate(
                 ("FID (judge)", f"{r['fid_judge']:.4f} ({r['n_fake']} samples vs {r['n_real']} real)"),
                 ("class accuracy", f"{100 * r['class_accuracy']:.2f}% of samples judged their class"),
                 ("judge sha256", f"{r['judge_sha256']} (test accuracy {100 * r['judge_test_accuracy']:.1f}%)"),
+                *_judge_reference_rows(r.get("judge_references")),
                 ("note", r["note"]),
             ]
         _table("evaluate", rows)
 
     run(go, as_json, render)
+
+
+def _judge_reference_rows(refs: dict | None) -> list[tuple[str, str]]:
+    """`evaluate`'s reading aid: the judge's FID and class accuracy of real images and of junk."""
+    if not refs:
+        return []
+    return [(f"  {label}", f"FID {refs[k]['fid_judge']:.2f}, class accuracy {100 * refs[k]['class_accuracy']:.1f}%")
+            for k, label in (("real_train", "real images (floor)"), ("blank", "blank images"), ("noise", "Gaussian noise"))]
 
 
 @app.command("list-archs")

@@ -145,6 +145,17 @@ class LrScales(_Section):
     small: float = Field(1.0, gt=0, description="Multiplier of train.lr for the small parameters (norms, biases, embeddings, heads).")
 
 
+class EmaSection(_Section):
+    decay: float = Field(
+        0.999, gt=0, lt=1,
+        description="Largest decay of the exponential moving average of the trained tensors (diffusers' EMAModel); the EMA weights are written.",
+    )
+    warmup_power: float = Field(
+        0.75, ge=0,
+        description="EMA warm-up: decay at update k = min(decay, 1 - (1 + k)^-power) (diffusers' use_ema_warmup); 0: diffusers' (1 + k)/(10 + k).",
+    )
+
+
 class TeacherSection(_Section):
     source: str = Field(
         description="A dense checkpoint of the recipe's family and largest size (a timm/diffusers/transformers folder or a weights file)."
@@ -173,6 +184,12 @@ class TrainSection(_Section):
     checkpoint_every: int = Field(100, ge=0, description="Write a resumable checkpoint every N steps (0: never).")
     lr_scales: LrScales = Field(
         default_factory=lambda: LrScales(), description="Learning-rate multipliers of the templates, the scalers and the small parameters."
+    )
+    # Generation (issue 19): both off by default, and then left out of the resolved recipe (_OFF_WHEN).
+    ema: EmaSection | None = Field(None, description="Keep an EMA of the trained tensors and write it instead of the last weights (null: off).")
+    label_dropout: float | None = Field(
+        None, ge=0, le=1,
+        description="Generation: fraction of training labels replaced by 'no class' for classifier-free guidance (null: the task's 0.1).",
     )
 
 
@@ -349,6 +366,8 @@ _OFF_WHEN = {
     ("teacher",): None,
     ("train", "lr_scales"): LrScales().model_dump(mode="json"),
     ("nested", "distill_warmup_steps"): 0,
+    ("train", "ema"): None,
+    ("train", "label_dropout"): None,
 }
 
 

@@ -44,8 +44,9 @@ STATE = "state.safetensors"
 RUN_KEYS = (
     "model_sha256", "init", "source_sha256", "data", "epochs", "lr", "warmup", "schedule", "min_lr_ratio",
     "batch_size", "weight_decay", "grad_clip", "label_smoothing", "train_subset", "data_seed", "val_fraction",
-    "reset_head", "seed", "world_size",
+    "reset_head", "seed", "world_size", "ema",
 )
+EMA_WARMUP_POWER = 0.75  # --ema's warm-up: decay at update k = min(--ema, 1 - (1 + k)^-0.75) (training/loop.make_ema)
 
 
 def finetune(
@@ -74,6 +75,7 @@ def finetune(
     device: str | None = None,
     eval_batch_size: int = 256,
     on_step: Callable[[Any], None] | None = None,
+    ema: float = 0.0,
 ) -> dict[str, Any]:
     """Train MODEL's architecture on `data` for `epochs`; returns a summary. Every rank calls this."""
     from weit_cli.limits import check_seed
@@ -97,8 +99,10 @@ def finetune(
         schedule=schedule, min_lr_ratio=min_lr_ratio, batch_size=batch_size, weight_decay=weight_decay,
         grad_clip=grad_clip, label_smoothing=label_smoothing, train_subset=train_subset, data_seed=data_seed,
         val_fraction=val_fraction, reset_head=reset_head, seed=seed, resume=resume, eval_batch_size=eval_batch_size,
-        on_step=on_step, hub=hub,
+        on_step=on_step, hub=hub, ema=ema,
     )
+    if not 0.0 <= ema < 1.0:
+        raise WeitError(f"--ema must be a decay in [0, 1), got {ema}", "e.g. --ema 0.999, or 0 for none")
     dist = setup_distributed(device)
     try:
         return _run(dist=dist, **options)
@@ -235,7 +239,7 @@ def initial_state(adapter, arch, init: str, weights, source: Path | None, seed: 
 # ---------------------------------------------------------------------------------------------- the loop
 def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, min_lr_ratio, batch_size, weight_decay,
          grad_clip, label_smoothing, train_subset, data_seed, val_fraction, reset_head, seed, resume, eval_batch_size,
-         on_step, dist, hub=None) -> dict[str, Any]:
+         on_step, dist, hub=None, ema=0.0) -> dict[str, Any]:
     from weit_cli.training.dist import barrier
 
     rank, world, dev = dist
@@ -252,16 +256,19 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
         "train_subset": train_subset, "data_seed": data_seed, "val_fraction": val_fraction, "reset_head": reset_head,
         "seed": seed, "world_size": world, "architecture": arch.to_dict(), "new_head": new_head,
         **({"hub": hub} if hub else {}),  # hub ids and the commits they resolved to
+        **({"ema": ema} if ema else {}),  # only when set: args.json of a run without it stays as it was
     }
     state0, origin = initial_state(adapter, arch, init, setup.weights, source, seed)
     if hub:
         origin["hub"] = hub
+    if ema:  # last/ and best/ hold the EMA weights
+        origin = {**origin, "weights": "ema", "ema_decay": ema, "ema_warmup_power": EMA_WARMUP_POWER}
     if new_head and init == "weight-selection":
         state0.update({k: v for k, v in _fresh(adapter, arch, seed).items() if k in adapter.classifier})
     net, train_mod = _build(adapter, arch, state0, seed, dev, world)
     loop, record = _loop(setup, net, train_mod, out_dir, args, origin, dist, epochs=epochs, lr=lr, warmup=warmup,
                          schedule=schedule, min_lr_ratio=min_lr_ratio, batch_size=batch_size, weight_decay=weight_decay,
-                         grad_clip=grad_clip, seed=seed, eval_batch_size=eval_batch_size, on_step=on_step)
+                         grad_clip=grad_clip, seed=seed, eval_batch_size=eval_batch_size, on_step=on_step, ema=ema)
     start_epoch = _start(loop, record, out_dir, args, resume, rank)
     loop.run()
     if rank == 0:  # finished: the resumable state is no longer needed (last/ holds the weights)
@@ -361,11 +368,21 @@ class _Record:
         self.metrics: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.wall, self.finished, self.improved = 0.0, 0, False
+        self.loop = None  # set by _loop: its `ema_weights()` swaps in the EMA weights (--ema) to score and write
+
+    def ema_weights(self):
+        from contextlib import nullcontext
+
+        return self.loop.ema_weights() if self.loop is not None else nullcontext()
 
     def better(self, a: float, b: float) -> bool:
         return a > b if self.setup.task.higher_is_better else a < b
 
     def evaluate_all(self, epoch: int, train_loss: float | None) -> dict[str, Any]:
+        with self.ema_weights():  # with --ema, the EMA weights are scored (and written: write_epoch)
+            return self._scores(epoch, train_loss)
+
+    def _scores(self, epoch: int, train_loss: float | None) -> dict[str, Any]:
         task, splits, key = self.setup.task, self.setup.splits, self.key
         val = task.evaluate(self.scored, splits.val, self.eval_batch_size, self.dev) if len(splits.val) else None
         test = task.evaluate(self.scored, splits.test, self.eval_batch_size, self.dev) if splits.test is not None and len(splits.test) else None
@@ -393,7 +410,8 @@ class _Record:
 
     def write_epoch(self, epoch: int) -> None:  # after the epoch's checkpoint (the loop's order, for --resume)
         adapter, arch = self.setup.adapter, self.setup.arch
-        cpu = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        with self.ema_weights():
+            cpu = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
         _write_model(adapter, arch, cpu, self.out_dir / "last", {**self.origin, "epoch": epoch}, **self.with_files)
         if self.improved:
             _write_model(adapter, arch, cpu, self.out_dir / "best", {**self.origin, "epoch": epoch}, **self.with_files)
@@ -404,10 +422,10 @@ class _Record:
 
 
 def _loop(setup: _Setup, net, train_mod, out_dir: Path, args, origin, dist, *, epochs, lr, warmup, schedule, min_lr_ratio,
-          batch_size, weight_decay, grad_clip, seed, eval_batch_size, on_step):
+          batch_size, weight_decay, grad_clip, seed, eval_batch_size, on_step, ema=0.0):
     """(the training loop, the record its epoch hooks keep): AdamW, each rank's shard of each batch, the schedule."""
     from weit_cli.training.batches import Batches
-    from weit_cli.training.loop import Loop, Plan
+    from weit_cli.training.loop import Loop, Plan, make_ema, rank_generator
     from weit_cli.training.optim import adamw
 
     rank, world, dev = dist
@@ -427,8 +445,12 @@ def _loop(setup: _Setup, net, train_mod, out_dir: Path, args, origin, dist, *, e
         plan, optimizer=opt, params=named, batches=batches, device=dev,
         loss_step=lambda batch: task.train_loss(train_mod, task.prepare(batch)),
         end_epoch=record.end_epoch, write_epoch=record.write_epoch, checkpoint=out_dir / STATE, tensors=net.state_dict,
-        state=record.state, on_step=on_step, rank=rank, world_size=world,
+        state=record.state, on_step=on_step, rank=rank, world_size=world, ema=make_ema(named, ema, EMA_WARMUP_POWER),
+        noise=rank_generator(world) if hasattr(task, "generator") else None,
     )
+    if loop.noise is not None:
+        task.generator = loop.noise  # under torchrun: this process's own diffusion noise (training/loop.py)
+    record.loop = loop
     return loop, record
 
 
@@ -450,7 +472,8 @@ def _start(loop, record: _Record, out_dir: Path, args: dict[str, Any], resume: b
         record.metrics, record.best, start_epoch, record.wall = st["metrics"], st["best"], int(st["epoch"]), float(st["wall_s"])
         if rank == 0:
             s = record.setup
-            _complete_run_folder(out_dir, s.adapter, s.arch, record.net, record.origin, args, record.metrics, record.best, start_epoch, record.with_files)
+            with record.ema_weights():  # --ema: last/ and best/ hold the EMA weights, as the epoch wrote them
+                _complete_run_folder(out_dir, s.adapter, s.arch, record.net, record.origin, args, record.metrics, record.best, start_epoch, record.with_files)
     elif rank == 0:
         try:
             if out_dir.exists():

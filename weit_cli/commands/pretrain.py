@@ -44,7 +44,7 @@ from weit_cli.tasks.base import Task
 from weit_cli.training.batches import Batches
 from weit_cli.training.calibrate import recalibrate_bn
 from weit_cli.training.dist import barrier, cleanup_distributed, setup_distributed
-from weit_cli.training.loop import Loop, Plan, check_resume
+from weit_cli.training.loop import Loop, Plan, check_resume, make_ema, rank_generator
 from weit_cli.training.nested import (
     NestedModel,
     SandwichLoss,
@@ -75,7 +75,7 @@ def pretrain(
     if teacher is not None:
         overrides.append(f"teacher.source={teacher}")
     recipe = rcp.load_recipe(recipe_path, overrides)
-    task = task_for(recipe.adapter, label_smoothing=recipe.train.label_smoothing)  # refuses options of another task
+    task = task_for(recipe.adapter, label_smoothing=recipe.train.label_smoothing, label_dropout=recipe.train.label_dropout)  # refuses options of another task
     if data is not None:
         recipe.data.source = data  # keep the string exactly (a YAML parse could turn '1' into a number)
     if teacher is not None:
@@ -169,6 +169,7 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
         evaluate=lambda done: _validate(task, net, val_small, largest, smallest, dev, calib) if len(val_small) else {},
         checkpoint=ckpt, state=lambda: {"recipe_sha256": recipe_sha, "size_rng": _rng_json(size_rng), **({"teacher_sha256": teacher_sha} if teacher_sha else {})},
         on_step=callback, rank=rank, world_size=world,
+        ema=make_ema(named, tr.ema.decay, tr.ema.warmup_power) if tr.ema else None, noise=_rank_noise(task, world),
     )
     if resume:
         if rank == 0:  # what a killed writer left half-written (hidden temp files) goes first
@@ -188,6 +189,8 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
         size_rng.setstate((v, tuple(s), g))
         steps_done[0] = loop.start
     loop.run()
+    val_raw = _validate(task, net, splits.val, largest, smallest, dev, calib) if loop.ema is not None and len(splits.val) else None
+    ema_info = loop.use_ema()  # the EMA weights are what is validated and written
 
     if calib is not None:
         net.calibrate_stats(calib)  # the bundle's BatchNorm statistics: the largest size's, re-estimated
@@ -216,6 +219,8 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
         provenance["teacher_sha256"] = teacher_sha
         if teacher_hub is not None:
             provenance["teacher_source"] = teacher_hub
+    if ema_info is not None:
+        provenance["ema"] = ema_info
     if rank == 0:
         save_tensors(output, cpu.to_tensors(), cpu.metadata(**provenance), force=True)
         with atomic_file(recipe_out) as tmp:
@@ -232,6 +237,7 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
         "resumed_from": loop.start if resume else None,
         "final_loss": sum(loop.losses[-20:]) / max(1, len(loop.losses[-20:])) if loop.losses else None,
         "val": final,
+        **({"val_raw": val_raw, "ema": ema_info} if ema_info is not None else {}),
         "teacher": None if recipe.teacher is None else {
             "source": recipe.teacher.source, "sha256": teacher_sha, "weight": recipe.teacher.weight,
             **({"revision": teacher_hub["revision"]} if teacher_hub else {}),
@@ -246,6 +252,16 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
         "templates_sha256_by_rank": digests,
         "wall_s": round(time.perf_counter() - t_start, 2),
     }
+
+
+def _rank_noise(task: Task, world: int):
+    """Under torchrun, the task's per-step draws come from a generator of this process that the loop
+    reseeds from (seed, rank, step); alone, the global generator as before (training/loop.py)."""
+    gen = rank_generator(world)
+    if gen is not None and hasattr(task, "generator"):
+        task.generator = gen
+        return gen
+    return None
 
 
 def _teacher(recipe, num_classes: int | None) -> tuple[dict[str, torch.Tensor], str, dict[str, Any] | None]:

@@ -107,23 +107,27 @@ def sample_images(model: Path, *, cls: int | None = None, n: int = SAMPLE.n, ste
 
 def sample_grid(model: Path, out: Path, *, cls: int | None = None, n: int = SAMPLE.n, steps: int = SAMPLE.steps,
                 guidance: float = SAMPLE.guidance, seed: int = SEED, batch_size: int = SAMPLE.batch_size,
-                device: str | None = None, force: bool = False) -> dict[str, Any]:
+                device: str | None = None, force: bool = False, scale: int | None = None) -> dict[str, Any]:
     """`weit sample`: a PNG grid (one column per class when no --class is given), written atomically;
-    the same seed gives the same bytes."""
+    the same seed gives the same bytes. `scale`: nearest-neighbour enlargement of the grid (None: so
+    that an image is at least 112 px wide, `diffusion.default_scale`: ×4 for 28 px)."""
     import math
 
     from weit_cli.io.files import check_output, sha256
-    from weit_cli.tasks.diffusion import save_grid
+    from weit_cli.tasks.diffusion import MAX_SCALE, default_scale, save_grid
 
     out = Path(out)
     check_output(out, force)
     if out.suffix.lower() != ".png":
         raise WeitError(f"the grid is a PNG; {out} does not end in .png", "e.g. -o grid.png")
+    if scale is not None and not 1 <= scale <= MAX_SCALE:
+        raise WeitError(f"--scale must be in 1..{MAX_SCALE}, got {scale}", "e.g. --scale 4, or leave it out for ≥ 112 px per image")
     images, _, info = sample_images(model, cls=cls, n=n, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, device=device)
     classes = info["num_classes"]
     nrow = classes if cls is None and n >= classes else math.ceil(math.sqrt(n))  # all classes: one column each
-    save_grid(images, out, nrow=nrow, force=force)
-    return {"command": "sample", "output": str(out), "sha256": sha256(out), **info}
+    scale = default_scale(images.shape[-1]) if scale is None else scale
+    save_grid(images, out, nrow=nrow, force=force, scale=scale)
+    return {"command": "sample", "output": str(out), "sha256": sha256(out), **info, "scale": scale}
 
 
 def evaluate(model: Path, *, data: str | None = None, num_samples: int = EVALUATE.num_samples, steps: int = SAMPLE.steps,
@@ -164,7 +168,7 @@ def evaluate(model: Path, *, data: str | None = None, num_samples: int = EVALUAT
     }
     if adapter.task != GENERATION:
         return out
-    from weit_cli.tasks.fid import evaluate_samples, load_judge
+    from weit_cli.tasks.fid import evaluate_samples, judge_references, load_judge
 
     if not 2 <= num_samples <= 100_000:
         raise WeitError(f"--num-samples must be in 2..100000, got {num_samples}", f"e.g. --num-samples {EVALUATE.num_samples}")
@@ -173,6 +177,8 @@ def evaluate(model: Path, *, data: str | None = None, num_samples: int = EVALUAT
     real = held_out.tensors[0][:num_samples]
     metrics = evaluate_samples(judge, real, fake, labels)
     out.update({k: v for k, v in metrics.items()})
+    # The judge's scale: the same numbers for real training images (floor), blank images and noise.
+    out["judge_references"] = judge_references(judge, real, *splits.train.tensors[:2])
     out.update(steps=steps, guidance=guidance, seed=seed, scheduler=info["scheduler"])
     return out
 

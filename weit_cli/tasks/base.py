@@ -60,13 +60,15 @@ class Task(ABC):
     higher_is_better: ClassVar[bool] = True  # which checkpoint is "best"
 
     @classmethod
-    def from_options(cls, *, label_smoothing: float = 0.0) -> Task:
+    def from_options(cls, *, label_smoothing: float = 0.0, label_dropout: float | None = None) -> Task:
         """The task with the commands' options (tasks/_registry.task_for); refuses, in one line, an
         option it does not have that is set. Default: a task with none of them."""
-        if label_smoothing:
-            from weit_cli.errors import WeitError
+        from weit_cli.errors import WeitError
 
+        if label_smoothing:
             raise WeitError(f"label smoothing ({label_smoothing}) is a classification option; this model's task is {cls.name}", "leave it at 0")
+        if label_dropout is not None:
+            raise WeitError(f"label dropout ({label_dropout}) is a generation option; this model's task is {cls.name}", "leave train.label_dropout unset")
         return cls()
 
     @abstractmethod

@@ -35,7 +35,9 @@ class Classification(Task):
         self.label_smoothing = label_smoothing
 
     @classmethod
-    def from_options(cls, *, label_smoothing: float = 0.0) -> Classification:
+    def from_options(cls, *, label_smoothing: float = 0.0, label_dropout: float | None = None) -> Classification:
+        if label_dropout is not None:
+            return super().from_options(label_dropout=label_dropout)  # refused: a generation option
         return cls(label_smoothing)
 
     def load_data(self, source: str, arch: Any, *, seed: int = 0, val_fraction: float = 0.1,

@@ -233,9 +233,21 @@ def sample(
 
 
 # ---------------------------------------------------------------------------------------------- pictures
-def grid_image(images: Tensor, nrow: int | None = None, padding: int = 2):
+SHOWN_PX = 112  # `default_scale`: a small image is enlarged until it is at least this many pixels wide
+MAX_SCALE = 64
+
+
+def default_scale(size: int, shown: int = SHOWN_PX) -> int:
+    """The whole-number nearest-neighbour factor that shows a `size` px image at ≥ `shown` px: 28 px
+    Fashion-MNIST → 4 (112 px), 8 px digits → 14, 112 px and larger → 1 (as drawn)."""
+    return max(1, math.ceil(shown / max(1, size)))
+
+
+def grid_image(images: Tensor, nrow: int | None = None, padding: int = 2, scale: int = 1):
     """A PIL image of `images` ((N, C, H, W) in [-1, 1]) laid out by torchvision's make_grid:
-    `nrow` per row (default ⌈√N⌉), white padding; gray stays one channel ('L'), RGB is 'RGB'."""
+    `nrow` per row (default ⌈√N⌉), white padding; gray stays one channel ('L'), RGB is 'RGB'. With
+    `scale` > 1 the grid is enlarged by PIL's nearest-neighbour resize: every pixel becomes a
+    scale × scale block of the same value (no new values, so the bytes depend on the images only)."""
     from PIL import Image
     from torchvision.utils import make_grid
 
@@ -244,17 +256,23 @@ def grid_image(images: Tensor, nrow: int | None = None, padding: int = 2):
     x = images.detach().float().cpu().add(1.0).div(2.0).clamp(0.0, 1.0)
     grid = make_grid(x, nrow=nrow or math.ceil(math.sqrt(len(x))), padding=padding, pad_value=1.0)
     pixels = grid.mul(255.0).add(0.5).clamp(0, 255).to(torch.uint8)  # round half up, as torchvision's save_image
+    if not (isinstance(scale, int) and 1 <= scale <= MAX_SCALE):
+        raise WeitError(f"the grid's scale must be a whole number in 1..{MAX_SCALE}, got {scale}", "e.g. --scale 4")
     if images.shape[1] == 1:
-        return Image.fromarray(pixels[0].numpy())  # 2-D uint8: mode L
-    return Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())  # (H, W, 3) uint8: RGB
+        img = Image.fromarray(pixels[0].numpy())  # 2-D uint8: mode L
+    else:
+        img = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())  # (H, W, 3) uint8: RGB
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    return img
 
 
-def save_grid(images: Tensor, path: Path, *, nrow: int | None = None, force: bool = False) -> None:
+def save_grid(images: Tensor, path: Path, *, nrow: int | None = None, force: bool = False, scale: int = 1) -> None:
     """Write a PNG grid atomically. PIL writes no time stamp or text chunk: same images, same bytes."""
     from weit_cli.io.files import atomic_file, check_output
 
     path = Path(path)
     check_output(path, force)
-    img = grid_image(images, nrow=nrow)
+    img = grid_image(images, nrow=nrow, scale=scale)
     with atomic_file(path, replace=force) as tmp:
         img.save(tmp, format="PNG")

@@ -277,3 +277,56 @@ def evaluate_samples(judge: Judge, real: Tensor, fake: Tensor, fake_labels: Tens
         out["class_accuracy"] = class_accuracy(judge.net, fake, fake_labels)
     out.update(judge_sha256=judge.sha256, judge_test_accuracy=judge.test_accuracy, note=NOTE)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- references
+REFERENCE_SEED = 0  # of the Gaussian-noise reference images
+REFERENCE_VERSION = 1  # bump when the references change: cached ones then stop matching
+
+
+def reference_images(kind: str, n: int, shape: tuple[int, ...]) -> Tensor:
+    """A reference 'generator' at the two bad ends: `blank` images (every pixel -1, the background of
+    the [-1, 1] data: a black image) or `noise` (N(0, 1) pixels clipped to [-1, 1], seeded: what a
+    sampler starts from)."""
+    if kind == "blank":
+        return torch.full((n, *shape), -1.0)
+    if kind == "noise":
+        return torch.randn((n, *shape), generator=torch.Generator().manual_seed(REFERENCE_SEED)).clamp(-1.0, 1.0)
+    raise WeitError(f"unknown reference '{kind}'", "blank or noise")
+
+
+def _digest(*tensors: Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def judge_references(judge: Judge, real: Tensor, train_x: Tensor, train_y: Tensor, *, root: Path | None = None) -> dict:
+    """What the judge's FID and class accuracy read for reference sets scored exactly as samples are,
+    against the same `real` images: the floor (`real_train`: as many real *training* images with their
+    labels — the best a generator can do at this sample count) and two ceilings (`blank`, `noise`,
+    labelled every class in turn, as `evaluate` samples). Cached per judge and real set under
+    `$WEIT_CACHE/judges/`, so they are computed once."""
+    from weit_cli.io.files import atomic_file
+
+    n = len(real)
+    if len(train_x) < n:
+        raise InputError(f"the floor needs {n} training images, the data has {len(train_x)}", "evaluate with fewer --num-samples")
+    key = dict(version=REFERENCE_VERSION, judge=judge.sha256, real=_digest(real), train=_digest(train_x[:n], train_y[:n]), n=n)
+    path = _judges_dir(root) / f"references-{_recipe_id(key)}.json"
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return {**cached["references"], "cached": True}
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        pass  # absent or damaged: compute and (over)write
+    scorer = FrechetScorer(judge, real)
+    labels = torch.arange(n) % judge.net.head.out_features
+    refs: dict = {"n": n}
+    sets = {"real_train": (train_x[:n], train_y[:n]), **{k: (reference_images(k, n, tuple(real.shape[1:])), labels) for k in ("blank", "noise")}}
+    for name, (x, y) in sets.items():
+        refs[name] = {"fid_judge": scorer.score(x), "class_accuracy": class_accuracy(judge.net, x, y)}
+    with atomic_file(path, replace=True) as tmp:
+        tmp.write_text(json.dumps({"key": key, "references": refs}, sort_keys=True, indent=1) + "\n")
+    return {**refs, "cached": False}

@@ -60,6 +60,12 @@ class Generation(Task):
         self.scheduler = train_scheduler(scheduler_config)
         self.num_classes: int | None = None  # the data's, set by load_data: its index is the null class
 
+    @classmethod
+    def from_options(cls, *, label_smoothing: float = 0.0, label_dropout: float | None = None) -> Generation:
+        """Label dropout (recipe `train.label_dropout`) is this task's option; None: `LABEL_DROPOUT`."""
+        super().from_options(label_smoothing=label_smoothing)  # refuses label smoothing
+        return cls(LABEL_DROPOUT if label_dropout is None else label_dropout)
+
     def load_data(self, source: str, arch: Any, *, seed: int = 0, val_fraction: float = 0.1,
                   train_subset: float | int | None = None):
         from weit_cli.data.images import load_data

@@ -14,7 +14,14 @@ golden test depends on:
 
 Resume is exact: a checkpoint holds the tensors, the optimizer, every RNG state and the position in
 the batch stream; the command's own state (an RNG of its own, metrics so far) rides along. Under
-torchrun every rank runs the loop; rank 0 writes checkpoints and reports progress. Ctrl-C (and
+torchrun every rank runs the loop; rank 0 writes checkpoints and reports progress.
+
+Two options of a step: an exponential moving average of the trainable tensors (`ema`, diffusers'
+`EMAModel`, stepped after every optimiser step; its shadow tensors and step count ride in the
+checkpoint), and, under torchrun, a generator for the task's per-step draws (`noise`: diffusion's
+noise and timesteps) that the loop reseeds from (seed, rank, step) before every step, so that each
+process draws its own and a resumed run draws what it would have. A single process passes none
+(`rank_generator`) and keeps drawing from the global generator, as before. Ctrl-C (and
 SIGTERM, which the CLI turns into it) becomes a one-line error naming the checkpoint that is kept.
 """
 
@@ -22,7 +29,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +68,28 @@ class Plan:
     diverged_hint: str = "lower the learning rate"
 
 
+def rank_generator(world_size: int) -> torch.Generator | None:
+    """The per-process generator of a task's per-step draws under torchrun; None for one process
+    (the global generator, whose state checkpoints save: a single process draws as before)."""
+    return torch.Generator() if world_size > 1 else None
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of `rank`'s draws at 0-based `step` (distinct per rank and step; no state to resume)."""
+    return (int(seed) * 1_000_003 + int(rank) * 998_244_353 + int(step) * 7919 + 271_828) % (2**63 - 1)
+
+
+def make_ema(params: dict[str, Tensor], decay: float, warmup_power: float = 0.0):
+    """diffusers' `EMAModel` over `params` (None when `decay` is 0). Its decay at update k is
+    min(decay, 1 − (1 + k)^−warmup_power) (diffusers' `use_ema_warmup`), or with `warmup_power` 0
+    min(decay, (1 + k)/(10 + k)), diffusers' default; k counts from 0 at the first update."""
+    if not decay:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(list(params.values()), decay=decay, use_ema_warmup=warmup_power > 0, power=warmup_power or 2 / 3)
+
+
 def check_resume(checkpoint: Path, resume: bool, force: bool) -> None:
     """Before any work: --resume needs a checkpoint, and a leftover one needs --resume or --force."""
     if resume and not checkpoint_exists(checkpoint):
@@ -92,16 +122,20 @@ class Loop:
         on_step: StepCallback | None = None,
         rank: int = 0,
         world_size: int = 1,
+        ema=None,
+        noise: torch.Generator | None = None,
     ):
         """`params` are clipped (the trainable tensors); `tensors()` is what a checkpoint holds and a
         resume restores in place (default: `params`). `end_epoch(epoch, train_loss, lr, seconds)`
         runs on every rank and returns the metrics to show; `write_epoch(epoch)` runs on rank 0 after
-        the epoch's checkpoint."""
+        the epoch's checkpoint. `ema`: an EMAModel over `params` (`make_ema`); `noise`: the task's
+        generator under torchrun (`rank_generator`), reseeded by `step_seed` before every step."""
         self.plan, self.optimizer, self.params, self.batches, self.device = plan, optimizer, params, batches, device
         self.loss_step, self.evaluate, self.end_epoch, self.write_epoch = loss_step, evaluate, end_epoch, write_epoch
         self.checkpoint, self.state = checkpoint, state
         self.tensors = tensors if tensors is not None else (lambda: params)
         self.on_step, self.rank, self.world_size = on_step, rank, world_size
+        self.ema, self.noise = ema, noise
         self.start = 0
         self.resumed = False
         self.losses: list[float] = []  # every step's loss in this process
@@ -114,22 +148,56 @@ class Loop:
         params, state = load_checkpoint(self.checkpoint, optimizer=self.optimizer)
         if check is not None:
             check(state)
-        target = self.tensors()
+        target = {**self.tensors(), **self._ema_tensors()}
         if set(params) != set(target):
             raise InputError(f"{self.checkpoint} does not hold this model's parameters", "start over with --force")
         with torch.no_grad():
             for k, v in params.items():
                 target[k].copy_(v.to(target[k].device))
         self.batches.load_state(state["data"])
+        if self.ema is not None:
+            self.ema.optimization_step = int(state["ema_step"])
         self.start = int(state["step"]) if "step" in state else int(state["epoch"]) * self.plan.steps_per_epoch
         self.resumed = True
         return state
 
     def save(self, done: int) -> None:
         save_checkpoint(
-            self.checkpoint, params=self.tensors(), optimizer=self.optimizer,
-            state={"step": done, "data": self.batches.state(), **(self.state() if self.state else {})},
+            self.checkpoint, params={**self.tensors(), **self._ema_tensors()}, optimizer=self.optimizer,
+            state={"step": done, "data": self.batches.state(), **self._ema_state(), **(self.state() if self.state else {})},
         )
+
+    def _ema_tensors(self) -> dict[str, Tensor]:
+        """The EMA's shadow tensors as a checkpoint holds them (live: a resume copies into them)."""
+        if self.ema is None:
+            return {}
+        return {f"ema.{k}": v for k, v in zip(self.params, self.ema.shadow_params)}
+
+    def _ema_state(self) -> dict[str, Any]:
+        return {} if self.ema is None else {"ema_step": self.ema.optimization_step}
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """The EMA weights in the trained tensors for the block (evaluating, writing), then the last
+        weights back, so that training and its checkpoint go on from them; nothing without an EMA."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params.values())
+        self.ema.copy_to(self.params.values())
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params.values())
+
+    def use_ema(self) -> dict[str, Any] | None:
+        """Put the EMA weights into the trained tensors (after `run`, before the final evaluation and
+        writing); returns what provenance records of them, or None without an EMA."""
+        if self.ema is None:
+            return None
+        self.ema.copy_to(self.params.values())
+        return {"weights": "ema", "ema_decay": self.ema.decay, "ema_warmup_power": self.ema.power if self.ema.use_ema_warmup else 0.0,
+                "ema_updates": self.ema.optimization_step, "ema_last_decay": self.ema.cur_decay_value}
 
     def discard_checkpoint(self) -> None:
         """The run is written: its resumable state is no longer needed (call on rank 0)."""
@@ -154,12 +222,16 @@ class Loop:
                     loss_sum, n, t_epoch = torch.zeros((), dtype=torch.float64), 0, time.perf_counter()
                 lr = plan.lr(step)
                 set_lr(self.optimizer, lr)
+                if self.noise is not None:
+                    self.noise.manual_seed(step_seed(self.batches.seed, self.rank, step))
                 batch = tuple(t.to(self.device, non_blocking=True) for t in self.batches.next())
                 with device_autocast(self.device):
                     loss = self.loss_step(batch)
                 value = optim.optimizer_step(self.optimizer, loss, self.params.values(), max_norm=plan.grad_clip)
                 if not math.isfinite(value):
                     raise WeitError(plan.diverged.format(step=step + 1, loss=value), plan.diverged_hint)
+                if self.ema is not None:
+                    self.ema.step(self.params.values())
                 self.losses.append(value)
                 done = step + 1
                 metrics: dict[str, float] = {}
