@@ -208,3 +208,19 @@ def test_inspect_a_hub_model(cache, vit_folder):
     r = js(weit("inspect", "hf-hub:timm/tiny-vit", "--json"))
     assert r["kind"] == "dense" and r["architecture"]["family"] and r["source"]["revision"] == COMMIT
     assert r["params"]["dense"] == js(weit("inspect", vit_folder, "--json"))["params"]["dense"]
+
+
+def test_sample_a_hub_dit(cache, tmp_path):
+    """A diffusers DiT by hub id (its folder as weit writes it: config.json, weights, scheduler_config.json)."""
+    from test_dit import make_tiny_dit
+
+    folder = tmp_path / "dit"
+    make_tiny_dit(0).save_pretrained(str(folder))
+    bundle = tmp_path / "b.safetensors"
+    weit("extract-templates", folder, "-o", bundle, "--json")
+    model = tmp_path / "m"
+    weit("materialize", bundle, "-o", model, "--json")
+    publish(cache, "org/dit", model)
+    a = js(weit("sample", "hf-hub:org/dit", "-o", tmp_path / "a.png", "-n", "3", "--steps", "2", "--json"))
+    b = js(weit("sample", model, "-o", tmp_path / "b.png", "-n", "3", "--steps", "2", "--json"))
+    assert a["source"]["revision"] == COMMIT and a["sha256"] == b["sha256"], "the hub copy samples the same bytes"

@@ -592,7 +592,7 @@ def finetune(
 
 @app.command()
 def sample(
-    model: Annotated[Path, typer.Argument(help="A materialized generator: a diffusers folder (config.json, weights, scheduler_config.json) or .safetensors.")],
+    model: Annotated[Path, typer.Argument(help="A materialized generator: a diffusers folder (config.json, weights, scheduler_config.json), .safetensors, or hf-hub:ORG/NAME.")],
     output: OutOpt,
     cls: Annotated[Optional[int], typer.Option("--class", help="Class of every image (default: all classes in turn, one grid column each).")] = None,
     n: Annotated[int, typer.Option("-n", help="Images in the grid.")] = SAMPLE.n,

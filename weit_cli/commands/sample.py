@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from weit_cli.errors import InputError, WeitError
+from weit_cli.io.hub import resolve as resolve_source
 from weit_cli.options import EVALUATE, SAMPLE, SEED
 
 GENERATION = "generation"  # the task name (tasks/generation.py) whose models sample
@@ -122,20 +123,29 @@ def sample_grid(model: Path, out: Path, *, cls: int | None = None, n: int = SAMP
         raise WeitError(f"the grid is a PNG; {out} does not end in .png", "e.g. -o grid.png")
     if scale is not None and not 1 <= scale <= MAX_SCALE:
         raise WeitError(f"--scale must be in 1..{MAX_SCALE}, got {scale}", "e.g. --scale 4, or leave it out for ≥ 112 px per image")
+    model, hub = resolve_source(model)
     images, _, info = sample_images(model, cls=cls, n=n, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, device=device)
     classes = info["num_classes"]
     nrow = classes if cls is None and n >= classes else math.ceil(math.sqrt(n))  # all classes: one column each
     scale = default_scale(images.shape[-1]) if scale is None else scale
     save_grid(images, out, nrow=nrow, force=force, scale=scale)
-    return {"command": "sample", "output": str(out), "sha256": sha256(out), **info, "scale": scale}
+    return {"command": "sample", "output": str(out), "sha256": sha256(out), **info, "scale": scale, **({"source": hub} if hub else {})}
 
 
 def evaluate(model: Path, *, data: str | None = None, num_samples: int = EVALUATE.num_samples, steps: int = SAMPLE.steps,
              guidance: float = SAMPLE.guidance, seed: int = SEED, batch_size: int = EVALUATE.batch_size,
              device: str | None = None, env: str | None = None, episodes: int | None = None,
              target_return: float | None = None, max_steps: int | None = None) -> dict[str, Any]:
-    """`weit evaluate`: the family's task's numbers for MODEL on `data` (see the module doc); a
-    control model by rollouts in `env` instead (`evaluate_control`)."""
+    """`weit evaluate`: the family's task's numbers for MODEL (a folder, a file or a hub id) on `data`
+    (see the module doc); a control model by rollouts in `env` instead (`evaluate_control`)."""
+    model, hub = resolve_source(model)
+    out = _evaluate(model, data=data, num_samples=num_samples, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
+                    device=device, env=env, episodes=episodes, target_return=target_return, max_steps=max_steps)
+    return {**out, "source": hub} if hub else out
+
+
+def _evaluate(model: Path, *, data, num_samples, steps, guidance, seed, batch_size, device, env, episodes, target_return,
+              max_steps) -> dict[str, Any]:
     from weit_cli.tasks._registry import task_for
     from weit_cli.training.dist import resolve_device
 
