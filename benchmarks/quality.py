@@ -267,6 +267,7 @@ class Bench:
 
             materialize(out, materialize_largest, force=True)
             return {"path": str(out), "overrides": overrides, "steps": r["steps"], "seconds": r["wall_s"], "val": r["val"],
+                    "train_flops": r.get("train_flops"),
                     "largest_test_acc": self.test_acc(materialize_largest, "fashion-mnist")}
 
         pre.mkdir(parents=True, exist_ok=True)
