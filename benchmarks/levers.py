@@ -46,6 +46,8 @@ VARIANTS: dict[str, list[str]] = {
     "one-size": ["templates.size=16", "templates.count=128", "nested.shrink_start=0", "nested.sampling=one-size"],
     "one-size-p0.5": ["templates.size=16", "templates.count=128", "nested.shrink_start=0", "nested.sampling=one-size",
                       "nested.one_size_power=0.5"],
+    "one-size-p0": ["templates.size=16", "templates.count=128", "nested.shrink_start=0", "nested.sampling=one-size",
+                    "nested.one_size_power=0"],
     "one-size-p2": ["templates.size=16", "templates.count=128", "nested.shrink_start=0", "nested.sampling=one-size",
                     "nested.one_size_power=2"],
     "shrink-0.5-one-size": ["templates.size=16", "templates.count=128", "nested.shrink_start=0.5", "nested.sampling=one-size"],
