@@ -140,8 +140,8 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        step_module = DistributedDataParallel(step_module, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                              find_unused_parameters=ns.sampling == "one-size")
+        sandwich.touch_all = ns.sampling == "one-size"  # a small size leaves parameters unused
+        step_module = DistributedDataParallel(step_module, device_ids=[dev.index] if dev.type == "cuda" else None)
     named = net.named_tensors()
     scales = tr.lr_scales
     opt = adamw(

@@ -202,6 +202,10 @@ class SandwichLoss(nn.Module):
         self.net, self.task = net, task
         self.distill, self.temperature = distill, temperature
         self.teacher = [teacher]  # in a list: not a submodule (DDP must not see its frozen weights)
+        # DDP with steps that leave parameters unused (one size per step): every parameter joins the
+        # graph with a zero term, so each gets a (zero) gradient to all-reduce. AdamW then still moves
+        # those parameters by its momentum and weight decay, which one process (no gradient) does not.
+        self.touch_all = False
 
     def forward(self, batch: tuple[Tensor, ...], sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
         """The mean loss over `sizes`, and each size's plain task loss (detached)."""
@@ -221,7 +225,10 @@ class SandwichLoss(nn.Module):
                 loss = (1 - self.distill) * ce + self.distill * kl
             losses.append(loss)
             ces.append(ce.detach())
-        return torch.stack(losses).mean(), torch.stack(ces)
+        total = torch.stack(losses).mean()
+        if self.touch_all:
+            total = total + 0.0 * sum(p.sum() for p in self.net.parameters())
+        return total, torch.stack(ces)
 
 
 def sample_sizes(rng: random.Random, depths: list, widths: list[int], k: int) -> list[tuple]:
