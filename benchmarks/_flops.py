@@ -8,7 +8,6 @@ replayed with the recipe's seed, so the total is exact for the run, not an avera
 
 from __future__ import annotations
 
-import random
 from functools import cache
 
 import torch
@@ -31,7 +30,7 @@ def _batch(recipe, batch_size: int):
 
 
 @cache
-def _size_flops(recipe_json: str, num_classes: int) -> dict:
+def _size_flops(recipe_json: str, num_classes: int, batch_size: int) -> dict:
     import json
 
     from weit_cli.recipe import validate
@@ -41,27 +40,26 @@ def _size_flops(recipe_json: str, num_classes: int) -> dict:
     recipe = validate(json.loads(recipe_json), "flops")
     net = NestedModel(initial_bundle(recipe, num_classes))
     task = task_for(recipe.adapter)
-    batch = _batch(recipe, recipe.data.batch_size)
+    batch = _batch(recipe, batch_size)
     loss = SandwichLoss(net, task, 0.0, 1.0)
     sizes = [(d, w) for d in recipe.depth_options() for w in recipe.nested.widths]
     return {(d, w): counted(lambda d=d, w=w: loss(batch, [(d, w)])[0]) for d, w in sizes}
 
 
 def pretrain_flops(recipe, num_classes: int = 10) -> dict:
-    """Training FLOPs of `weit pretrain` with `recipe` (steps × the sizes each step draws), plus the
-    teacher's forward passes when the recipe distils from one."""
+    """Training FLOPs of `weit pretrain` with `recipe` (steps × the sizes each step draws, replayed by
+    the product's own schedule, `nested.step_sizes`), plus the teacher's forward passes when the recipe
+    distils from one."""
     import json
 
     from weit_cli.recipe import to_plain
-    from weit_cli.training.nested import largest_arch, sample_sizes
+    from weit_cli.training.nested import largest_arch, train_flops
 
     plain = to_plain(recipe)
-    plain.pop("teacher", None)
-    per_size = _size_flops(json.dumps(plain, sort_keys=True), num_classes)
-    rng = random.Random(recipe.seed)
-    total = 0
-    for _ in range(recipe.train.steps):
-        total += sum(per_size[s] for s in sample_sizes(rng, recipe.depth_options(), recipe.nested.widths, recipe.nested.sandwich))
+    for k in ("teacher", "train", "seed"):  # none of them changes a size's cost: one count per shape
+        plain.pop(k, None)
+    per_size = _size_flops(json.dumps(plain, sort_keys=True), num_classes, recipe.data.batch_size)
+    total = train_flops(recipe, per_size)["train_flops"]
     out = {"flops": total, "steps": recipe.train.steps, "largest_step_flops": per_size[recipe.largest()]}
     if recipe.teacher is not None and recipe.teacher.weight > 0:
         adapter, arch = largest_arch(recipe, num_classes)

@@ -107,6 +107,23 @@ class NestedSection(_Section):
     distill_warmup_steps: int = Field(
         0, ge=0, description="Ramp the in-place distillation weight linearly from 0 to nested.distill over the first N steps."
     )
+    shrink_start: float = Field(
+        0.0, ge=0, lt=1,
+        description=(
+            "Delayed shrinking: train the largest size alone for this fraction of train.steps, then every "
+            "size as nested.sampling says (0: nested from the first step)."
+        ),
+    )
+    sampling: Literal["sandwich", "one-size"] = Field(
+        "sandwich",
+        description=(
+            "sandwich: largest, smallest and nested.sandwich random sizes every step; one-size: one size per "
+            "step, drawn with probability ∝ its training FLOPs ** nested.one_size_power."
+        ),
+    )
+    one_size_power: float = Field(
+        1.0, ge=0, le=4, description="nested.sampling=one-size: exponent of a size's FLOPs in its probability (0: uniform)."
+    )
 
     @model_validator(mode="after")
     def _sorted(self):
@@ -249,6 +266,8 @@ class Recipe(_Section):
         self.adapter.check_recipe(self)
         if self.teacher is not None and self.nested.distill > 0:
             raise ValueError("nested.distill (the largest size as teacher) and a teacher checkpoint exclude each other: set nested.distill=0")
+        if self.nested.sampling == "one-size" and self.nested.distill > 0:
+            raise ValueError("nested.distill needs the largest size in every step: set nested.distill=0 or nested.sampling=sandwich")
         return self
 
 
@@ -368,6 +387,9 @@ _OFF_WHEN = {
     ("nested", "distill_warmup_steps"): 0,
     ("train", "ema"): None,
     ("train", "label_dropout"): None,
+    ("nested", "shrink_start"): 0.0,
+    ("nested", "sampling"): "sandwich",
+    ("nested", "one_size_power"): 1.0,
 }
 
 

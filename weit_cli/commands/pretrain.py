@@ -48,8 +48,13 @@ from weit_cli.training.loop import Loop, Plan, check_resume, make_ema, rank_gene
 from weit_cli.training.nested import (
     NestedModel,
     SandwichLoss,
+    count_forward_flops,
+    count_size_flops,
     initial_bundle,
-    sample_sizes,
+    size_grid,
+    size_weights,
+    step_sizes,
+    train_flops,
 )
 from weit_cli.training.optim import adamw, lr_at
 from weit_cli.training.progress import StepCallback
@@ -135,6 +140,7 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        sandwich.touch_all = ns.sampling == "one-size"  # a small size leaves parameters unused
         step_module = DistributedDataParallel(step_module, device_ids=[dev.index] if dev.type == "cuda" else None)
     named = net.named_tensors()
     scales = tr.lr_scales
@@ -146,7 +152,8 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
     size_rng = random.Random(recipe.seed)
     val_small = _head(splits.val, tr.eval_samples)
     largest, smallest = recipe.largest(), recipe.smallest()
-    depth_options = recipe.depth_options()
+    flops = _flops(recipe, task, net, splits.train, dev, world, teacher_fwd)
+    weights = size_weights(recipe, flops["per_size"])
 
     warm = 0 if recipe.teacher else ns.distill_warmup_steps
     steps_done = [0]
@@ -154,8 +161,8 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
     def loss_step(batch):
         if warm:  # the in-place distillation weight, ramped up over the first steps
             sandwich.distill = ns.distill * min(1.0, (steps_done[0] + 1) / warm)
+        sizes = step_sizes(size_rng, recipe, steps_done[0], weights)
         steps_done[0] += 1
-        sizes = sample_sizes(size_rng, depth_options, ns.widths, ns.sandwich)
         loss, _ = step_module(task.prepare(batch), sizes)
         return loss
 
@@ -214,9 +221,11 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
         "steps": tr.steps,
         "world_size": world,
         "device": dev.type,
+        "train_flops": flops["train_flops"],
     }
     if recipe.teacher is not None:
         provenance["teacher_sha256"] = teacher_sha
+        provenance["teacher_flops"] = flops["teacher_flops"]
         if teacher_hub is not None:
             provenance["teacher_source"] = teacher_hub
     if ema_info is not None:
@@ -235,6 +244,9 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
         "recipe_sha256": recipe_sha,
         "steps": tr.steps,
         "resumed_from": loop.start if resume else None,
+        "train_flops": flops["train_flops"],
+        "teacher_flops": flops["teacher_flops"] if recipe.teacher is not None else None,
+        "size_steps": {_size_name(s): n for s, n in flops["size_steps"].items()},
         "final_loss": sum(loop.losses[-20:]) / max(1, len(loop.losses[-20:])) if loop.losses else None,
         "val": final,
         **({"val_raw": val_raw, "ema": ema_info} if ema_info is not None else {}),
@@ -262,6 +274,20 @@ def _rank_noise(task: Task, world: int):
         task.generator = gen
         return gen
     return None
+
+
+def _flops(recipe, task: Task, net: NestedModel, train, dev, world: int, teacher_fwd) -> dict[str, Any]:
+    """The run's training FLOPs (`nested.train_flops`), counted once per size on one batch of this rank."""
+    n = min(recipe.data.batch_size // world, len(train) // world)
+    batch = tuple(t[:n].to(dev) for t in train.tensors)
+    per_size = count_size_flops(net, task, batch, size_grid(recipe))
+    t_step = count_forward_flops(teacher_fwd, task, batch, dev) if teacher_fwd is not None and recipe.teacher.weight > 0 else 0
+    return {**train_flops(recipe, per_size, t_step, world), "per_size": per_size}
+
+
+def _size_name(size) -> str:
+    d, w = size
+    return f"{'-'.join(map(str, d)) if isinstance(d, tuple) else d}x{w}"
 
 
 def _teacher(recipe, num_classes: int | None) -> tuple[dict[str, torch.Tensor], str, dict[str, Any] | None]:

@@ -4,6 +4,7 @@ a forward at any size through the real module of that size with the composed wei
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Callable
@@ -201,6 +202,10 @@ class SandwichLoss(nn.Module):
         self.net, self.task = net, task
         self.distill, self.temperature = distill, temperature
         self.teacher = [teacher]  # in a list: not a submodule (DDP must not see its frozen weights)
+        # DDP with steps that leave parameters unused (one size per step): every parameter joins the
+        # graph with a zero term, so each gets a (zero) gradient to all-reduce. AdamW then still moves
+        # those parameters by its momentum and weight decay, which one process (no gradient) does not.
+        self.touch_all = False
 
     def forward(self, batch: tuple[Tensor, ...], sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
         """The mean loss over `sizes`, and each size's plain task loss (detached)."""
@@ -220,7 +225,10 @@ class SandwichLoss(nn.Module):
                 loss = (1 - self.distill) * ce + self.distill * kl
             losses.append(loss)
             ces.append(ce.detach())
-        return torch.stack(losses).mean(), torch.stack(ces)
+        total = torch.stack(losses).mean()
+        if self.touch_all:
+            total = total + 0.0 * sum(p.sum() for p in self.net.parameters())
+        return total, torch.stack(ces)
 
 
 def sample_sizes(rng: random.Random, depths: list, widths: list[int], k: int) -> list[tuple]:
@@ -233,6 +241,88 @@ def sample_sizes(rng: random.Random, depths: list, widths: list[int], k: int) ->
     if k and rest:
         sizes += rng.sample(rest, min(k, len(rest)))
     return sizes
+
+
+# ---------------------------------------------------------------------------------------------- the schedule
+def size_grid(recipe: rcp.Recipe) -> list[tuple]:
+    """Every nested size of the recipe, depth-major."""
+    return [(d, w) for d in recipe.depth_options() for w in recipe.nested.widths]
+
+
+def size_weights(recipe: rcp.Recipe, flops: dict[tuple, int]) -> dict[tuple, float] | None:
+    """nested.sampling=one-size: each size's unnormalised probability, FLOPs ** nested.one_size_power."""
+    if recipe.nested.sampling != "one-size":
+        return None
+    return {s: float(flops[s]) ** recipe.nested.one_size_power for s in size_grid(recipe)}
+
+
+def step_sizes(rng: random.Random, recipe: rcp.Recipe, step: int, weights: dict[tuple, float] | None = None) -> list[tuple]:
+    """The sizes trained at 0-based `step` (the largest first): the largest alone before
+    nested.shrink_start × train.steps; then the sandwich, or one size drawn with `weights`
+    (`size_weights`). `rng` is drawn from only after the shrinking starts."""
+    ns = recipe.nested
+    if step < int(ns.shrink_start * recipe.train.steps):
+        return [recipe.largest()]
+    if ns.sampling == "one-size":
+        sizes = list(weights)
+        return rng.choices(sizes, weights=[weights[s] for s in sizes])
+    return sample_sizes(rng, recipe.depth_options(), ns.widths, ns.sandwich)
+
+
+@contextlib.contextmanager
+def kept_random(task: Task, dev: torch.device):
+    """Run a block without moving torch's random states or the task's own generators."""
+    gens = [g for g in vars(task).values() if isinstance(g, torch.Generator)]
+    states = [g.get_state() for g in gens]
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            for g, st in zip(gens, states):
+                g.set_state(st)
+
+
+def count_size_flops(net: NestedModel, task: Task, batch: tuple[Tensor, ...], sizes: list[tuple]) -> dict[tuple, int]:
+    """FLOPs (torch's FlopCounterMode: matrix products, convolutions, attention) of one training step's
+    forward and backward at each of `sizes` on `batch`, the composition of the weights included. Leaves
+    every random state and the parameters' gradients as it found them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out = {}
+    with kept_random(task, net._device()):
+        try:
+            prepared = task.prepare(batch)
+            for d, w in sizes:
+                with FlopCounterMode(display=False) as fc:
+                    task.loss(task.outputs(partial(net, depth=d, width=w), prepared), prepared).backward()
+                out[(d, w)] = int(fc.get_total_flops())
+        finally:
+            for p in net.parameters():
+                p.grad = None
+    return out
+
+
+def count_forward_flops(forward: Callable, task: Task, batch: tuple[Tensor, ...], dev: torch.device) -> int:
+    """FLOPs of one forward of `forward` (a frozen teacher) on `batch`, random states kept."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with kept_random(task, dev), torch.no_grad(), FlopCounterMode(display=False) as fc:
+        task.outputs(forward, task.prepare(batch))
+    return int(fc.get_total_flops())
+
+
+def train_flops(recipe: rcp.Recipe, per_size: dict[tuple, int], teacher_step: int = 0, world: int = 1) -> dict[str, Any]:
+    """Training FLOPs of the whole run: the schedule replayed from the seed (every step's sizes, as
+    training draws them) times each size's per-batch count, plus the teacher's forwards; `per_size`
+    and `teacher_step` are per rank's batch, `world` ranks."""
+    rng, weights = random.Random(recipe.seed), size_weights(recipe, per_size)
+    trained: dict[tuple, int] = {}
+    for step in range(recipe.train.steps):
+        for s in step_sizes(rng, recipe, step, weights):
+            trained[s] = trained.get(s, 0) + 1
+    teacher = teacher_step * recipe.train.steps * world
+    total = sum(n * per_size[s] for s, n in trained.items()) * world + teacher
+    return {"train_flops": total, "teacher_flops": teacher, "size_steps": trained}
 
 
 # ---------------------------------------------------------------------------------------------- the command
