@@ -2,7 +2,8 @@
 before the family/task/export redesign (issue 9). The hashes were first recorded at commit 0c4b593;
 on 2026-12-03 a fresh .venv on this machine (timm 1.0.31, numpy 2.4.6, … now pinned in constraints.txt)
 gave other bytes for the unchanged b51f714 (the trained and the ResNet outputs), so they were recorded
-anew at b51f714 and every later tree compared with that table. Record with
+anew at b51f714 and every later tree compared with that table; then once more when pretrain's
+provenance gained `train_flops` (metadata only: every tensor of the 11 changed files is identical). Record with
 
     WEIT_RECORD_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden.py -q -s
 
@@ -96,11 +97,11 @@ COMMANDS: list[list[str]] = [
 
 GOLDEN: dict[str, str] = {
     "rn-calibrated/config.json": "695c8a074a24524a2674626773fba7c492abac41c2dd761da93a724253aa575d",
-    "rn-calibrated/model.safetensors": "1603ff82ab278515e593a280d76be5766dfb873614594054be13ae7d2eaa3d0b",
+    "rn-calibrated/model.safetensors": "d8cff6c5af0360bd5c5def249f54985ea6e3eb78c959c2285078b3d51d2741a0",
     "rn-deep.safetensors": "dd654a48b6e476de6cbef9194b83bd8736fbcd79b4049bf2b5268e0e4eccc809",
-    "rn-fit.safetensors": "afb514037658edf8d51d20e1795b72dd32f17af8b03b63ac911cc4a7c4728f42",
+    "rn-fit.safetensors": "659fa17ae71438a76f651bdabfd2ede54aa3cd721a46ac871d9728ef89c8cfb4",
     "rn-fitted/config.json": "695c8a074a24524a2674626773fba7c492abac41c2dd761da93a724253aa575d",
-    "rn-fitted/model.safetensors": "03530ec04401725a959fd908633931dd9ab740361e0a5cb134fe96a0ab10e718",
+    "rn-fitted/model.safetensors": "769dcb82fa4975d22b70d20dfb76a682f7348d154eb60cfa780acccdf04226cf",
     "rn-ft/best/config.json": "695c8a074a24524a2674626773fba7c492abac41c2dd761da93a724253aa575d",
     "rn-ft/best/model.safetensors": "68cdb921875d698ffaa85474d909fb2d3a037099ec6f047ae502e58f28b7d5c1",
     "rn-ft/last/config.json": "695c8a074a24524a2674626773fba7c492abac41c2dd761da93a724253aa575d",
@@ -108,22 +109,22 @@ GOLDEN: dict[str, str] = {
     "rn-mixed/config.json": "7de6a83c03b08a87d4b2ede5bf5abdecdacec0b4ddc99eee0f6168fff45524d1",
     "rn-mixed/model.safetensors": "a95d711d9f6da9aa490e00c7176a00a9506297be994516b4c9415f53c016cfbb",
     "rn-pre.recipe.yaml": "3e89f3d9beabd76a5294fda0f6c4c0c9a1300adbe8b1a12a0622d17d6aed7386",
-    "rn-pre.safetensors": "18e1a090a3ec9377fa036e9a84fd5d4c634f211be7fd29adddf9e1ceef252a07",
+    "rn-pre.safetensors": "47bfb6a59063d6e0546b5444bcfc79ca3594b4eb77a35bd10471bac7d8ee751c",
     "rn.safetensors": "9ef7c2a7a4ac466fc4ebec89aaef3565f4fbb8f5e445a59483ebc590eaa105e3",
     "vit-bf16.safetensors": "7131b9fa413faefc524f2f5534004e5146bab76ea6148bcd66753b177dacfe83",
     "vit-distilled.safetensors": "36f6f8c10c879d8011f785e66907f2a8521d330fcebc7b015912fddafb859311",
-    "vit-fit-kd.safetensors": "d85a5baa074de29d35a3abba2cc1ff7dcead016bbf0ea261397316ec07bcf34e",
-    "vit-fit.safetensors": "0c3816dfbfeef56922e6606721e490ecdb917a39efb371d66ab7b3af515db53b",
+    "vit-fit-kd.safetensors": "f63779187e6758eeb50dad65a8551ecd05a024de53f5eed2fae48bbe6266e6ae",
+    "vit-fit.safetensors": "2a564d84b2d6361ba4ecb7fc82ce464a38df3ef4e4e3077bf1732255ae354ac8",
     "vit-fitted/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
-    "vit-fitted/model.safetensors": "67b4d71f50c91f69d6762870b5503712089cdbd4d95df3f9765a5f7cbff8f445",
+    "vit-fitted/model.safetensors": "b416d3dad95bfc64225a3a5b9ad6d32b949a5ce351f9880d20c358c4e1994d83",
     "vit-ft-random/best/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
     "vit-ft-random/best/model.safetensors": "a9ae83320301371f0d2c42d220a4c2c91673fc49528498d671bc1a47bee16ed9",
     "vit-ft-random/last/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
     "vit-ft-random/last/model.safetensors": "a9ae83320301371f0d2c42d220a4c2c91673fc49528498d671bc1a47bee16ed9",
     "vit-ft-ws/best/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
-    "vit-ft-ws/best/model.safetensors": "ef1f4aee3d6f3b30ac3f9ad6bd2e354bdd9e1c11863cae7ddc5e24b57724dfe8",
+    "vit-ft-ws/best/model.safetensors": "25d87a396e6a0ba27ecc644abafd106e58518c9c7ee197c71413ac49523497b4",
     "vit-ft-ws/last/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
-    "vit-ft-ws/last/model.safetensors": "ef1f4aee3d6f3b30ac3f9ad6bd2e354bdd9e1c11863cae7ddc5e24b57724dfe8",
+    "vit-ft-ws/last/model.safetensors": "25d87a396e6a0ba27ecc644abafd106e58518c9c7ee197c71413ac49523497b4",
     "vit-ft/best/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
     "vit-ft/best/model.safetensors": "36f89021e761af5b742cf5388f5086e84f1dcbe36282b5cf55802bf188895523",
     "vit-ft/last/config.json": "92a8b33e40a502ce63bcb550ecfb66c25eb079e0986b2d8ce8b8ef6aa478b1b6",
@@ -138,9 +139,9 @@ GOLDEN: dict[str, str] = {
     "vit-p4-grow/model.safetensors": "91e5030ee471c7ff3b142aa83ccf6bf5680446a28f497923d261adc0426b103f",
     "vit-p4.safetensors": "344913747a8f0b00f3651494d0adb143de14ed5fef8676d883b5cbd002221f2f",
     "vit-pre-grow/config.json": "98f74722a03c660cc961a348f543f209b727c5d2f19fe238549df1f400ff5571",
-    "vit-pre-grow/model.safetensors": "dd49ad75ffc6e87d8026627857775a4a20b20954e5c52d2f469470093b34af99",
+    "vit-pre-grow/model.safetensors": "c6c5cdcdd72e4636367ed198e94d51e7e2180cf21a1237c97b1194389c8c8247",
     "vit-pre.recipe.yaml": "20af2e02f830574bb98dedfc934394c36b09b132b439749b310ed700dbd3ff0a",
-    "vit-pre.safetensors": "74f17a2360441b20e9e38349a99ecc091942003cd017a70c010a727e5c6be5da",
+    "vit-pre.safetensors": "26ceee20a8433a2f0429db1f8d35b9fc7049f246ca04fa4734e65e584f23c61b",
     "vit-shrink.safetensors": "4ed0452b7111a7077e9c0b0b2be7aa824de35dd2bc259151da30c8e65d704aa3"
 }
 
