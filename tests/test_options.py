@@ -19,7 +19,7 @@ LIBRARY = {
     "finetune": ("weit_cli.commands.finetune", "finetune"),
     "pretrain": ("weit_cli.commands.pretrain", "pretrain"),
     "sample": ("weit_cli.commands.sample", "sample_grid"),
-    "evaluate": ("weit_cli.commands.sample", "evaluate"),
+    "evaluate": ("weit_cli.commands.evaluate", "evaluate"),
 }
 RENAMED = {"no_small": None, "source": "source", "output": None, "as_json": None}
 

@@ -650,7 +650,7 @@ def evaluate(
     control models by rollouts in --env (returns, normalised score mean and spread, wall time)."""
 
     def go():
-        from weit_cli.commands.sample import evaluate as ev
+        from weit_cli.commands.evaluate import evaluate as ev
         from weit_cli.training.progress import heartbeat
 
         with heartbeat(f"evaluate {model}"):
