@@ -121,33 +121,14 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
     if files:  # e.g. the control task's state statistics: written beside every materialized size
         bundle.extra[COMPANIONS] = files
     net = NestedModel(bundle).to(dev)
-    calib = None
-    if net.adapter.batchnorm:
-        calib = partial(
-            recalibrate_bn, dataset=splits.train, batches=m.bn_calibration_batches,
-            batch_size=min(recipe.data.batch_size, 256), seed=recipe.seed, device=dev,
-        )
-    teacher_fwd = None
-    if teacher_state is not None:
-        ad = net.adapter
-        t_module = ad.build(net.arch)
-        t_module.load_state_dict(teacher_state, strict=True)
-        teacher_fwd = ad.task_forward(t_module.to(dev).eval().requires_grad_(False))
-        del teacher_state
+    calib = _calibration(recipe, splits, dev) if net.adapter.batchnorm else None
+    teacher_fwd = _teacher_forward(net, teacher_state, dev) if teacher_state is not None else None
+    del teacher_state
     distill, temperature = (recipe.teacher.weight, recipe.teacher.temperature) if recipe.teacher else (ns.distill, ns.distill_temperature)
     sandwich = SandwichLoss(net, task, distill, temperature, teacher=teacher_fwd)
-    step_module: nn.Module = sandwich
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        sandwich.touch_all = ns.sampling == "one-size"  # a small size leaves parameters unused
-        step_module = DistributedDataParallel(step_module, device_ids=[dev.index] if dev.type == "cuda" else None)
+    step_module = _distributed(sandwich, ns, world, dev)
     named = net.named_tensors()
-    scales = tr.lr_scales
-    opt = adamw(
-        named, lr=tr.lr, weight_decay=tr.weight_decay, no_decay_keys=net.adapter.no_decay, betas=tuple(tr.betas),
-        lr_scale=lambda name: getattr(scales, name.split(".", 1)[0]),  # templates. / scalers. / small.
-    )
+    opt = _optimizer(named, net, tr)
     batches = Batches(splits.train, recipe.data.batch_size // world, seed=recipe.seed, rank=rank, world_size=world)
     size_rng = random.Random(recipe.seed)
     val_small = _head(splits.val, tr.eval_samples)
@@ -179,21 +160,7 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
         ema=make_ema(named, tr.ema.decay, tr.ema.warmup_power) if tr.ema else None, noise=_rank_noise(task, world),
     )
     if resume:
-        if rank == 0:  # what a killed writer left half-written (hidden temp files) goes first
-            for p in (output, recipe_out, *checkpoint_paths(ckpt)):
-                remove_stale_temps(p)
-
-        def same_recipe(state):
-            if state.get("recipe_sha256") != recipe_sha:
-                raise InputError(
-                    f"{ckpt} was written by another recipe (sha256 {str(state.get('recipe_sha256'))[:12]}…, now {recipe_sha[:12]}…)",
-                    "resume with the same recipe, overrides and --data, or start over with --force",
-                )
-            if state.get("teacher_sha256") != teacher_sha:
-                raise InputError(f"{ckpt} was written with another teacher checkpoint", "resume with the same --teacher, or start over with --force")
-
-        v, s, g = loop.resume(same_recipe)["size_rng"]
-        size_rng.setstate((v, tuple(s), g))
+        _resume(loop, size_rng, (output, recipe_out, ckpt), rank, recipe_sha, teacher_sha)
         steps_done[0] = loop.start
     loop.run()
     val_raw = _validate(task, net, splits.val, largest, smallest, dev, calib) if loop.ema is not None and len(splits.val) else None
@@ -202,23 +169,91 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
     if calib is not None:
         net.calibrate_stats(calib)  # the bundle's BatchNorm statistics: the largest size's, re-estimated
     final = _validate(task, net, splits.val, largest, smallest, dev, calib) if len(splits.val) else {}
-    bundle = net.bundle()
-    cpu = Bundle(
-        bundle.adapter, bundle.arch,
-        {k: v.detach().float().cpu() for k, v in bundle.templates.items()},
-        {k: v.detach().float().cpu() for k, v in bundle.scalers.items()},
-        {k: v.detach().float().cpu() for k, v in bundle.small.items()},
-        dict(bundle.extra),
+    cpu = _on_cpu(net.bundle())
+    digests = _gather(_digest(cpu), world)
+    provenance = _provenance(recipe, command, recipe_sha, splits, world, dev, flops, (teacher_sha, teacher_hub), ema_info)
+    if rank == 0:
+        save_tensors(output, cpu.to_tensors(), cpu.metadata(**provenance), force=True)
+        with atomic_file(recipe_out) as tmp:
+            tmp.write_text(rcp.dump(recipe, command))
+        loop.discard_checkpoint()
+    barrier()
+    return _summary(recipe, output, recipe_out, recipe_sha, resume, loop, flops, final, (val_raw, ema_info),
+                    (teacher_sha, teacher_hub), cpu, splits, dev, world, digests, t_start)
+
+
+def _calibration(recipe, splits, dev):
+    """BatchNorm families: how the largest size's statistics are re-estimated on training batches."""
+    return partial(
+        recalibrate_bn, dataset=splits.train, batches=recipe.model.bn_calibration_batches,
+        batch_size=min(recipe.data.batch_size, 256), seed=recipe.seed, device=dev,
     )
-    digest = _digest(cpu)
-    digests = _gather(digest, world)
+
+
+def _distributed(sandwich: SandwichLoss, ns, world: int, dev) -> nn.Module:
+    """What a step calls: the sandwich loss, wrapped in DDP under torchrun."""
+    if world == 1:
+        return sandwich
+    from torch.nn.parallel import DistributedDataParallel
+
+    sandwich.touch_all = ns.sampling == "one-size"  # a small size leaves parameters unused
+    return DistributedDataParallel(sandwich, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def _teacher_forward(net: NestedModel, teacher_state: dict[str, torch.Tensor], dev):
+    """The frozen teacher's task forward: the family's module of the largest size with its weights."""
+    ad = net.adapter
+    t_module = ad.build(net.arch)
+    t_module.load_state_dict(teacher_state, strict=True)
+    return ad.task_forward(t_module.to(dev).eval().requires_grad_(False))
+
+
+def _optimizer(named: dict[str, torch.Tensor], net: NestedModel, tr):
+    """AdamW over templates, scalers and small parameters, each part at its `train.lr_scales` multiple."""
+    scales = tr.lr_scales
+    return adamw(
+        named, lr=tr.lr, weight_decay=tr.weight_decay, no_decay_keys=net.adapter.no_decay, betas=tuple(tr.betas),
+        lr_scale=lambda name: getattr(scales, name.split(".", 1)[0]),  # templates. / scalers. / small.
+    )
+
+
+def _resume(loop, size_rng: random.Random, paths, rank: int, recipe_sha: str, teacher_sha: str | None) -> None:
+    """Continue from the checkpoint: the same recipe and teacher, the size draws where they stopped."""
+    output, recipe_out, ckpt = paths
+    if rank == 0:  # what a killed writer left half-written (hidden temp files) goes first
+        for p in (output, recipe_out, *checkpoint_paths(ckpt)):
+            remove_stale_temps(p)
+
+    def same_recipe(state):
+        if state.get("recipe_sha256") != recipe_sha:
+            raise InputError(
+                f"{ckpt} was written by another recipe (sha256 {str(state.get('recipe_sha256'))[:12]}…, now {recipe_sha[:12]}…)",
+                "resume with the same recipe, overrides and --data, or start over with --force",
+            )
+        if state.get("teacher_sha256") != teacher_sha:
+            raise InputError(f"{ckpt} was written with another teacher checkpoint", "resume with the same --teacher, or start over with --force")
+
+    v, s, g = loop.resume(same_recipe)["size_rng"]
+    size_rng.setstate((v, tuple(s), g))
+
+
+def _on_cpu(bundle: Bundle) -> Bundle:
+    """The trained bundle as float32 CPU tensors (what is written and digested)."""
+    def cpu(d):
+        return {k: v.detach().float().cpu() for k, v in d.items()}
+
+    return Bundle(bundle.adapter, bundle.arch, cpu(bundle.templates), cpu(bundle.scalers), cpu(bundle.small), dict(bundle.extra))
+
+
+def _provenance(recipe, command, recipe_sha, splits, world, dev, flops, teacher, ema_info) -> dict[str, Any]:
+    teacher_sha, teacher_hub = teacher
     provenance = {
         "command": command,
         "recipe_sha256": recipe_sha,
         "recipe": rcp.to_plain(recipe),
         "data": splits.description,
         "seed": recipe.seed,
-        "steps": tr.steps,
+        "steps": recipe.train.steps,
         "world_size": world,
         "device": dev.type,
         "train_flops": flops["train_flops"],
@@ -230,19 +265,19 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
             provenance["teacher_source"] = teacher_hub
     if ema_info is not None:
         provenance["ema"] = ema_info
-    if rank == 0:
-        save_tensors(output, cpu.to_tensors(), cpu.metadata(**provenance), force=True)
-        with atomic_file(recipe_out) as tmp:
-            tmp.write_text(rcp.dump(recipe, command))
-        loop.discard_checkpoint()
-    barrier()
-    counts = cpu.param_counts()
+    return provenance
+
+
+def _summary(recipe, output, recipe_out, recipe_sha, resume, loop, flops, final, ema, teacher, cpu: Bundle, splits, dev, world,
+             digests, t_start) -> dict[str, Any]:
+    """What `weit pretrain` answers (--json: exactly this)."""
+    (val_raw, ema_info), (teacher_sha, teacher_hub), ns = ema, teacher, recipe.nested
     return {
         "command": "pretrain",
         "output": str(output),
         "recipe": str(recipe_out),
         "recipe_sha256": recipe_sha,
-        "steps": tr.steps,
+        "steps": recipe.train.steps,
         "resumed_from": loop.start if resume else None,
         "train_flops": flops["train_flops"],
         "teacher_flops": flops["teacher_flops"] if recipe.teacher is not None else None,
@@ -257,7 +292,7 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
         "nested": {"depths": list(ns.depths), "widths": list(ns.widths)},
         "architecture": cpu.arch.to_dict(),
         "templates": {t: list(v.shape) for t, v in cpu.templates.items()},
-        "params": counts,
+        "params": cpu.param_counts(),
         "data": splits.description,
         "device": str(dev),
         "world_size": world,
