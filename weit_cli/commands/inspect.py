@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from weit_cli.arch._registry import detect_family, get_adapter
+from weit_cli.arch._registry import detect_family
 from weit_cli.core.bundle import (
     COMPANIONS,
     Bundle,
     Shaped,
+    arch_from_meta,
     bundle_header,
     header_tensors,
     load_bundle,
@@ -83,12 +84,7 @@ def _inspect_bundle(path: Path, meta: dict[str, str], check: bool) -> dict[str, 
 def _inspect_scalers(path: Path, check: bool) -> dict[str, Any]:
     header = weit_header(path, KIND_SCALERS)
     meta = dict(header.get("__metadata__") or {})
-    try:
-        arch_d = json.loads(meta["architecture"])
-        adapter = get_adapter(arch_d["family"])
-    except (KeyError, ValueError, TypeError):
-        raise InputError(f"{path} has no usable architecture record", "the file was not written by this weit") from None
-    arch = adapter.arch_from_dict(arch_d)
+    adapter, arch = arch_from_meta(meta, str(path))
     tensors = header_tensors(header, str(path))
     _check_scalers(path, tensors, meta, adapter, arch)
     out = {

@@ -178,13 +178,18 @@ def templates_record(templates: dict[str, Tensor]) -> dict[str, dict[str, Any]]:
     }
 
 
-def bundle_from_tensors(tensors: dict[str, Tensor], meta: dict[str, str], source: str = "file") -> Bundle:
+def arch_from_meta(meta: dict[str, str], source: str) -> tuple[Adapter, Any]:
+    """(family adapter, architecture) from a weit file's `architecture` metadata record."""
     try:
         arch_d = json.loads(meta["architecture"])
         adapter = get_adapter(arch_d["family"])
     except (KeyError, ValueError, TypeError):
         raise InputError(f"{source} has no usable architecture record", "the file was not written by this weit") from None
-    arch = adapter.arch_from_dict(arch_d)
+    return adapter, adapter.arch_from_dict(arch_d)
+
+
+def bundle_from_tensors(tensors: dict[str, Tensor], meta: dict[str, str], source: str = "file") -> Bundle:
+    adapter, arch = arch_from_meta(meta, source)
     parts: dict[str, dict[str, Tensor]] = {"templates": {}, "scalers": {}, "small": {}}
     for k, v in tensors.items():
         head, _, rest = k.partition(".")
@@ -192,8 +197,9 @@ def bundle_from_tensors(tensors: dict[str, Tensor], meta: dict[str, str], source
             raise InputError(f"{source} has an unexpected tensor '{k}'", "the file is not a weit bundle")
         parts[head][rest] = v
     b = Bundle(adapter, arch, parts["templates"], parts["scalers"], parts["small"])
-    if "nested" in arch_d:
-        b.extra["nested"] = arch_d["nested"]
+    record = json.loads(meta["architecture"])  # known to parse: arch_from_meta read it
+    if "nested" in record:
+        b.extra["nested"] = record["nested"]
     files = read_companions(meta, source)
     if files:
         b.extra[COMPANIONS] = files
