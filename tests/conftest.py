@@ -186,3 +186,22 @@ def predict_actions(model, windows):
         return_dict=True,
     )
     return out.action_preds
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+def torchrun(args: list[str], env: dict[str, str], timeout: int = 240):
+    """`python -m torch.distributed.run --standalone --nproc-per-node 2 ARGS` in its own process group,
+    so that a hang cannot leave orphaned workers behind; fails the test after `timeout` seconds."""
+    import signal
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True) as p:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            pytest.fail(f"torchrun did not finish in {timeout} s")
+    return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from conftest import torchrun
 
 from weit_cli.io.files import load_weit
 
@@ -31,17 +30,7 @@ def test_two_process_ddp_gives_identical_templates(tmp_path):
     recipe.write_text(RECIPE)
     out = tmp_path / "bundle.safetensors"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "weit_cli.cli", "pretrain", str(recipe), "-o", str(out), "--json"]
-    # Own process group, so a hang cannot leave orphaned workers behind.
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True) as p:
-        try:
-            stdout, stderr = p.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
-            pytest.fail("torchrun did not finish in 240 s")
-    proc = subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
+    proc = torchrun(["-m", "weit_cli.cli", "pretrain", str(recipe), "-o", str(out), "--json"], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1, "only rank 0 reports"

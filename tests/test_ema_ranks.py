@@ -8,15 +8,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import weit
+from conftest import torchrun, weit
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -148,15 +144,8 @@ def test_two_processes_draw_their_own_noise(tmp_path):
     script = tmp_path / "draws.py"
     script.write_text(DRAWS)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), str(tmp_path)]
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True) as p:
-        try:
-            _, err = p.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
-            pytest.fail("torchrun did not finish in 180 s")
-    assert p.returncode == 0, err[-3000:]
+    proc = torchrun([str(script), str(tmp_path)], env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2 and len(r0["draws"]) == 3
     for a, b in zip(r0["draws"], r1["draws"]):

@@ -158,24 +158,17 @@ def test_one_size_under_ddp_counts_every_rank(recipe_path, tmp_path):
     ranks end equal, and train_flops is twice one process's at the per-rank batch (16 of 32): every
     rank composes its weights, so that part is paid per rank, not per image."""
     import os
-    import signal
-    import subprocess
+
+    from conftest import torchrun
 
     # seed 3, uniform draws: 1×16, then 2×16 (the step after one that left the second block unused), then 1×32
     sets = ["--set", "nested.sampling=one-size", "--set", "nested.one_size_power=0", "--set", "seed=3",
             "--set", "train.steps=3", "--set", "train.checkpoint_every=0"]
     one = pretrain(recipe_path, tmp_path / "one.safetensors", overrides=[s for s in sets if s != "--set"] + ["data.batch_size=16"])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "weit_cli.cli", "pretrain", str(recipe_path), "-o", str(tmp_path / "ddp.safetensors"), "--json", *sets]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True) as p:
-        try:
-            stdout, stderr = p.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
-            pytest.fail("torchrun did not finish in 240 s")
-    assert p.returncode == 0, stderr[-3000:]
+    proc = torchrun(["-m", "weit_cli.cli", "pretrain", str(recipe_path), "-o", str(tmp_path / "ddp.safetensors"), "--json", *sets],
+                    env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    stdout, stderr = proc.stdout, proc.stderr
+    assert proc.returncode == 0, stderr[-3000:]
     r = json.loads([line for line in stdout.splitlines() if line.startswith("{")][0])
     assert r["world_size"] == 2 and len(set(r["templates_sha256_by_rank"])) == 1
     assert r["train_flops"] == 2 * one["train_flops"] and r["size_steps"] == one["size_steps"]
