@@ -52,19 +52,21 @@ def test_loss(folder: Path) -> float:
 
 
 def weit_run(work: Path, count: int, seed: int, a) -> dict:
-    out = work / f"weit-n{count}-s{seed}"
+    out = work / f"weit{a.tag and '-' + a.tag}-n{count}-s{seed}"
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    sets = [f"nested.depths=[{a.depth}]", f"nested.widths=[{a.width}]", f"templates.count={count}", f"seed={seed}",
+    # --nested keeps the recipe's nested sizes (the shipped schedule); otherwise the largest size alone
+    alone = [] if a.nested else [f"nested.depths=[{a.depth}]", f"nested.widths=[{a.width}]"]
+    sets = [*alone, f"templates.count={count}", f"seed={seed}", *a.overrides,
             f"train.steps={a.steps}", f"train.lr={a.lr}", f"train.warmup_steps={a.warmup}", f"data.batch_size={a.batch}",
             "train.eval_every=0", "train.checkpoint_every=0", f"train.ema.decay={a.ema_decay}"]
     cmd = ["pretrain", str(RECIPE), "-o", str(out / "bundle.safetensors"), "--force", *[x for s in sets for x in ("--set", s)]]
     t0 = time.perf_counter()
     r = weit(*cmd)
     weit("materialize", str(out / "bundle.safetensors"), "--depth", str(a.depth), "--width", str(a.width), "-o", str(out / "model"), "--force")
-    res = {"method": f"weit n={count}", "count": count, "seed": seed, "val_ema": r["val"]["val_loss_largest"],
+    res = {"method": f"weit{a.tag and ' ' + a.tag} n={count}", "count": count, "train_flops": r.get("train_flops"), "seed": seed, "val_ema": r["val"]["val_loss_largest"],
            "val_raw": r["val_raw"]["val_loss_largest"], "test_ema": test_loss(out / "model"),
            "wall_s": round(time.perf_counter() - t0, 1), "command": "weit " + " ".join(cmd)}
     done.write_text(json.dumps(res))
@@ -95,25 +97,26 @@ def score(work: Path, rows: list[dict], a) -> list[dict]:
     and of the method with the lowest mean test loss at each of --guidance; a grid of that model."""
     from weit_cli.commands.sample import sample_grid
 
-    def model_of(method: str) -> Path:
-        r = next(r for r in rows if r["method"] == method and r["seed"] == 0)
-        return work / f"weit-n{r['count']}-s0" / "model" if r["count"] else work / "dense-s0" / "run" / "last"
+    def model_of(method: str, seed: int = 0) -> Path:
+        r = next(r for r in rows if r["method"] == method and r["seed"] == seed)
+        return work / f"weit{a.tag and '-' + a.tag}-n{r['count']}-s{seed}" / "model" if r["count"] else work / f"dense-s{seed}" / "run" / "last"
 
     means = {m: statistics.mean(r.get("test_ema", r.get("test_raw")) for r in rows if r["method"] == m) for m in dict.fromkeys(r["method"] for r in rows)}
     best = min((m for m in means if m.startswith("weit")), key=means.get)
     todo = [(m, 1.0) for m in means] + [(best, g) for g in a.guidance if g != 1.0]
     out = []
-    for method, g in todo:
-        done = work / f"score-{method.replace(' ', '_').replace('=', '')}-g{g:g}-n{a.score}.json"
+    for method, g, seed in [(m, g, s) for m, g in todo for s in a.score_seeds if any(r["method"] == m and r["seed"] == s for r in rows)]:
+        tail = "" if seed == 0 else f"-s{seed}"
+        done = work / f"score-{method.replace(' ', '_').replace('=', '')}-g{g:g}-n{a.score}{tail}.json"
         if not done.is_file():
-            cmd = ["evaluate", str(model_of(method)), "--data", "fashion-mnist", "--num-samples", str(a.score), "--steps", "20", "--guidance", str(g)]
+            cmd = ["evaluate", str(model_of(method, seed)), "--data", "fashion-mnist", "--num-samples", str(a.score), "--steps", "20", "--guidance", str(g)]
             r = weit(*cmd)
-            done.write_text(json.dumps({"method": method, "guidance": g, "fid_judge": r["fid_judge"], "class_accuracy": r["class_accuracy"],
+            done.write_text(json.dumps({"method": method, "guidance": g, "seed": seed, "fid_judge": r["fid_judge"], "class_accuracy": r["class_accuracy"],
                                         "references": r["judge_references"], "command": "weit " + " ".join(cmd)}))
         out.append(json.loads(done.read_text()))
         print(json.dumps(out[-1]), flush=True)
-    grid = OUT / "dit-levers-grid.png"
-    sample_grid(model_of(best), grid, n=40, steps=20, guidance=1.0, seed=0, force=True)
+    grid = OUT / f"dit-levers{a.tag and '-' + a.tag}-grid.png"
+    sample_grid(model_of(best), grid, n=40, steps=20, guidance=max(a.guidance), seed=0, force=True)
     return out
 
 
@@ -145,9 +148,14 @@ def table(rows: list[dict], a, scores: list[dict] | None = None) -> str:
                      f"{statistics.mean(r['wall_s'] for r in rs):.0f} |")
     if scores:
         refs = scores[0]["references"]
-        lines += ["", f"Seed 0's written model of each method, `weit evaluate --num-samples {a.score} --steps 20` (judge FID, class accuracy of samples):", "",
+        lines += ["", f"The written model of each method (seeds {', '.join(map(str, a.score_seeds))}; mean ± sd), `weit evaluate --num-samples {a.score} --steps 20` (judge FID, class accuracy of samples):", "",
                   "| method | guidance | judge FID | class accuracy |", "|---|---|---|---|"]
-        lines += [f"| {x['method']} | {x['guidance']:g} | {x['fid_judge']:.1f} | {100 * x['class_accuracy']:.1f} % |" for x in scores]
+        for key in dict.fromkeys((x["method"], x["guidance"]) for x in scores):
+            xs = [x for x in scores if (x["method"], x["guidance"]) == key]
+            fid, acc = [x["fid_judge"] for x in xs], [100 * x["class_accuracy"] for x in xs]
+            spread = (lambda v, f: f"{statistics.mean(v):{f}} ± {statistics.stdev(v):{f}}" if len(v) > 1 else f"{v[0]:{f}}")
+            lines.append(f"| {key[0]} | {key[1]:g} | {spread(fid, '.1f')} | {spread(acc, '.1f')} % |"
+                         + ("" if len(xs) == 1 else f" seeds {', '.join(str(x.get('seed', 0)) for x in xs)} |"))
         lines += ["", "The judge's scale at this sample count: " + ", ".join(
             f"{what} FID {refs[k]['fid_judge']:.1f} ({100 * refs[k]['class_accuracy']:.1f} %)"
             for k, what in (("real_train", "real training images"), ("blank", "blank images"), ("noise", "Gaussian noise"))) + "."]
@@ -173,6 +181,10 @@ def main() -> None:
     ap.add_argument("--dense-seeds", type=int, nargs="*", default=None, help="Seeds of the dense arm (default: --seeds; none: no dense).")
     ap.add_argument("--score", type=int, default=0, help="Then score seed 0's models with `weit evaluate` on this many samples (0: no).")
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="Guidance scales scored for the best weit count.")
+    ap.add_argument("--score-seeds", type=int, nargs="+", default=[0], help="Seeds whose models are scored (default: seed 0's).")
+    ap.add_argument("--nested", action="store_true", help="Keep the recipe's nested sizes (default: --depth × --width alone).")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="Extra recipe override for the weit runs.")
+    ap.add_argument("--tag", default="", help="Names this study's runs and outputs (dit-levers-<tag>.md/.json).")
     a = ap.parse_args()
     a.work = a.work.resolve()
     rows = []
@@ -185,8 +197,9 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     scores = score(a.work, rows, a) if a.score else []
-    (OUT / "dit-levers.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "runs": rows, "scores": scores}, indent=1))
-    (OUT / "dit-levers.md").write_text(table(rows, a, scores))
+    name = f"dit-levers{a.tag and '-' + a.tag}"
+    (OUT / f"{name}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "runs": rows, "scores": scores}, indent=1))
+    (OUT / f"{name}.md").write_text(table(rows, a, scores))
     print(table(rows, a, scores))
 
 
