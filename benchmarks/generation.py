@@ -123,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "generation", help="Where the JSON, plot and grids go.")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", type=int, help="Override the budget's number of finetuning seeds.")
-    ap.add_argument("--guidance", type=float, default=1.0, help="Classifier-free guidance when scoring and for the grids (1: none).")
+    ap.add_argument("--guidance", type=float, help="Classifier-free guidance when scoring and for the grids (1: none; default: the budget's).")
+    ap.add_argument("--pretrain-seeds", action="store_true",
+                    help="Seed i's runs start from a bundle and a dense DiT pretrained with seed i (default: one pretraining, seed 0).")
+    ap.add_argument("--step0-only", action="store_true",
+                    help="Score each initialisation at step 0 only (weit+fit after its fit): no finetuning.")
+    ap.add_argument("--tag", default="", help="Names the outputs: generation-<budget>-<tag>.")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared: 1 by default).")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--fresh", action="store_true", help="Discard cached stages.")
@@ -139,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dict(BUDGETS[args.budget])
     if args.seeds:
         cfg["seeds"] = args.seeds
+    if args.guidance is None:
+        args.guidance = cfg.get("guidance", 1.0)
     work = args.work or ROOT / "runs" / f"generation-{args.budget}"
     if args.fresh and work.exists():
         shutil.rmtree(work)
@@ -147,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(work, cfg, args)
     results = bench.run()
     results["total_s"] = round(time.perf_counter() - t0, 1)  # this invocation (cached stages cost nothing)
-    stages = [results["pretrain"]["bundle"], results["pretrain"]["dense"], *(s for r in results["runs"] for s in r["seeds"])]
+    stages = [*(p[k] for p in results["pretrain"] for k in ("bundle", "dense")), *(s for r in results["runs"] for s in r["seeds"])]
     results["compute_s"] = round(sum(st.get("stage_s", 0.0) for st in stages), 1)  # every stage, cached or not
     args.docs.mkdir(parents=True, exist_ok=True)
-    name = f"generation-{args.budget}"
-    grids = args.docs / f"grids-{args.budget}"
+    name = f"generation-{args.budget}{args.tag and '-' + args.tag}"
+    grids = args.docs / f"grids-{args.budget}{args.tag and '-' + args.tag}"
     if grids.exists():
         shutil.rmtree(grids)
     grids.mkdir()
@@ -184,20 +191,18 @@ class Bench:
 
         cfg, a = self.cfg, self.args
         self.recipe = recipe = rcp.load_recipe(ROOT / RECIPE, cfg["overrides"])
-        self.pre = self.work / f"pretrain-{rcp.digest(recipe)[:10]}"
-        self.pre.mkdir(exist_ok=True)
-        bundle = self.cached(self.pre / "bundle", self.pretrain_bundle)
-        self.bundle = Path(bundle["path"])
-        compute = self.cached(self.pre / "compute", self.equal_compute)
-        dense = self.cached(self.pre / f"dense-{compute['dense_steps']}", lambda: self.pretrain_dense(compute["dense_steps"]))
-        self.dense = Path(dense["path"])
+        pretrain_seeds = range(cfg["seeds"]) if a.pretrain_seeds else [None]
+        self.pretrained = {s: self.pretrain(s) for s in pretrain_seeds}
         if a.pretrain_only:
-            raise SystemExit(f"pretrained: {self.bundle} and {self.dense}")
+            raise SystemExit("pretrained: " + ", ".join(f"{p['bundle']['path']} and {p['dense']['path']}" for p in self.pretrained.values()))
         self.largest = tuple(recipe.largest())
+        first = next(iter(self.pretrained.values()))
         # Finetuning runs are keyed by everything that shapes them besides the pretraining.
         shaping = {k: cfg[k] for k in ("steps", "every", "fit_steps", "samples", "sample_steps", "lr", "warmup_steps", "val_fraction")}
-        shaping.update(pretrain=self.pre.name, dense=dense["path"], guidance=a.guidance, device=a.device,
+        shaping.update(pretrain=first["pre"].name, dense=first["dense"]["path"], guidance=a.guidance, device=a.device,
                        sampler="ddim, clipped x0, eps re-derived")  # runs scored by the earlier sampler are not reused
+        if a.pretrain_seeds or a.step0_only:  # keys of the runs made before these options existed stay as they were
+            shaping.update(pretrain_seeds=a.pretrain_seeds, step0_only=a.step0_only)
         self.runs = self.work / f"runs-{digest(shaping)}"
         (self.runs / "models").mkdir(parents=True, exist_ok=True)
         self.scorer = None
@@ -233,22 +238,42 @@ class Bench:
             },
             "judge": self.judge_info(),
             "real_floor": floor,
-            "pretrain": {"bundle": bundle, "dense": dense, "compute": compute},
+            "pretrain": [{"seed": s, **{k: v for k, v in p.items() if k != "pre"}} for s, p in self.pretrained.items()],
+            "pretrain_seeds": a.pretrain_seeds, "step0_only": a.step0_only,
             "runs": rows,
             "claims": claims(rows),
             "grids": grids,
         }
 
-    def pretrain_bundle(self) -> dict:
+    def pretrain(self, seed: int | None) -> dict:
+        """The bundle and the dense DiT of equal compute, pretrained with `seed` (None: the recipe's)."""
+        from weit_cli import recipe as rcp
+
+        overrides = [*self.cfg["overrides"], *([] if seed is None else [f"seed={seed}"])]
+        recipe = rcp.load_recipe(ROOT / RECIPE, overrides)
+        pre = self.work / f"pretrain-{rcp.digest(recipe)[:10]}"
+        pre.mkdir(exist_ok=True)
+        bundle = self.cached(pre / "bundle", lambda: self.pretrain_bundle(pre, overrides))
+        compute = self.cached(pre / "compute", lambda: self.equal_compute(recipe, bundle))
+        dense = self.cached(pre / f"dense-{compute['dense_steps']}", lambda: self.pretrain_dense(pre, recipe, compute["dense_steps"]))
+        return {"pre": pre, "bundle": bundle, "dense": dense, "compute": compute}
+
+    def of(self, seed: int) -> tuple[Path, Path, Path]:
+        """(pretraining folder, bundle, dense DiT) that finetuning seed `seed` starts from."""
+        p = self.pretrained[seed if self.args.pretrain_seeds else None]
+        return p["pre"], Path(p["bundle"]["path"]), Path(p["dense"]["path"])
+
+    def pretrain_bundle(self, pre: Path, overrides: list[str]) -> dict:
         from weit_cli.commands.materialize import materialize
         from weit_cli.commands.pretrain import pretrain
 
-        out = self.pre / "bundle.safetensors"
-        r = pretrain(ROOT / RECIPE, out, overrides=self.cfg["overrides"], force=True, device=self.args.device)
-        materialize(out, self.pre / "bundle-largest", force=True)  # the dense model's architecture, and its FID at step 0
-        return {"path": str(out), "steps": r["steps"], "seconds": r["wall_s"], "val": r.get("val")}
+        out = pre / "bundle.safetensors"
+        r = pretrain(ROOT / RECIPE, out, overrides=overrides, force=True, device=self.args.device)
+        materialize(out, pre / "bundle-largest", force=True)  # the dense model's architecture, and its FID at step 0
+        return {"path": str(out), "steps": r["steps"], "seconds": r["wall_s"], "val": r.get("val"),
+                "train_flops": r.get("train_flops"), "size_steps": r.get("size_steps")}
 
-    def equal_compute(self) -> dict:
+    def equal_compute(self, recipe, bundle: dict) -> dict:
         """The dense DiT's step count for the bundle's training FLOPs (see the module doc)."""
         import torch
         from torch.utils.flop_counter import FlopCounterMode
@@ -256,7 +281,7 @@ class Bench:
         from weit_cli.arch._registry import get_adapter
         from weit_cli.training.nested import sample_sizes
 
-        recipe, bs = self.recipe, self.recipe.data.batch_size
+        bs = recipe.data.batch_size
         adapter = get_adapter(recipe.model.family)
         m = recipe.model
 
@@ -272,37 +297,39 @@ class Bench:
             return int(fc.get_total_flops())
 
         ns = recipe.nested
-        rng = random.Random(recipe.seed)  # pretrain's size generator, replayed
         per_size: dict[str, int] = {}
         total = 0
-        for _ in range(recipe.train.steps):
-            for d, w in sample_sizes(rng, recipe.depth_options(), ns.widths, ns.sandwich):
-                k = f"{d}x{w}"
-                if k not in per_size:
-                    per_size[k] = flops(d, w)
-                total += per_size[k]
-        big = per_size[f"{recipe.largest()[0]}x{recipe.largest()[1]}"]
-        return {"method": "model FLOPs (forward + backward, FlopCounterMode) of every size of every sandwich step, "
-                          "pretrain's size draws replayed; composition excluded",
+        if ns.sampling == "sandwich" and not ns.shrink_start:  # as the published budgets were counted
+            rng = random.Random(recipe.seed)  # pretrain's size generator, replayed
+            draws = [f"{d}x{w}" for _ in range(recipe.train.steps) for d, w in sample_sizes(rng, recipe.depth_options(), ns.widths, ns.sandwich)]
+            counts = {k: draws.count(k) for k in dict.fromkeys(draws)}
+        else:  # any schedule: the sizes pretrain reports it trained (its `size_steps`)
+            counts = bundle["size_steps"]
+        for k, n in counts.items():
+            per_size[k] = flops(*map(int, k.split("x")))
+            total += n * per_size[k]
+        big = flops(*recipe.largest())
+        return {"method": "model FLOPs (forward + backward, FlopCounterMode) of every size of every step, "
+                          "pretrain's size draws; composition excluded",
                 "flops_per_step_by_size": per_size, "bundle_flops": total, "dense_flops_per_step": big,
                 "dense_steps": math.ceil(total / big), "bundle_steps": recipe.train.steps}
 
-    def pretrain_dense(self, steps: int) -> dict:
+    def pretrain_dense(self, pre: Path, recipe, steps: int) -> dict:
         """The dense DiT of the largest size, diffusers' init, `steps` steps with the bundle's
         optimiser settings. finetune counts in epochs: the subset is sized so epochs × batches = steps."""
         from weit_cli.commands.finetune import finetune
 
-        tr, bs = self.recipe.train, self.recipe.data.batch_size
-        n_train = 54000 if self.recipe.data.train_subset is None else self.recipe.data.train_subset
+        tr, bs = recipe.train, recipe.data.batch_size
+        n_train = 54000 if recipe.data.train_subset is None else recipe.data.train_subset
         epochs = math.ceil(steps * bs / n_train)
         per_epoch = math.ceil(steps / epochs)
         epochs = math.ceil(steps / per_epoch)
-        out = self.pre / f"dense-{steps}"
+        out = pre / f"dense-{steps}"
         r = finetune(
-            self.pre / "bundle-largest", out, data=self.recipe.data.source, epochs=epochs, init="random", lr=tr.lr,
+            pre / "bundle-largest", out, data=recipe.data.source, epochs=epochs, init="random", lr=tr.lr,
             warmup=tr.warmup_steps / per_epoch, schedule="cosine", min_lr_ratio=tr.min_lr_ratio, batch_size=bs,
-            weight_decay=tr.weight_decay, grad_clip=tr.grad_clip, train_subset=per_epoch * bs, data_seed=self.recipe.seed,
-            val_fraction=self.cfg["val_fraction"], seed=self.recipe.seed, force=True, device=self.args.device,
+            weight_decay=tr.weight_decay, grad_clip=tr.grad_clip, train_subset=per_epoch * bs, data_seed=recipe.seed,
+            val_fraction=self.cfg["val_fraction"], seed=recipe.seed, force=True, device=self.args.device,
         )
         return {"path": str(out / "last"), "steps": r["steps"], "epochs": epochs, "seconds": r["wall_s"],
                 "test_loss": r["final"].get("test_loss"), "data": r["data"]}
@@ -312,19 +339,20 @@ class Bench:
         """(MODEL for finetune, --init, --from, extra record) of one method."""
         from weit_cli.commands.materialize import materialize
 
-        models = self.pre / "models"
+        pre, bundle, dense = self.of(seed)
+        models = pre / "models"
         models.mkdir(exist_ok=True)
         plain = models / f"weit-{depth}x{width}"
 
         def make_plain() -> dict:  # shared by every method and by parallel processes: made once, under the stage lock
-            materialize(self.bundle, plain, depth=depth, width=width, force=True)
+            materialize(bundle, plain, depth=depth, width=width, force=True)
             return {"path": str(plain)}
 
         self.cached(plain, make_plain)
         if label == "random":
             return plain, "random", None, {}
         if label == "weight-selection":
-            return plain, "weight-selection", self.dense, {}
+            return plain, "weight-selection", dense, {}
         if label == "weit":
             return plain, "weit", None, {}
         if label == "dense-grown":
@@ -335,7 +363,7 @@ class Bench:
             def grow() -> dict:
                 p = self.recipe.model.head_dim
                 full = models / "dense-full-rank.safetensors"
-                r = extract_templates(self.dense, full, template_size=p, num_templates=p * p, force=True)
+                r = extract_templates(dense, full, template_size=p, num_templates=p * p, force=True)
                 materialize(full, grown, depth=depth, width=width, depth_rule="identity", force=True)
                 return {"relative_error": r.get("relative_error")}
 
@@ -344,11 +372,11 @@ class Bench:
             from weit_cli.commands.fit_scalers import fit_scalers
 
             scalers = self.runs / "models" / f"scalers-{depth}x{width}-seed{seed}.safetensors"
-            fit = fit_scalers(self.bundle, scalers, data="fashion-mnist", depth=depth, width=width, steps=self.cfg["fit_steps"],
+            fit = fit_scalers(bundle, scalers, data="fashion-mnist", depth=depth, width=width, steps=self.cfg["fit_steps"],
                               lr=1e-3, train_subset=self.cfg["every"] * self.recipe.data.batch_size, seed=seed,
                               device=self.args.device, force=True)
             fitted = self.runs / "models" / f"weit-fit-{depth}x{width}-seed{seed}"
-            materialize(self.bundle, fitted, depth=depth, width=width, scalers=scalers, force=True)
+            materialize(bundle, fitted, depth=depth, width=width, scalers=scalers, force=True)
             return fitted, "weit", None, {"fit": {k: fit.get(k) for k in ("loss_first", "loss_last", "fit_seconds", "steps")}}
         raise SystemExit(f"unknown method {label}")
 
@@ -395,6 +423,8 @@ class Bench:
                 shutil.copytree(last, dst)
                 snapshots.append(dst)
 
+        if self.args.step0_only:
+            return self.only_step0(run, snaps, snapshots[0], label, depth, width, seed, init_s, extra)
         epochs = cfg["steps"] // cfg["every"]
         r = finetune(
             model, run, data="fashion-mnist", epochs=epochs, init=init, source=source, lr=cfg["lr"],
@@ -416,6 +446,15 @@ class Bench:
             "test_loss": r["test_loss_by_epoch"], "init_seconds": round(init_s, 2), "finetune_seconds": r["wall_s"],
             "score_seconds": round(score_s, 2), "final_model": str(run / "final"), **extra,
         }
+
+    def only_step0(self, run: Path, snaps: Path, start: Path, label: str, depth: int, width: int, seed: int, init_s: float, extra: dict) -> dict:
+        t = time.perf_counter()
+        score = self.score(start)
+        shutil.copytree(start, run / "final", dirs_exist_ok=True)
+        shutil.rmtree(snaps)
+        return {"size": [depth, width], "method": label, "seed": seed, "steps": [0], "fid": [score["fid_judge"]],
+                "class_accuracy": [score["class_accuracy"]], "test_loss": [None], "init_seconds": round(init_s, 2),
+                "finetune_seconds": 0.0, "score_seconds": round(time.perf_counter() - t, 2), "final_model": str(run / "final"), **extra}
 
     def score(self, model: Path) -> dict:
         """What `weit evaluate` reports for a generator, minus the test loss (finetune has it)."""
@@ -472,8 +511,9 @@ class Bench:
 
 def pool(depth: int, width: int, where: str, label: str, per_seed: list[dict]) -> dict:
     def ms(key):
-        cols = list(zip(*(s[key] for s in per_seed)))
-        return [statistics.mean(c) for c in cols], [statistics.stdev(c) if len(c) > 1 else 0.0 for c in cols]
+        cols = [[v for v in c if v is not None] for c in zip(*(s[key] for s in per_seed))]
+        return ([statistics.mean(c) if c else None for c in cols],
+                [(statistics.stdev(c) if len(c) > 1 else 0.0) if c else None for c in cols])
 
     fid_m, fid_s = ms("fid")
     acc_m, acc_s = ms("class_accuracy")
@@ -496,7 +536,7 @@ def claims(rows: list[dict]) -> list[dict]:
         for r in rs:
             hit = next((s for s, f in zip(r["steps"], r["fid_mean"]) if f <= target), None)
             out.append({"size": list(size), "method": r["method"], "random_final_fid": target,
-                        "first_step_at_random_final": hit, "fraction_of_steps": None if hit is None else hit / total,
+                        "first_step_at_random_final": hit, "fraction_of_steps": None if hit is None or not total else hit / total,
                         "final_fid": r["fid_mean"][-1], "ends_better_than_random": r["fid_mean"][-1] < target})
     return out
 
@@ -514,6 +554,11 @@ def markdown(res: dict) -> str:
     """The docs table: judge FID (mean ± sd over seeds) at step 0, at a fifth of the steps and at the
     end; class accuracy and test loss at the end; the first step at random's final FID."""
     steps = res["runs"][0]["steps"]
+    if len(steps) == 1:  # --step0-only: the initialisations themselves
+        lines = ["| size | | method | judge FID step 0 | class acc. step 0 |", "|" + "---|" * 5]
+        lines += [f"| {r['size'][0]}×{r['size'][1]} | {r['where']} | {r['method']} | {r['fid_mean'][0]:.1f} ± {r['fid_std'][0]:.1f} "
+                  f"| {100 * r['class_accuracy_mean'][0]:.1f} ± {100 * r['class_accuracy_std'][0]:.1f} % |" for r in res["runs"]]
+        return "\n".join(lines + _scale_lines(res))
     fifth = min(steps, key=lambda s: abs(s - steps[-1] / 5))
     i = steps.index(fifth)
     at = {(tuple(c["size"]), c["method"]): c for c in res["claims"]}
@@ -527,15 +572,21 @@ def markdown(res: dict) -> str:
             f"| {r['size'][0]}×{r['size'][1]} | {r['where']} | {r['method']} | {r['fid_mean'][0]:.1f} ± {r['fid_std'][0]:.1f} "
             f"| {r['fid_mean'][i]:.1f} ± {r['fid_std'][i]:.1f} | {r['fid_mean'][-1]:.1f} ± {r['fid_std'][-1]:.1f} "
             f"| {100 * r['class_accuracy_mean'][-1]:.1f} ± {100 * r['class_accuracy_std'][-1]:.1f} % "
-            f"| {r['test_loss_mean'][-1]:.4f} ± {r['test_loss_std'][-1]:.4f} | {'never' if hit is None else hit} |")
-    if res.get("real_floor"):
-        f = res["real_floor"]
+            + (f"| {r['test_loss_mean'][-1]:.4f} ± {r['test_loss_std'][-1]:.4f} " if r["test_loss_mean"][-1] is not None else "| – ")
+            + f"| {'never' if hit is None else hit} |")
+    return "\n".join(lines + _scale_lines(res))
+
+
+def _scale_lines(res: dict) -> list[str]:
+    """The judge's floor (real images) and ceilings (blank, noise) at this sample count."""
+    f, lines = res.get("real_floor"), []
+    if f:
         lines.append(f"\nThe floor, {f['what']}: FID {f['fid_judge']:.1f}, class accuracy {100 * f['class_accuracy']:.1f} %.")
         for k, what in (("blank", "blank images"), ("noise", "Gaussian noise")):
             if k in f.get("ceilings", {}):
                 c = f["ceilings"][k]
                 lines.append(f"Ceiling, {what} scored the same way: FID {c['fid_judge']:.1f}, class accuracy {100 * c['class_accuracy']:.1f} %.")
-    return "\n".join(lines)
+    return lines
 
 
 def plot(res: dict, path: Path) -> None:

@@ -19,7 +19,8 @@ def test_generation_benchmark_tiny(tmp_path):
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
     res = json.loads((tmp_path / "docs" / "generation-tiny.json").read_text())
     assert res["command"].startswith("benchmarks/generation.py --budget tiny")
-    assert res["pretrain"]["compute"]["dense_steps"] >= res["pretrain"]["compute"]["bundle_steps"]
+    (pre,) = res["pretrain"]  # one pretraining (seed 0) shared by the finetuning seeds
+    assert pre["compute"]["dense_steps"] >= pre["compute"]["bundle_steps"]
     assert {tuple(r["size"]) for r in res["runs"]} == {(1, 16), (2, 32), (3, 16)}
     for r in res["runs"]:
         assert r["steps"][0] == 0 and len(r["fid_mean"]) == len(r["steps"]) == len(r["class_accuracy_mean"])
@@ -29,3 +30,21 @@ def test_generation_benchmark_tiny(tmp_path):
     floor = res["real_floor"]  # the judge's scale: real images, and the ceilings weit evaluate reports
     assert floor["fid_judge"] < floor["ceilings"]["blank"]["fid_judge"] and floor["fid_judge"] < floor["ceilings"]["noise"]["fid_judge"]
     assert "Ceiling, Gaussian noise" in (tmp_path / "docs" / "generation-tiny.md").read_text()
+
+
+@pytest.mark.slow
+def test_generation_benchmark_step0_per_pretraining_seed(tmp_path):
+    """--pretrain-seeds: seed i starts from a bundle and a dense DiT pretrained with seed i;
+    --step0-only: the initialisations are scored, nothing is finetuned."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "generation.py"), "--budget", "tiny", "--seeds", "2", "--step0-only",
+           "--pretrain-seeds", "--methods", "weight-selection,weit", "--tag", "s0", "--work", str(tmp_path / "work"),
+           "--docs", str(tmp_path / "docs")]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+    res = json.loads((tmp_path / "docs" / "generation-tiny-s0.json").read_text())
+    assert [p["seed"] for p in res["pretrain"]] == [0, 1]
+    assert res["pretrain"][0]["bundle"]["path"] != res["pretrain"][1]["bundle"]["path"]
+    for r in res["runs"]:
+        assert r["steps"] == [0] and len(r["seeds"]) == 2 and r["seeds"][0]["finetune_seconds"] == 0.0
+    weit = [r for r in res["runs"] if r["method"] == "weit"]
+    assert all(r["seeds"][0]["fid"] != r["seeds"][1]["fid"] for r in weit)  # other bundles, other samples
+    assert "judge FID step 0" in (tmp_path / "docs" / "generation-tiny-s0.md").read_text()
