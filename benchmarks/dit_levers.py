@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -131,9 +132,7 @@ def table(rows: list[dict], a, scores: list[dict] | None = None) -> str:
     lines = [
         f"# DiT recipe levers: {a.depth}×{a.width} trained alone, {a.steps} steps, batch {a.batch}, lr {a.lr}, {len(a.seeds)} seeds, 1 CPU thread",
         "",
-        f"    OMP_NUM_THREADS=1 python benchmarks/dit_levers.py --work runs/dit-levers --steps {a.steps} --warmup {a.warmup}"
-        + (f" --dense-seeds {' '.join(map(str, a.dense_seeds))}" if a.dense_seeds is not None else "")
-        + (f" --score {a.score} --guidance {' '.join(f'{g:g}' for g in a.guidance)}" if a.score else ""),
+        f"    OMP_NUM_THREADS=1 python benchmarks/dit_levers.py {a.command}",
         "",
         "Denoising loss (ε-MSE, lower is better; fixed noise and timesteps). val: 6000 held-out training images;",
         f"test: the 10 000 official test images, of the written weights (the EMA's for weit: decay {a.ema_decay}, warm-up power 0.75).",
@@ -186,6 +185,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="Extra recipe override for the weit runs.")
     ap.add_argument("--tag", default="", help="Names this study's runs and outputs (dit-levers-<tag>.md/.json).")
     a = ap.parse_args()
+    a.command = shlex.join(sys.argv[1:])
     a.work = a.work.resolve()
     rows = []
     for seed in a.seeds:  # seed-major: a cut-short study still has every arm at seed 0
