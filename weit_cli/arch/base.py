@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from weit_cli.core.resize import Axis, ZeroRuns
+from weit_cli.core.axes import Axis, ZeroRuns
 
 if TYPE_CHECKING:
     from torch import Tensor, nn

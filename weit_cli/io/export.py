@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import weit_cli.core.kron as kron
 from weit_cli import __version__
-from weit_cli.core.bundle import COMPANIONS, Bundle, state_problems
+from weit_cli.core.bundle import COMPANIONS, Bundle
+from weit_cli.core.checks import state_problems
 from weit_cli.errors import InputError
 from weit_cli.io.files import atomic_dir, atomic_file, one_thread, write_safetensors
 
