@@ -16,7 +16,8 @@ PACKAGE = Path(weit_cli.__file__).parent
 
 
 # ============================================================================ families own their names
-# Only a family's own module (weit_cli/arch/<family>.py) and the registry may name a family — in code,
+# Only a family's own module (weit_cli/arch/<family>.py, or the modules of a family package such as
+# weit_cli/arch/resnet/) and the registry may name a family — in code,
 # strings, docstrings or comments. Anything else reaches a family through the registry and the
 # Adapter interface, so adding a family touches no other module.
 
@@ -43,12 +44,13 @@ def _family_names() -> list[str]:
 
 
 def _allowed(path: Path) -> bool:
-    """A family's module, the registry, or a private module of weit_cli/arch/ (what families share,
-    or family knowledge waiting for its adapter hook, e.g. arch/_control_call.py)."""
-    from weit_cli.arch._registry import family_modules
+    """A family's module (or a module of its package), the registry, or a private module of
+    weit_cli/arch/ (what families share, or family knowledge waiting for its adapter hook, e.g.
+    arch/_control_call.py)."""
+    from weit_cli.arch._registry import family_module_of
 
     rel = path.relative_to(PACKAGE.parent).with_suffix("").as_posix().replace("/", ".")
-    return rel in family_modules() or rel.startswith("weit_cli.arch._")
+    return family_module_of(rel) is not None or rel.startswith("weit_cli.arch._")
 
 
 def _mentions(path: Path, pattern: re.Pattern) -> list[str]:
@@ -133,15 +135,15 @@ def test_a_broken_family_fails_loudly(tmp_path, monkeypatch):
 
 
 def test_every_family_module_registers_a_complete_adapter():
-    """Each module of weit_cli/arch/ (but base and the private ones) registers one family; `Adapter`
-    is abstract, so a family lacking a method cannot be registered at all."""
+    """Each module or package of weit_cli/arch/ (but base and the private ones) registers one family;
+    `Adapter` is abstract, so a family lacking a method cannot be registered at all."""
     import importlib
 
-    from weit_cli.arch._registry import adapters, family_modules
+    from weit_cli.arch._registry import adapters, family_module_of, family_modules
     from weit_cli.arch.base import Adapter
 
-    by_module = {type(a).__module__ for a in adapters()}
-    assert set(family_modules()) == by_module
+    by_module = [family_module_of(type(a).__module__) for a in adapters()]
+    assert sorted(by_module) == family_modules()  # one family each
     for a in adapters():
         assert isinstance(a, Adapter) and not getattr(type(a), "__abstractmethods__", None)
         assert importlib.import_module(type(a).__module__)
