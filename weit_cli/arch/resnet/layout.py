@@ -78,6 +78,11 @@ class ResNetArch:
     def out(self, s: int) -> int:
         return self.width[s] * self.expansion
 
+    def shortcut_kernel(self, s: int) -> int:
+        """Kernel side of stage s's projection shortcut conv: timm's `down_kernel_size` for a strided
+        projection, 1 for stage 1's (stride 1) and for every avg-pool shortcut (pool, then a 1×1 conv)."""
+        return 1 if self.avg_down or s == 0 else self.down_kernel_size
+
     def has_downsample(self, s: int) -> bool:
         """timm adds a projection shortcut when a stage strides (2–4) or changes the width."""
         cin = self.stem_out if s == 0 else self.out(s - 1)
@@ -140,7 +145,7 @@ def param_count(a: ResNetArch) -> int:
         if a.depth[s] >= 1:
             total += block(cin) + (a.depth[s] - 1) * block(out)
         if a.has_downsample(s):
-            total += a.down_kernel_size**2 * cin * out + 4 * out
+            total += a.shortcut_kernel(s) ** 2 * cin * out + 4 * out
     c0, c1, c2 = a.stem_chs
     stem = 49 * a.in_chans * c2 if a.stem_type == "" else 9 * (a.in_chans * c0 + c0 * c1 + c1 * c2) + 4 * (c0 + c1)
     return total + stem + 4 * c2 + a.num_classes * (a.out(STAGES - 1) + 1)
@@ -158,7 +163,7 @@ def state_shapes(a: ResNetArch) -> dict[str, tuple[int, ...]]:
             for j, (co, ci, k) in enumerate(convs, 1):
                 out |= {f"{b}conv{j}.weight": (co, ci, k, k), **batchnorm_shapes(f"{b}bn{j}", co)}
             if i == 0 and a.has_downsample(s):  # avg_down: pool, 1×1 conv, BN; else conv (1×1 in stage 1: no stride), BN
-                conv, bn, k = (1, 2, 1) if a.avg_down else (0, 1, a.down_kernel_size if s else 1)
+                (conv, bn), k = ((1, 2) if a.avg_down else (0, 1)), a.shortcut_kernel(s)
                 out |= {f"{b}downsample.{conv}.weight": (o, cin, k, k), **batchnorm_shapes(f"{b}downsample.{bn}", o)}
     return out | ({"fc.weight": (a.num_classes, a.out(STAGES - 1)), "fc.bias": (a.num_classes,)} if a.num_classes > 0 else {})
 
@@ -172,22 +177,22 @@ def template_types(arch: ResNetArch, template_size: int | None = None) -> dict[s
             f"pick a divisor of every stage width, e.g. {default_template_size(arch)}",
         )
     types = {"conv3x3": TemplateType("conv3x3", p, p, (3, 3))}
-    if arch.block == "bottleneck" or arch.down_kernel_size == 1:
+    if arch.block == "bottleneck" or any(arch.has_downsample(s) and arch.shortcut_kernel(s) == 1 for s in range(STAGES)):
         types["conv1x1"] = TemplateType("conv1x1", p, p, (1, 1))
     return types
 
 
 def template_type_of(key: str, arch: ResNetArch | None = None) -> str | None:
-    m = re.fullmatch(r"layer[1-4]\.\d+\.(conv[123]|downsample\.[01])\.weight", key)
+    m = re.fullmatch(r"layer([1-4])\.\d+\.(conv[123]|downsample\.[01])\.weight", key)
     if m is None:
         return None
     if arch is None:
         raise TypeError("template_type_of needs the architecture (block type)")
-    name = m[1]
+    name = m[2]
     if name.startswith("downsample"):
         if name != f"downsample.{int(arch.avg_down)}":
             return None  # the shortcut's BatchNorm
-        return "conv1x1" if arch.down_kernel_size == 1 else "conv3x3"
+        return "conv1x1" if arch.shortcut_kernel(int(m[1]) - 1) == 1 else "conv3x3"
     if arch.block == "basic":
         return "conv3x3" if name in ("conv1", "conv2") else None
     return "conv3x3" if name == "conv2" else "conv1x1"
