@@ -199,7 +199,8 @@ def test_a_family_exports_through_its_own_exporter(tmp_path, monkeypatch):
 
     from weit_cli.arch._registry import get_adapter
     from weit_cli.core.bundle import Bundle
-    from weit_cli.io.export import Exporter, exporter_for, write_model
+    from weit_cli.io.export import exporter_for, write_model
+    from weit_cli.io.exporters import Exporter
     from weit_cli.io.files import atomic_dir, read_header
 
     class Pretrained(Exporter):  # a save_pretrained-like folder
@@ -296,3 +297,59 @@ def test_no_import_cycles():
     assert "weit_cli.cli" in graph and graph["weit_cli.cli"], "the import graph was not read"
     cycles = _cycles(graph)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+# ============================================================================ the import layering
+# docs/method.md §7, top to bottom: a module imports its own layer and the layers below it only.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("cli", ("weit_cli.cli",)),
+    ("commands", ("weit_cli.commands",)),
+    ("runs", ("weit_cli.training", "weit_cli.tasks", "weit_cli.data", "weit_cli.recipe")),
+    ("files", ("weit_cli.io",)),  # weit's and dense files: bundle_file, dense, export, checkpoint, hub
+    ("families", ("weit_cli.arch",)),
+    ("formats", ("weit_cli.io.exporters", "weit_cli.io.files")),  # bytes on disk, below the families
+    ("core", ("weit_cli.core",)),
+    ("base", ("weit_cli.options", "weit_cli.section", "weit_cli.limits", "weit_cli.errors", "weit_cli")),
+]
+#: Upward imports the doc names: core reaches a family only through its interface (`Adapter`, for
+#: type hints) and the registry; arch/dit.py reads the scheduler file's name and layout from
+#: tasks/diffusion.py (review §4, to move into the family).
+UPWARD = {
+    ("core", "weit_cli.arch.base"),
+    ("core", "weit_cli.arch._registry"),
+    ("weit_cli.arch.dit", "weit_cli.tasks.diffusion"),
+}
+
+
+def _layer(module: str) -> int:
+    """Index in LAYERS of the most specific prefix that holds `module`."""
+    best = max(
+        ((len(p), i) for i, (_, prefixes) in enumerate(LAYERS) for p in prefixes if module == p or module.startswith(p + ".")),
+        default=None,
+    )
+    assert best is not None, f"{module} is in no layer of docs/method.md §7"
+    return best[1]
+
+
+def test_imports_follow_the_documented_layers():
+    graph = _import_graph(PACKAGE)
+    upward = []
+    for module, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            if _layer(target) >= _layer(module):
+                continue
+            if (LAYERS[_layer(module)][0], target) in UPWARD or (module, target) in UPWARD:
+                continue
+            upward.append(f"{module} ({LAYERS[_layer(module)][0]}) imports {target} ({LAYERS[_layer(target)][0]})")
+    assert not upward, "imports against docs/method.md §7:\n" + "\n".join(upward)
+
+
+def test_core_reads_no_files_and_runs_nothing():
+    """core/ is the math: it imports none of io, commands, tasks, training, data or the CLI."""
+    graph = _import_graph(PACKAGE)
+    bad = [
+        f"{m} imports {t}"
+        for m, targets in graph.items() if m.startswith("weit_cli.core")
+        for t in targets if t.split(".")[1] in ("io", "commands", "tasks", "training", "data", "cli", "recipe", "options")
+    ]
+    assert not bad, "\n".join(bad)

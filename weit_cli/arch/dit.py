@@ -57,7 +57,7 @@ from weit_cli.arch.base import (
 from weit_cli.core.axes import Axis, ZeroRuns
 from weit_cli.core.selection import evenly_spaced, head_aligned
 from weit_cli.errors import InputError, WeitError
-from weit_cli.io.export import DiffusersFolder
+from weit_cli.io.exporters import DiffusersFolder
 from weit_cli.section import Section
 
 if TYPE_CHECKING:
