@@ -119,8 +119,7 @@ def fit_scalers(
     after = student.evaluate(task, splits.val, dev)
     if bn_stats is not None:
         provenance["bn_statistics"] = bn_stats
-    files = task.companion_files(splits)
-    save_scalers(out, ScalersFile(student.scalers, student.small), student.arch, bundle, bsha, provenance, files, force or resume)
+    save_scalers(out, ScalersFile(student.scalers, student.small), student.arch, bundle, bsha, provenance, task.companion_files(splits), force or resume)
     loop.discard_checkpoint()
     return _summary(out, bundle, bsha, target, task, splits, loop, trainable, before, after, steps=steps, resume=resume,
                     train_small=train_small, new_head=new_head, bn_stats=bn_stats)

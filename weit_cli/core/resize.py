@@ -9,7 +9,7 @@ for into a target architecture; `resize` gives a bundle's parameters at that siz
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from weit_cli.errors import InputError, WeitError
 
@@ -19,8 +19,6 @@ if TYPE_CHECKING:
     from weit_cli.core.axes import Axis
     from weit_cli.core.bundle import Bundle
 
-DepthRule = Literal["auto", "prefix", "interp", "stack", "interleave", "identity"]
-WidthRule = Literal["tile", "tile-nodiv"]
 DEPTH_RULES = ("auto", "prefix", "interp", "stack", "interleave", "identity")
 WIDTH_RULES = ("tile", "tile-nodiv")
 
