@@ -2,7 +2,7 @@
 nested size composes into a good timm model.
 
 Every step trains the largest size, the smallest and `nested.sandwich` random sizes in between. Each
-size is a prefix of the largest, cut by `bundle.resize(…, "prefix", "tile")` — the same differentiable
+size is a prefix of the largest, cut by `core/resize.resize(…, "prefix", "tile")` — the same differentiable
 code `weit materialize` runs — and its logits come from the real timm module of that size called with
 the composed weights (`torch.func.functional_call`). What is trained is therefore exactly what
 `materialize` writes out.
