@@ -147,3 +147,15 @@ def test_fit_scalers_refusals(bundles, tmp_path):
     out.write_text("keep me")
     r = weit("fit-scalers", bundles[16], "--data", "digits", "--steps", "1", "-o", out)
     assert r.exit_code == 4 and out.read_text() == "keep me"
+
+
+def test_scalers_file_splits_its_tensors_by_prefix_once():
+    """`ScalersFile` is the one reader of a scalers file's `scalers.`/`small.` names (load_scalers,
+    inspect --check and fit-scalers' writer share it): the rest is listed as unexpected."""
+    from weit_cli.io.bundle_file import ScalersFile
+
+    t = torch.zeros(1)
+    f = ScalersFile.from_tensors({"scalers.a.weight": t, "small.b.bias": t, "templates.qkv": t, "scalersx": t})
+    assert list(f.scalers) == ["a.weight"] and list(f.small) == ["b.bias"]
+    assert f.unexpected == ["scalersx", "templates.qkv"]
+    assert sorted(ScalersFile(f.scalers, f.small).to_tensors()) == ["scalers.a.weight", "small.b.bias"]
