@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from weit_cli.arch._registry import get_adapter  # noqa: E402
-from weit_cli.core.bundle import from_dense, plan_target, resize  # noqa: E402
+from weit_cli.core.extract import from_dense  # noqa: E402
+from weit_cli.core.resize import plan_target, resize  # noqa: E402
 from weit_cli.core.selection import random_init, weight_selection  # noqa: E402
 from weit_cli.data import control as C  # noqa: E402
 from weit_cli.tasks import control as T  # noqa: E402

@@ -69,7 +69,7 @@ def child(variant: str, bundle: Path, out: Path) -> dict:
 
     tensors = None
     if variant.startswith("write"):
-        from weit_cli.core.bundle import load_bundle
+        from weit_cli.io.bundle_file import load_bundle
 
         b, _ = load_bundle(bundle)
         with torch.no_grad():
@@ -108,7 +108,7 @@ def build_bundle(path: Path, num_templates: int, seed: int) -> dict:
     torch.set_num_threads(1)
     from weit_cli.arch._registry import get_adapter
     from weit_cli.core.bundle import Bundle
-    from weit_cli.io.files import save_tensors
+    from weit_cli.io.bundle_file import save_bundle
 
     adapter = get_adapter("vit")
     arch = adapter.arch_from_dict(VIT_B)
@@ -126,7 +126,7 @@ def build_bundle(path: Path, num_templates: int, seed: int) -> dict:
             a, b = v.shape[0] // types[t].p, v.shape[1] // types[t].q
             scalers[k] = torch.randn(num_templates, a, b, generator=g) * (0.02 / num_templates**0.5)
     bundle = Bundle(adapter, arch, templates, scalers, small)
-    save_tensors(path, bundle.to_tensors(), bundle.metadata(command="benchmarks/materialize.py", seed=seed))
+    save_bundle(path, bundle, {"command": "benchmarks/materialize.py", "seed": seed})
     return {"bundle_bytes": path.stat().st_size, **bundle.param_counts()}
 
 

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from weit_cli.commands.pretrain import pretrain
-from weit_cli.core.bundle import load_bundle
+from weit_cli.io.bundle_file import load_bundle
 from weit_cli.data.images import load_data
 from weit_cli.recipe import load_recipe
 from weit_cli.tasks.classification import evaluate

@@ -4,7 +4,7 @@ Same process, same batch, same optimiser (AdamW), same architecture, same loss (
 task: cross-entropy for classifiers, the ε-prediction diffusion loss for DiTs, with the noise and
 timesteps drawn once so every variant denoises the same input): the dense model is the family's own
 module (timm ViT/ResNet, diffusers DiTTransformer2DModel) at the recipe's largest size; the constrained step composes its weights from templates and scalers
-(`bundle.resize` + `functional_call`, exactly what `weit pretrain` runs) and back-propagates into
+(`core/resize.resize` + `functional_call`, exactly what `weit pretrain` runs) and back-propagates into
 them. Rounds alternate between the variants and the median is reported, so load from other
 processes on a shared machine hits both alike. The full sandwich step (largest + smallest + k
 in-between sizes) is timed too and compared with the dense steps of the same sizes.

@@ -408,7 +408,8 @@ def grow_dense(dense: Path, out: Path, depth: int, width: int) -> dict:
     import torch
 
     from weit_cli.arch._registry import detect_family
-    from weit_cli.core.bundle import from_dense, resize
+    from weit_cli.core.extract import from_dense
+    from weit_cli.core.resize import resize
     from weit_cli.io.export import write_model
     from weit_cli.io.files import load_dense
 

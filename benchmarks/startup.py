@@ -42,14 +42,14 @@ def build_bundle(path: Path) -> None:
     import torch
 
     from weit_cli.arch._registry import get_adapter
-    from weit_cli.core.bundle import from_dense
-    from weit_cli.io.files import save_tensors
+    from weit_cli.core.extract import from_dense
+    from weit_cli.io.bundle_file import save_bundle
 
     ad = get_adapter("vit")
     arch = ad.arch_from_dict(dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, depth=4, width=128, num_heads=4, family="vit"))
     torch.manual_seed(0)
     b, _ = from_dense(ad, arch, ad.build(arch).state_dict(), None, 16)
-    save_tensors(path, b.to_tensors(), b.metadata(command="benchmarks/startup.py"))
+    save_bundle(path, b, {"command": "benchmarks/startup.py"})
 
 
 def time_one(args: list[str], cwd: Path) -> float:

@@ -16,7 +16,8 @@ PACKAGE = Path(weit_cli.__file__).parent
 
 
 # ============================================================================ families own their names
-# Only a family's own module (weit_cli/arch/<family>.py) and the registry may name a family — in code,
+# Only a family's own module (weit_cli/arch/<family>.py, or the modules of a family package such as
+# weit_cli/arch/resnet/) and the registry may name a family — in code,
 # strings, docstrings or comments. Anything else reaches a family through the registry and the
 # Adapter interface, so adding a family touches no other module.
 
@@ -43,12 +44,13 @@ def _family_names() -> list[str]:
 
 
 def _allowed(path: Path) -> bool:
-    """A family's module, the registry, or a private module of weit_cli/arch/ (what families share,
-    or family knowledge waiting for its adapter hook, e.g. arch/_control_call.py)."""
-    from weit_cli.arch._registry import family_modules
+    """A family's module (or a module of its package), the registry, or a private module of
+    weit_cli/arch/ (what families share, or family knowledge waiting for its adapter hook, e.g.
+    arch/_control_call.py)."""
+    from weit_cli.arch._registry import family_module_of
 
     rel = path.relative_to(PACKAGE.parent).with_suffix("").as_posix().replace("/", ".")
-    return rel in family_modules() or rel.startswith("weit_cli.arch._")
+    return family_module_of(rel) is not None or rel.startswith("weit_cli.arch._")
 
 
 def _mentions(path: Path, pattern: re.Pattern) -> list[str]:
@@ -133,15 +135,15 @@ def test_a_broken_family_fails_loudly(tmp_path, monkeypatch):
 
 
 def test_every_family_module_registers_a_complete_adapter():
-    """Each module of weit_cli/arch/ (but base and the private ones) registers one family; `Adapter`
-    is abstract, so a family lacking a method cannot be registered at all."""
+    """Each module or package of weit_cli/arch/ (but base and the private ones) registers one family;
+    `Adapter` is abstract, so a family lacking a method cannot be registered at all."""
     import importlib
 
-    from weit_cli.arch._registry import adapters, family_modules
+    from weit_cli.arch._registry import adapters, family_module_of, family_modules
     from weit_cli.arch.base import Adapter
 
-    by_module = {type(a).__module__ for a in adapters()}
-    assert set(family_modules()) == by_module
+    by_module = [family_module_of(type(a).__module__) for a in adapters()]
+    assert sorted(by_module) == family_modules()  # one family each
     for a in adapters():
         assert isinstance(a, Adapter) and not getattr(type(a), "__abstractmethods__", None)
         assert importlib.import_module(type(a).__module__)
@@ -197,7 +199,8 @@ def test_a_family_exports_through_its_own_exporter(tmp_path, monkeypatch):
 
     from weit_cli.arch._registry import get_adapter
     from weit_cli.core.bundle import Bundle
-    from weit_cli.io.export import Exporter, exporter_for, write_model
+    from weit_cli.io.export import exporter_for, write_model
+    from weit_cli.io.exporters import Exporter
     from weit_cli.io.files import atomic_dir, read_header
 
     class Pretrained(Exporter):  # a save_pretrained-like folder
@@ -294,3 +297,59 @@ def test_no_import_cycles():
     assert "weit_cli.cli" in graph and graph["weit_cli.cli"], "the import graph was not read"
     cycles = _cycles(graph)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+# ============================================================================ the import layering
+# docs/method.md §7, top to bottom: a module imports its own layer and the layers below it only.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("cli", ("weit_cli.cli",)),
+    ("commands", ("weit_cli.commands",)),
+    ("runs", ("weit_cli.training", "weit_cli.tasks", "weit_cli.data", "weit_cli.recipe")),
+    ("files", ("weit_cli.io",)),  # weit's and dense files: bundle_file, dense, export, checkpoint, hub
+    ("families", ("weit_cli.arch",)),
+    ("formats", ("weit_cli.io.exporters", "weit_cli.io.files")),  # bytes on disk, below the families
+    ("core", ("weit_cli.core",)),
+    ("base", ("weit_cli.options", "weit_cli.section", "weit_cli.limits", "weit_cli.errors", "weit_cli")),
+]
+#: Upward imports the doc names: core reaches a family only through its interface (`Adapter`, for
+#: type hints) and the registry; arch/dit.py reads the scheduler file's name and layout from
+#: tasks/diffusion.py (review §4, to move into the family).
+UPWARD = {
+    ("core", "weit_cli.arch.base"),
+    ("core", "weit_cli.arch._registry"),
+    ("weit_cli.arch.dit", "weit_cli.tasks.diffusion"),
+}
+
+
+def _layer(module: str) -> int:
+    """Index in LAYERS of the most specific prefix that holds `module`."""
+    best = max(
+        ((len(p), i) for i, (_, prefixes) in enumerate(LAYERS) for p in prefixes if module == p or module.startswith(p + ".")),
+        default=None,
+    )
+    assert best is not None, f"{module} is in no layer of docs/method.md §7"
+    return best[1]
+
+
+def test_imports_follow_the_documented_layers():
+    graph = _import_graph(PACKAGE)
+    upward = []
+    for module, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            if _layer(target) >= _layer(module):
+                continue
+            if (LAYERS[_layer(module)][0], target) in UPWARD or (module, target) in UPWARD:
+                continue
+            upward.append(f"{module} ({LAYERS[_layer(module)][0]}) imports {target} ({LAYERS[_layer(target)][0]})")
+    assert not upward, "imports against docs/method.md §7:\n" + "\n".join(upward)
+
+
+def test_core_reads_no_files_and_runs_nothing():
+    """core/ is the math: it imports none of io, commands, tasks, training, data or the CLI."""
+    graph = _import_graph(PACKAGE)
+    bad = [
+        f"{m} imports {t}"
+        for m, targets in graph.items() if m.startswith("weit_cli.core")
+        for t in targets if t.split(".")[1] in ("io", "commands", "tasks", "training", "data", "cli", "recipe", "options")
+    ]
+    assert not bad, "\n".join(bad)

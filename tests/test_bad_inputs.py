@@ -19,8 +19,9 @@ from safetensors.torch import save_file
 
 from weit_cli.arch._registry import get_adapter
 from weit_cli.arch.vit import ViTArch
-from weit_cli.core.bundle import from_dense
+from weit_cli.core.extract import from_dense
 from weit_cli.errors import EXIT_INPUT, EXIT_OUTPUT, EXIT_USAGE
+from weit_cli.io.bundle_file import bundle_metadata, save_bundle
 from weit_cli.io.files import save_tensors
 
 weit = partial(cli, expect=None)  # exit codes are what these tests check
@@ -40,7 +41,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     dense = ad.build(arch).state_dict()
     save_file(dense, str(d / "dense.safetensors"))
     b, _ = from_dense(ad, arch, dense, None, 4)
-    save_tensors(d / "bundle.safetensors", b.to_tensors(), b.metadata())
+    save_bundle(d / "bundle.safetensors", b)
     (d / "empty.safetensors").write_bytes(b"")
     (d / "random.safetensors").write_bytes(os.urandom(4096))
     (d / "json.safetensors").write_text(json.dumps({"a": 1}))
@@ -53,7 +54,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     t = b.to_tensors()
     t["templates.qkv"] = t["templates.qkv"].clone()
     t["templates.qkv"][0, 0, 0] = float("inf")
-    save_tensors(d / "inf_bundle.safetensors", t, b.metadata())
+    save_tensors(d / "inf_bundle.safetensors", t, bundle_metadata(b))
     torch.save({"w": torch.zeros(2)}, d / "not_a_model.pt")
     (d / "pickle.pt").write_bytes(b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00K\x01.")
     return {p.stem: p for p in d.iterdir()}

@@ -38,7 +38,8 @@ def umask() -> int:
 @torch.no_grad()
 def in_memory_logits(bundle_path: Path, x, depth_rule="auto", width_rule="tile", **sizes):
     """What the files should hold: the bundle resized and composed in memory."""
-    from weit_cli.core.bundle import load_bundle, plan_target, resize
+    from weit_cli.core.resize import plan_target, resize
+    from weit_cli.io.bundle_file import load_bundle
 
     bundle, _ = load_bundle(bundle_path)
     target = plan_target(bundle, **sizes)
@@ -245,7 +246,7 @@ def test_installed_entry_point_json(tiny_bundle, tmp_path):
 def test_bfloat16_output_is_the_composition_cast(tiny_bundle, tmp_path):
     from safetensors.torch import load_file
 
-    from weit_cli.core.bundle import load_bundle
+    from weit_cli.io.bundle_file import load_bundle
 
     weit("materialize", tiny_bundle, "-o", tmp_path / "half.safetensors", "--dtype", "bfloat16")
     got = load_file(str(tmp_path / "half.safetensors"))

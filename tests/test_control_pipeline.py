@@ -65,7 +65,7 @@ def tiny_model(seed: int = 0, **changes):
 @pytest.fixture(scope="module")
 def exported(splits, tmp_path_factory) -> Path:
     """A tiny DT written by weit's own exporter (full-rank bundle → folder) with its control config."""
-    from weit_cli.core.bundle import from_dense
+    from weit_cli.core.extract import from_dense
     from weit_cli.io.export import write_model
 
     adapter = get_adapter(FAMILY)

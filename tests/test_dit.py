@@ -15,7 +15,9 @@ from conftest import weit
 
 from weit_cli.arch._registry import detect_family, get_adapter
 from weit_cli.arch.dit import DiTArch
-from weit_cli.core.bundle import Bundle, from_dense, resize
+from weit_cli.core.bundle import Bundle
+from weit_cli.core.extract import from_dense
+from weit_cli.core.resize import resize
 from weit_cli.core.selection import weight_selection
 from weit_cli.errors import EXIT_INPUT, EXIT_USAGE, WeitError
 from weit_cli.io.files import load_dense, read_header

@@ -14,7 +14,8 @@ import pytest
 import torch
 from conftest import weit
 
-from weit_cli.core.bundle import load_bundle, plan_target, resize, templates_record
+from weit_cli.core.resize import plan_target, resize
+from weit_cli.io.bundle_file import load_bundle, templates_record
 from weit_cli.errors import EXIT_INPUT
 from weit_cli.io.files import KIND_SCALERS, base_metadata, load_safetensors, save_tensors
 

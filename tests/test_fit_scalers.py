@@ -13,8 +13,9 @@ from conftest import weit as cli
 
 from weit_cli.arch._registry import get_adapter
 from weit_cli.arch.vit import ViTArch
-from weit_cli.core.bundle import from_dense
+from weit_cli.core.extract import from_dense
 from weit_cli.errors import EXIT_INPUT
+from weit_cli.io.bundle_file import save_bundle
 from weit_cli.io.files import read_header, save_tensors, sha256
 
 ARCH = ViTArch(img_size=16, patch_size=8, in_chans=1, num_classes=10, depth=2, width=32, num_heads=4)
@@ -34,7 +35,7 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
     for n in (16, 8):
         b, _ = from_dense(ad, ARCH, dense, None, n)
         out[n] = d / f"bundle{n}.safetensors"
-        save_tensors(out[n], b.to_tensors(), b.metadata(command="test"))
+        save_bundle(out[n], b, {"command": "test"})
     return out
 
 
@@ -94,7 +95,7 @@ def test_fit_scalers_cli_binds_and_materializes(bundles, tmp_path):
 def test_fit_scalers_no_small_distill_and_determinism(bundles, tmp_path):
     from weit_cli.commands.fit_scalers import fit_scalers
     from weit_cli.commands.materialize import load_bundle
-    from weit_cli.core.bundle import plan_target, resize
+    from weit_cli.core.resize import plan_target, resize
     from weit_cli.io.files import load_weit
 
     bundle = bundles[16]
@@ -146,3 +147,15 @@ def test_fit_scalers_refusals(bundles, tmp_path):
     out.write_text("keep me")
     r = weit("fit-scalers", bundles[16], "--data", "digits", "--steps", "1", "-o", out)
     assert r.exit_code == 4 and out.read_text() == "keep me"
+
+
+def test_scalers_file_splits_its_tensors_by_prefix_once():
+    """`ScalersFile` is the one reader of a scalers file's `scalers.`/`small.` names (load_scalers,
+    inspect --check and fit-scalers' writer share it): the rest is listed as unexpected."""
+    from weit_cli.io.bundle_file import ScalersFile
+
+    t = torch.zeros(1)
+    f = ScalersFile.from_tensors({"scalers.a.weight": t, "small.b.bias": t, "templates.qkv": t, "scalersx": t})
+    assert list(f.scalers) == ["a.weight"] and list(f.small) == ["b.bias"]
+    assert f.unexpected == ["scalersx", "templates.qkv"]
+    assert sorted(ScalersFile(f.scalers, f.small).to_tensors()) == ["scalers.a.weight", "small.b.bias"]

@@ -71,7 +71,7 @@ def test_materialize_writes_what_diffusers_loads_and_samples(run):
 def test_materialize_is_the_trained_model_at_every_nested_size(run):
     """What pretraining trained at a size is what materialize writes: the weights of the composed
     model equal the file's."""
-    from weit_cli.core.bundle import load_bundle
+    from weit_cli.io.bundle_file import load_bundle
     from weit_cli.io.files import load_dense
     from weit_cli.training.nested import NestedModel
 
@@ -192,7 +192,7 @@ def test_bad_generation_inputs_are_refused(run, tmp_path):
 def test_pretrain_with_a_dit_teacher_starts_from_it_and_learns_from_its_noise_prediction(run, tmp_path):
     """`pretrain --teacher` on a diffusers folder: full-rank templates (8×8 blocks, 64 per type) start
     the bundle as the teacher itself; a learning rate too small to move anything keeps it there."""
-    from weit_cli.core.bundle import load_bundle
+    from weit_cli.io.bundle_file import load_bundle
     from weit_cli.training.nested import NestedModel
 
     out = tmp_path / "taught.safetensors"

@@ -15,7 +15,7 @@ import torch
 from conftest import TINY_VIT_ARGS, make_tiny_vit, save_timm_dir
 from conftest import weit as cli
 
-from weit_cli.core.bundle import load_bundle
+from weit_cli.io.bundle_file import load_bundle
 from weit_cli.errors import InputError
 from weit_cli.io import hub
 from weit_cli.io.files import checkpoint_sha256, load_weit

@@ -14,8 +14,8 @@ import torch
 
 from weit_cli.arch._registry import get_adapter
 from weit_cli.arch.vit import ViTArch
-from weit_cli.core.bundle import from_dense
-from weit_cli.io.files import save_tensors
+from weit_cli.core.extract import from_dense
+from weit_cli.io.bundle_file import save_bundle
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def bundle_path(tmp_path_factory) -> Path:
     arch = ViTArch(img_size=32, patch_size=8, in_chans=3, num_classes=10, depth=2, width=64, num_heads=2)
     b, _ = from_dense(ad, arch, ad.build(arch).state_dict(), None, 8)
     p = tmp_path_factory.mktemp("b") / "bundle.safetensors"
-    save_tensors(p, b.to_tensors(), b.metadata())
+    save_bundle(p, b)
     return p
 
 

@@ -134,7 +134,8 @@ def test_model_checked_before_it_is_written(tiny_bundle, tmp_path, monkeypatch):
 @pytest.fixture
 def scalers_file(tiny_bundle, tmp_path) -> Path:
     """A scalers file for depth 1 of `tiny_bundle`, made the way fit-scalers stores one (no training)."""
-    from weit_cli.core.bundle import load_bundle, plan_target, resize
+    from weit_cli.core.resize import plan_target, resize
+    from weit_cli.io.bundle_file import load_bundle
 
     b, bsha = load_bundle(tiny_bundle)
     target = plan_target(b, depth=1)

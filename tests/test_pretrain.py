@@ -16,7 +16,7 @@ import torch
 
 from weit_cli.commands.materialize import materialize
 from weit_cli.commands.pretrain import pretrain
-from weit_cli.core.bundle import load_bundle
+from weit_cli.io.bundle_file import load_bundle
 from weit_cli.errors import EXIT_INTERRUPTED, OutputError, WeitError
 from weit_cli.io.files import load_weit
 from weit_cli.recipe import digest, load_recipe

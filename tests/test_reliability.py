@@ -43,7 +43,8 @@ from safetensors.torch import save_file
 
 from weit_cli.arch._registry import get_adapter
 from weit_cli.arch.vit import ViTArch
-from weit_cli.core.bundle import Bundle, from_dense
+from weit_cli.core.bundle import Bundle
+from weit_cli.core.extract import from_dense
 from weit_cli.errors import (
     EXIT_INPUT,
     EXIT_INTERRUPTED,
@@ -51,6 +52,7 @@ from weit_cli.errors import (
     EXIT_USAGE,
     WeitError,
 )
+from weit_cli.io.bundle_file import save_bundle
 from weit_cli.io.files import save_tensors
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -152,7 +154,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     for name, seed in (("bundle", 0), ("other_bundle", 1)):
         torch.manual_seed(seed)
         b, _ = from_dense(ad, ARCH, ad.build(ARCH).state_dict(), 16, 8)
-        save_tensors(d / f"{name}.safetensors", b.to_tensors(), b.metadata())
+        save_bundle(d / f"{name}.safetensors", b)
         f[name] = d / f"{name}.safetensors"
     from weit_cli.commands.fit_scalers import fit_scalers
 

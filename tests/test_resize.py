@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from weit_cli.core.axes import Axis
 from weit_cli.core.resize import (
-    Axis,
     LayerSource,
     depth_plan,
     mix_layers,
@@ -168,7 +168,7 @@ def test_resize_axis_checks_runs():
 def test_zero_runs_zeroes_whole_runs_of_one_dimension():
     """The identity path's row-run zeroing (adaLN-Zero gates): the same runs of dense rows and of a
     scaler grid's rows (dim 1 of an (N, a, b) stack)."""
-    from weit_cli.core.resize import ZeroRuns
+    from weit_cli.core.axes import ZeroRuns
 
     gates = ZeroRuns(6, (2, 5))
     x = torch.arange(1, 6 * 4 * 3 + 1, dtype=torch.float32).reshape(24, 3)

@@ -311,3 +311,30 @@ def test_calibrate_errors(trained_resnet, tiny_bundle, tmp_path):
     r = weit("materialize", trained_resnet.bundle, "-o", tmp_path / "r", "--calibrate", str(tmp_path / "nope"), "--json", expect=EXIT_INPUT)
     assert "unknown data source" in json.loads(r.stdout)["error"]
     assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------------------------------------- 3×3 shortcuts
+@pytest.mark.parametrize("avg_down", [False, True])
+def test_down_kernel_size_3_extracts_and_round_trips(tmp_path, resnet_input, avg_down):
+    """timm's `down_kernel_size=3` makes the strided shortcuts (stages 2–4) 3×3 convs, while stage 1's
+    (stride 1) and every avg-pool shortcut stays 1×1: each is templated by its own kernel, so a
+    basic-block ResNet whose stage 1 projects needs both template types."""
+    from weit_cli.commands.extract import extract_templates
+
+    # stem output 8 ≠ stage-1 output 16: stage 1 has a (1×1) projection shortcut
+    shape = dict(channels=[16, 16, 32, 32], down_kernel_size=3, avg_down=avg_down)
+    model = make_tiny_resnet("basic", **shape)
+    args = {**tiny_resnet_args("basic"), **shape}
+    assert model.layer1[0].downsample is not None
+    folder = save_timm_dir(model, tmp_path / "dense", args)
+    bundle = tmp_path / "bundle.safetensors"
+    result = extract_templates(folder, bundle, template_size=TINY_RESNET_P, num_templates=FULL_RANK, img_size=TINY_RESNET_IMG)
+    assert result["architecture"]["down_kernel_size"] == (1 if avg_down else 3)
+    assert set(result["templates"]) == {"conv3x3", "conv1x1"}
+    assert max(result["relative_error"].values()) < 1e-5
+    from weit_cli.commands.materialize import materialize as mat
+
+    out = mat(bundle, tmp_path / "same")
+    assert_same_logits(model, load_output(out), resnet_input)
+    grown = mat(bundle, tmp_path / "grown", depth=[2, 3, 2, 2], width=[32, 32, 64, 64])
+    assert load_output(grown)(resnet_input).shape == (4, 5)

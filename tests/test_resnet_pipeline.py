@@ -61,7 +61,7 @@ def pretrained(tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------------- pretrain
 def test_resnet_pretrain_through_the_cli(pretrained):
-    from weit_cli.core.bundle import load_bundle
+    from weit_cli.io.bundle_file import load_bundle
     from weit_cli.io.files import load_weit
 
     r = pretrained.result
@@ -102,7 +102,7 @@ def test_trained_function_is_what_materialize_writes(pretrained, tmp_path):
     the materialized timm model compute the same logits; `--calibrate` then replaces the smaller
     size's statistics, which are prefixes of the largest's."""
     from weit_cli.commands.materialize import materialize
-    from weit_cli.core.bundle import load_bundle
+    from weit_cli.io.bundle_file import load_bundle
     from weit_cli.training.nested import NestedModel
 
     bundle, _ = load_bundle(pretrained.bundle)
@@ -127,7 +127,8 @@ def test_trained_function_is_what_materialize_writes(pretrained, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- fit → finetune
 def test_fit_scalers_materialize_finetune(pretrained, tmp_path):
-    from weit_cli.core.bundle import load_bundle, resize
+    from weit_cli.core.resize import resize
+    from weit_cli.io.bundle_file import load_bundle
     from weit_cli.data.images import load_data
     from weit_cli.io.files import load_weit
     from weit_cli.tasks.classification import evaluate

@@ -5,6 +5,8 @@ variants the family supports. A library that changes its layout fails here, not 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -45,21 +47,30 @@ def test_vit_state_shapes():
 RESNET = dict(block="basic", depth=[1, 1, 1, 1], width=[16, 32, 64, 128], in_chans=1, num_classes=10, stem_width=16, stem_type="deep")
 
 
-def test_resnet_state_shapes():
-    _check("resnet", [
-        RESNET,
-        {**RESNET, "depth": [2, 1, 3, 1], "num_classes": 0},
-        {**RESNET, "block": "bottleneck", "width": [8, 16, 32, 64], "in_chans": 3},
-        {**RESNET, "block": "bottleneck", "base_width": 32, "depth": [1, 2, 1, 2]},
-        {**RESNET, "stem_type": "deep_tiered", "stem_width": 32},
-        {**RESNET, "stem_type": "", "width": [64, 64, 128, 128]},  # 7×7 stem; stage 1 needs no shortcut
-        {**RESNET, "stem_type": "", "width": [32, 64, 64, 256]},
-        {**RESNET, "avg_down": True, "depth": [2, 2, 1, 1]},
-        {**RESNET, "block": "bottleneck", "avg_down": True},
-        {**RESNET, "down_kernel_size": 3},
-        {**RESNET, "width": [16, 16, 16, 16]},  # stages 2–4 stride but keep the width
-        {**RESNET, "block": "bottleneck", "stem_type": "", "depth": [3, 4, 6, 3], "width": [64, 128, 256, 512], "in_chans": 3, "num_classes": 1000},
-    ])
+def test_resnet_state_shapes_and_param_count():
+    _check("resnet", RESNETS)
+    adapter = get_adapter("resnet")
+    for record in RESNETS:  # the closed form counts every tensor but BatchNorm's counters
+        arch = adapter.arch_from_dict({"family": "resnet", **record})
+        shapes = adapter.state_shapes(arch)
+        assert adapter.param_count(arch) == sum(math.prod(v) for k, v in shapes.items() if not k.endswith("num_batches_tracked")), record
+
+
+RESNETS = [
+    RESNET,
+    {**RESNET, "depth": [2, 1, 3, 1], "num_classes": 0},
+    {**RESNET, "block": "bottleneck", "width": [8, 16, 32, 64], "in_chans": 3},
+    {**RESNET, "block": "bottleneck", "base_width": 32, "depth": [1, 2, 1, 2]},
+    {**RESNET, "stem_type": "deep_tiered", "stem_width": 32},
+    {**RESNET, "stem_type": "", "width": [64, 64, 128, 128]},  # 7×7 stem; stage 1 needs no shortcut
+    {**RESNET, "stem_type": "", "width": [32, 64, 64, 256]},
+    {**RESNET, "avg_down": True, "depth": [2, 2, 1, 1]},
+    {**RESNET, "block": "bottleneck", "avg_down": True},
+    {**RESNET, "down_kernel_size": 3},  # stage 1 projects (stem 32 ≠ 16): its shortcut stays 1×1
+    {**RESNET, "down_kernel_size": 3, "avg_down": True},  # avg-pool shortcuts are 1×1 whatever the kernel
+    {**RESNET, "width": [16, 16, 16, 16]},  # stages 2–4 stride but keep the width
+    {**RESNET, "block": "bottleneck", "stem_type": "", "depth": [3, 4, 6, 3], "width": [64, 128, 256, 512], "in_chans": 3, "num_classes": 1000},
+]
 
 
 DIT = dict(sample_size=8, patch_size=2, in_channels=1, out_channels=1, num_classes=10, depth=2, width=32, num_heads=2)

@@ -13,7 +13,7 @@ import torch
 from conftest import weit
 
 from weit_cli.commands.pretrain import pretrain
-from weit_cli.core.bundle import load_bundle
+from weit_cli.io.bundle_file import load_bundle
 from weit_cli.errors import WeitError
 from weit_cli.io.files import load_weit
 from weit_cli.recipe import digest, dump, load_recipe

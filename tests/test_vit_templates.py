@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from weit_cli.arch._registry import get_adapter
-from weit_cli.core.bundle import from_dense, resize
+from weit_cli.core.extract import from_dense
+from weit_cli.core.resize import resize
 from weit_cli.errors import WeitError
 
 FULL = 64  # p·q with p = q = head_dim 8

@@ -31,8 +31,6 @@ class DiTDenoiser(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = no_label_dropout(model)
-        self.in_channels = int(model.config.in_channels)
-        self.num_classes = int(model.config.num_embeds_ada_norm)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         return eps(self.model, x, t, y)

@@ -1,6 +1,6 @@
-"""The one registry of architecture families (as timm's `_registry.py`). Every module of
+"""The one registry of architecture families (as timm's `_registry.py`). Every module or package of
 weit_cli/arch/ other than `base` and the private ones is a family that registers itself with
-`@register`; adding a family is adding a module there."""
+`@register`; adding a family is adding a module (or a package, as `resnet/`) there."""
 
 from __future__ import annotations
 
@@ -59,13 +59,22 @@ def detect_family(keys) -> Adapter:
 
 
 def family_modules() -> list[str]:
-    """The modules that define families: every public module of weit_cli/arch/ but `base`."""
+    """The modules that define families: every public module or package of weit_cli/arch/ but `base`."""
     import pkgutil
     from pathlib import Path
 
     here = str(Path(__file__).parent)
     names = [m.name for m in pkgutil.iter_modules([here]) if not m.name.startswith("_") and m.name not in _NOT_FAMILIES]
     return [f"weit_cli.arch.{name}" for name in sorted(names)]
+
+
+def family_module_of(module: str) -> str | None:
+    """The family module that `module` is or belongs to (a family package's submodules belong to
+    it: `weit_cli.arch.resnet.layout` → `weit_cli.arch.resnet`); None for any other module."""
+    for name in family_modules():
+        if module == name or module.startswith(name + "."):
+            return name
+    return None
 
 
 def _load_families() -> None:

@@ -8,7 +8,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from weit_cli.arch.base import Adapter
-from weit_cli.io.export import Exporter, TimmLocalDir
+from weit_cli.io.exporters import Exporter, TimmLocalDir
 
 if TYPE_CHECKING:
     from torch import nn

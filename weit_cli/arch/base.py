@@ -12,11 +12,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from weit_cli.core.resize import Axis, ZeroRuns
+from weit_cli.core.axes import Axis, ZeroRuns
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
+    from weit_cli.io.exporters import Exporter
     from weit_cli.section import Section
 
 
@@ -61,8 +62,8 @@ class Adapter(ABC):
     #: Whether a recipe whose model section names no family means this one (exactly one family).
     recipe_default: ClassVar[bool] = False
     #: How a composed model of this family is written (`materialize`, `finetune`): an
-    #: `io.export.Exporter` (not imported here: io.export reads bundles, which read families).
-    exporter: ClassVar[Any]
+    #: `io.exporters.Exporter` (the family-neutral layouts, below the families).
+    exporter: ClassVar[Exporter]
     #: Keys (suffixes within a block) whose weights are zeroed to make an added block the identity.
     identity_zero: ClassVar[tuple[str, ...]] = ()
     #: Dense keys of the classifier, re-initialised when the number of classes changes.

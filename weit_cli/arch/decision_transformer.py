@@ -56,10 +56,10 @@ from weit_cli.arch.base import (
     check_selection_same,
     check_selection_smaller,
 )
-from weit_cli.core.resize import Axis
+from weit_cli.core.axes import Axis
 from weit_cli.core.selection import evenly_spaced, head_aligned
 from weit_cli.errors import InputError, WeitError
-from weit_cli.io.export import Exporter, TransformersFolder
+from weit_cli.io.exporters import Exporter, TransformersFolder
 from weit_cli.section import Section
 
 if TYPE_CHECKING:

@@ -9,10 +9,12 @@ from typing import Any
 
 import torch
 
-from weit_cli.core.bundle import COMPANIONS, Bundle, from_dense
+from weit_cli.core.bundle import COMPANIONS, Bundle
+from weit_cli.core.extract import from_dense
 from weit_cli.errors import WeitError
 from weit_cli.io.dense import read_dense
-from weit_cli.io.files import check_output, checkpoint_sha256, save_tensors
+from weit_cli.io.bundle_file import save_bundle
+from weit_cli.io.files import check_output, checkpoint_sha256
 from weit_cli.io.hub import resolve as resolve_source
 from weit_cli.options import DISTILL, EXTRACT, SEED
 
@@ -73,7 +75,7 @@ def extract_templates(
         files = files or task.companion_files(splits)
     if files:  # the source's own record of its data wins: the student imitates the source's function
         bundle.extra[COMPANIONS] = files
-    save_tensors(out, bundle.to_tensors(), bundle.metadata(**provenance), force)
+    save_bundle(out, bundle, provenance, force)
     return _result(out, arch, bundle, errors, hub, report, data)
 
 

@@ -195,7 +195,7 @@ def read_model(path: Path, need_weights: bool) -> tuple[Any, Any, dict[str, Tens
         weights = dense.state  # the weights, less the keys the family's library skips on load
     adapter, arch = dense.adapter, dense.arch
     if weights is not None:
-        from weit_cli.core.bundle import check_state
+        from weit_cli.core.checks import check_state
 
         check_state(adapter, arch, weights)
         weights = {k: (v.float() if v.is_floating_point() else v) for k, v in weights.items()}

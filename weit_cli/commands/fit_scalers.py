@@ -13,7 +13,7 @@ size whose statistics the bundle never observed gets them from its own activatio
 
 The output is a `weit.scalers` file: `scalers.<dense key>` and `small.<dense key>` tensors for the
 whole target model, bound to its bundle by the bundle's sha256 and to its size by the target
-architecture record; `core.bundle.load_scalers` checks both.
+architecture record; `io.bundle_file.load_scalers` checks both.
 
 A fit is resumable as `pretrain` is: every `checkpoint_every` steps the scalers, small parameters,
 optimizer, RNG states and data position go to OUT's stem + `.ckpt.safetensors`; `--resume` continues
@@ -29,23 +29,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from weit_cli.core.bundle import (
-    COMPANIONS,
-    Bundle,
-    check_state,
-    load_bundle,
-    resize,
-    templates_record,
-)
+from weit_cli.core.bundle import COMPANIONS, Bundle
+from weit_cli.core.checks import check_state
+from weit_cli.core.resize import resize
 from weit_cli.errors import InputError, WeitError
+from weit_cli.io.bundle_file import ScalersFile, load_bundle, save_scalers
 from weit_cli.io.checkpoint import checkpoint_for, checkpoint_paths
-from weit_cli.io.files import (
-    KIND_SCALERS,
-    base_metadata,
-    check_output,
-    remove_stale_temps,
-    save_tensors,
-)
+from weit_cli.io.files import check_output, remove_stale_temps
 from weit_cli.options import FIT_SCALERS, SEED
 
 if TYPE_CHECKING:
@@ -129,7 +119,7 @@ def fit_scalers(
     after = student.evaluate(task, splits.val, dev)
     if bn_stats is not None:
         provenance["bn_statistics"] = bn_stats
-    _save(out, student, bundle, bsha, provenance, task.companion_files(splits), force or resume)
+    save_scalers(out, ScalersFile(student.scalers, student.small), student.arch, bundle, bsha, provenance, task.companion_files(splits), force or resume)
     loop.discard_checkpoint()
     return _summary(out, bundle, bsha, target, task, splits, loop, trainable, before, after, steps=steps, resume=resume,
                     train_small=train_small, new_head=new_head, bn_stats=bn_stats)
@@ -160,7 +150,7 @@ def _check_options(steps, lr, batch_size, distill, temperature, depth_rule, widt
 
 def _plan_target(bundle: Bundle, task, splits, depth, width, mlp_ratio, num_classes, reset_head: bool, distill: float):
     """(the target architecture, whether its classifier is new): the size asked for, with the data's classes."""
-    from weit_cli.core.bundle import plan_target
+    from weit_cli.core.resize import plan_target
 
     classes = task.classes(splits)
     if classes is None and (num_classes is not None or reset_head):
@@ -244,21 +234,6 @@ def _train(task, student, teacher, trainable, opt, batches, dev, out: Path, ckpt
         loop.losses = [float(v) for v in loop.resume(same_fit)["losses"]]
     loop.run()
     return loop
-
-
-def _save(out: Path, student, bundle: Bundle, bsha: str, provenance: dict[str, Any], files, force: bool) -> None:
-    """The `weit.scalers` file: the target's scalers and small tensors, bound to the bundle."""
-    tensors = {f"scalers.{k}": v.detach().cpu() for k, v in student.scalers.items()}
-    tensors.update({f"small.{k}": v.detach().cpu() for k, v in student.small.items()})
-    meta = base_metadata(
-        KIND_SCALERS,
-        architecture=student.arch.to_dict(),
-        bundle_sha256=bsha,
-        templates=templates_record(bundle.templates),
-        provenance=provenance,
-        **({COMPANIONS: files} if files else {}),  # the fitting data's record (state statistics): materialize --scalers writes it
-    )
-    save_tensors(out, tensors, meta, force)
 
 
 def _summary(out: Path, bundle: Bundle, bsha: str, target, task, splits, loop, trainable, before, after, *, steps, resume,

@@ -7,16 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from weit_cli.arch._registry import detect_family
-from weit_cli.core.bundle import (
-    COMPANIONS,
-    Bundle,
-    Shaped,
+from weit_cli.core.bundle import COMPANIONS
+from weit_cli.io.bundle_file import (
     arch_from_meta,
     bundle_header,
+    check_scalers_file,
     header_tensors,
     load_bundle,
     read_companions,
-    tensor_problems,
 )
 from weit_cli.errors import InputError, WeitError
 from weit_cli.io.files import (
@@ -86,7 +84,7 @@ def _inspect_scalers(path: Path, check: bool) -> dict[str, Any]:
     meta = dict(header.get("__metadata__") or {})
     adapter, arch = arch_from_meta(meta, str(path))
     tensors = header_tensors(header, str(path))
-    _check_scalers(path, tensors, meta, adapter, arch)
+    check_scalers_file(path, tensors, meta, adapter, arch)
     out = {
         "path": str(path),
         "kind": KIND_SCALERS,
@@ -101,7 +99,7 @@ def _inspect_scalers(path: Path, check: bool) -> dict[str, Any]:
     }
     if check:
         full, meta = load_weit(path, KIND_SCALERS)
-        _check_scalers(path, full, meta, adapter, arch)
+        check_scalers_file(path, full, meta, adapter, arch)
         out["check"] = CHECKED.format(n=len(full))
     return out
 
@@ -109,27 +107,6 @@ def _inspect_scalers(path: Path, check: bool) -> dict[str, Any]:
 def _companions(files: dict[str, Any] | None) -> dict[str, Any]:
     """The files a model composed from this one gets beside its weights (only when there are any)."""
     return {"companion_files": {name: files[name] for name in sorted(files)}} if files else {}
-
-
-def _check_scalers(path: Path, tensors: dict[str, Any], meta: dict[str, str], adapter: Any, arch: Any) -> None:
-    """The checks `materialize --scalers` makes, without the bundle: its templates stand in as
-    shapes, from the file's own `templates` record."""
-    try:
-        record = json.loads(meta["templates"])
-        templates = {t: Shaped((int(r["count"]), int(r["p"]), int(r["q"]), *map(int, r["kernel"])), "F32") for t, r in record.items()}
-    except (KeyError, ValueError, TypeError, AttributeError):
-        raise InputError(f"{path} has no usable templates record", "the file is damaged; fit anew") from None
-    scalers = {k[len("scalers.") :]: v for k, v in tensors.items() if k.startswith("scalers.")}
-    small = {k[len("small.") :]: v for k, v in tensors.items() if k.startswith("small.")}
-    extra = sorted(k for k in tensors if not k.startswith(("scalers.", "small.")))
-    problems = tensor_problems(Bundle(adapter, arch, templates, scalers, small), record)
-    if extra:
-        problems.append(f"unexpected {', '.join(extra[:4])}" + (f" (+{len(extra) - 4} more)" if len(extra) > 4 else ""))
-    if problems:
-        raise InputError(
-            f"{path} does not hold a complete set of scalers for {adapter.describe(arch)}: {'; '.join(problems)}",
-            "the file is damaged; fit anew",
-        )
 
 
 def _inspect_dense(path: Path, check: bool = False) -> dict[str, Any]:

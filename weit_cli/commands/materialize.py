@@ -9,8 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from weit_cli.core.bundle import Bundle, load_bundle, load_scalers, plan_target, resize
-from weit_cli.core.resize import check_rules
+from weit_cli.core.bundle import Bundle
+from weit_cli.core.resize import check_rules, plan_target, resize
+from weit_cli.io.bundle_file import load_bundle, load_scalers
 from weit_cli.errors import WeitError
 from weit_cli.io.export import exporter_for, write_model
 from weit_cli.io.files import check_output, one_thread, read_header, sha256

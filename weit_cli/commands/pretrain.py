@@ -2,7 +2,7 @@
 nested size composes into a good timm model.
 
 Every step trains the largest size, the smallest and `nested.sandwich` random sizes in between. Each
-size is a prefix of the largest, cut by `bundle.resize(…, "prefix", "tile")` — the same differentiable
+size is a prefix of the largest, cut by `core/resize.resize(…, "prefix", "tile")` — the same differentiable
 code `weit materialize` runs — and its logits come from the real timm module of that size called with
 the composed weights (`torch.func.functional_call`). What is trained is therefore exactly what
 `materialize` writes out.
@@ -32,12 +32,12 @@ from torch import nn
 from weit_cli import recipe as rcp
 from weit_cli.core.bundle import COMPANIONS, Bundle
 from weit_cli.errors import InputError, WeitError
+from weit_cli.io.bundle_file import save_bundle
 from weit_cli.io.checkpoint import checkpoint_for, checkpoint_paths
 from weit_cli.io.files import (
     atomic_file,
     check_output,
     remove_stale_temps,
-    save_tensors,
 )
 from weit_cli.tasks._registry import task_for
 from weit_cli.tasks.base import Task
@@ -173,7 +173,7 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
     digests = _gather(_digest(cpu), world)
     provenance = _provenance(recipe, command, recipe_sha, splits, world, dev, flops, (teacher_sha, teacher_hub), ema_info)
     if rank == 0:
-        save_tensors(output, cpu.to_tensors(), cpu.metadata(**provenance), force=True)
+        save_bundle(output, cpu, provenance, force=True)
         with atomic_file(recipe_out) as tmp:
             tmp.write_text(rcp.dump(recipe, command))
         loop.discard_checkpoint()

@@ -1,22 +1,24 @@
-"""Resizing rules (docs/method.md §4), architecture-agnostic.
+"""Resizing (docs/method.md §4), architecture-agnostic: the rules, and a bundle resized by them.
 
 Depth rules map a target layer index to source layers; width rules map target channels (or scaler
 block rows/columns) to source ones. Both are index maps plus weights, so they are differentiable and
-serve pretraining's nested prefixes as well as `materialize`.
+serve pretraining's nested prefixes as well as `materialize`. `plan_target` turns the sizes asked
+for into a target architecture; `resize` gives a bundle's parameters at that size.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
-from weit_cli.errors import WeitError
+from weit_cli.errors import InputError, WeitError
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-DepthRule = Literal["auto", "prefix", "interp", "stack", "interleave", "identity"]
-WidthRule = Literal["tile", "tile-nodiv"]
+    from weit_cli.core.axes import Axis
+    from weit_cli.core.bundle import Bundle
+
 DEPTH_RULES = ("auto", "prefix", "interp", "stack", "interleave", "identity")
 WIDTH_RULES = ("tile", "tile-nodiv")
 
@@ -87,42 +89,6 @@ def mix_layers(tensors: list[Tensor], src: LayerSource) -> Tensor:
     return out
 
 
-@dataclass(frozen=True)
-class Axis:
-    """One resizable tensor dimension: which size it follows and how.
-
-    `name` keys the size table (e.g. 'embed', 'hidden'); `runs` splits the dimension into equal runs
-    resized separately (qkv rows: q, k, v); `role='in'` marks an input axis, divided by its copy count
-    when tiled (Net2Net), which keeps integer-ratio growth lossless.
-    """
-
-    dim: int
-    name: str
-    role: Literal["in", "out"] = "out"
-    runs: int = 1
-
-
-@dataclass(frozen=True)
-class ZeroRuns:
-    """Zero some of the `runs` equal runs of one dimension of a tensor: for a block whose residual
-    branches are closed by part of a tensor rather than all of it (adaLN-Zero's gate chunks of the
-    modulation matrix, whose shift and scale chunks an added block keeps). Equal runs of the dense rows
-    are equal runs of a scaler grid's rows too, so one spec serves both."""
-
-    runs: int
-    zero: tuple[int, ...]
-
-    def __call__(self, x: Tensor, dim: int = 0) -> Tensor:
-        import torch
-
-        if x.shape[dim] % self.runs:
-            raise ValueError(f"dimension {dim} has {x.shape[dim]} entries, not {self.runs} equal runs")
-        parts = list(x.split(x.shape[dim] // self.runs, dim))
-        for r in self.zero:
-            parts[r] = torch.zeros_like(parts[r])
-        return torch.cat(parts, dim)
-
-
 def width_index(old: int, new: int, runs: int = 1) -> Tensor:
     """Target position → source position: prefix when shrinking, cyclic tiling when growing."""
     import torch
@@ -167,3 +133,74 @@ def resize_width(
         o, n = old[ax.name] // u, new[ax.name] // u
         x = resize_axis(x, ax.dim, o, n, runs=ax.runs, divide=ax.role == "in" and rule == "tile")
     return x
+
+
+def plan_target(bundle: Bundle, **sizes: Any) -> Any:
+    """The target architecture of `bundle` at the sizes asked for (None: keep the bundle's)."""
+    # Per-stage size lists are for families with several layer groups (stages).
+    if len(bundle.adapter.layer_groups(bundle.arch)) == 1:
+        for k in ("depth", "width"):
+            v = sizes.get(k)
+            if isinstance(v, (list, tuple)):
+                if len(v) != 1:
+                    raise WeitError(
+                        f"--{k} {','.join(map(str, v))}: a {bundle.adapter.family} takes one number",
+                        f"give one number, e.g. --{k} {v[0]}",
+                    )
+                sizes[k] = v[0]
+    # Widths must be whole scaler blocks: validate against the bundle's own template size, which
+    # may differ from head_dim (extract-templates --template-size).
+    blocks = {int(d) for t in bundle.templates.values() for d in t.shape[1:3]}
+    if len(blocks) == 1 and "template_size" not in sizes:
+        sizes["template_size"] = blocks.pop()
+    return bundle.adapter.target_arch(bundle.arch, **{k: v for k, v in sizes.items() if v is not None})
+
+
+def resize(b: Bundle, target: Any, depth_rule: str = "auto", width_rule: str = "tile") -> Bundle:
+    """The bundle's parameters at `target` size (docs/method.md §4). Differentiable: pretraining uses it too."""
+    import torch
+
+    scalers, small = dict(b.scalers), dict(b.small)
+    ad = b.adapter
+    identity, identity_rows = ad.identity_suffixes(target), ad.identity_rows(target)
+    for g_old, g_new in zip(ad.layer_groups(b.arch), ad.layer_groups(target)):
+        old_n, new_n = g_old.count - g_old.first, g_new.count - g_new.first
+        if old_n == new_n:
+            continue
+        if old_n == 0:
+            raise InputError(f"no block after the first of '{g_old.prefix.format('')}' to grow from", "keep its depth")
+        # new_n == 0 keeps only the group's fixed first blocks (a stage's downsampling block).
+        plan = depth_plan(old_n, new_n, depth_rule) if new_n else []
+        for store in (scalers, small):
+            per_layer: dict[str, list[Tensor]] = {}
+            for i in range(old_n):
+                pre = g_old.prefix.format(g_old.first + i)
+                for k in [k for k in store if k.startswith(pre)]:
+                    per_layer.setdefault(k[len(pre) :], []).append(store.pop(k))
+            for suffix, layers in per_layer.items():
+                if len(layers) != old_n:
+                    raise InputError(f"layer parameter '{suffix}' is missing in some blocks", "the bundle is corrupt")
+                for j, src in enumerate(plan):
+                    w = mix_layers(layers, src)
+                    if not layers[0].is_floating_point():  # counters (num_batches_tracked)
+                        w = w.round().to(layers[0].dtype)
+                    if src.zero_residual and suffix in identity:
+                        w = torch.zeros_like(w)
+                    elif src.zero_residual and suffix in identity_rows:  # a scaler grid's rows are dim 1
+                        w = identity_rows[suffix](w, dim=1 if store is scalers else 0)
+                    store[g_new.prefix.format(g_new.first + j) + suffix] = w
+    old_sizes, new_sizes = ad.sizes(b.arch), ad.sizes(target)
+    if old_sizes != new_sizes:
+        for k in list(scalers):
+            t = b.template_of(k)
+            axes = [replace(ax, dim=ax.dim + 1) for ax in ad.axes(k, b.arch) if ax.dim < 2]
+            scalers[k] = resize_width(scalers[k], axes, old_sizes, new_sizes, width_rule, unit={1: t.shape[1], 2: t.shape[2]})
+        for k in list(small):
+            small[k] = resize_width(small[k], ad.axes(k, b.arch), old_sizes, new_sizes, width_rule)
+    if getattr(target, "num_classes", None) != getattr(b.arch, "num_classes", None):
+        for k in ad.classifier:
+            if k in small:
+                v = small.pop(k)
+                if target.num_classes > 0:
+                    small[k] = torch.zeros(target.num_classes, *v.shape[1:], dtype=v.dtype)
+    return replace(b, arch=target, scalers=scalers, small=small, extra=dict(b.extra))

@@ -16,7 +16,9 @@ from torch import Tensor, nn
 
 from weit_cli import recipe as rcp
 from weit_cli.arch._registry import get_adapter
-from weit_cli.core.bundle import Bundle, from_dense, resize
+from weit_cli.core.bundle import Bundle
+from weit_cli.core.extract import from_dense
+from weit_cli.core.resize import resize
 from weit_cli.tasks.base import Task
 from weit_cli.training.calibrate import STAT_SUFFIXES, recalibrated
 

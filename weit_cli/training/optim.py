@@ -56,14 +56,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
-def clip_grad(params, max_norm: float) -> float:
-    """Clip the global gradient norm to `max_norm` (≤ 0: no clipping); returns the norm before clipping."""
+def clip_grad(params, max_norm: float) -> None:
+    """Clip the global gradient norm to `max_norm` (≤ 0: no clipping, and no norm computed: nothing
+    reads it)."""
+    if not max_norm or max_norm <= 0:
+        return
     params = [p for p in params if p.grad is not None]
-    if not params:
-        return 0.0
-    if max_norm and max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
+    if params:
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
 
 
 def optimizer_step(optimizer, loss: Tensor, params, *, max_norm: float) -> float:
