@@ -29,14 +29,6 @@ class LayerSource:
     zero_residual: bool = False
 
 
-def check_rules(depth_rule: str, width_rule: str) -> None:
-    """Refuse an unknown rule up front (before any file is read)."""
-    if depth_rule not in DEPTH_RULES:
-        raise WeitError(f"unknown depth rule '{depth_rule}'", f"choose one of: {', '.join(DEPTH_RULES)}")
-    if width_rule not in WIDTH_RULES:
-        raise WeitError(f"unknown width rule '{width_rule}'", f"choose one of: {', '.join(WIDTH_RULES)}")
-
-
 def depth_plan(old: int, new: int, rule: str) -> list[LayerSource]:
     """Which source layers each of `new` target layers comes from."""
     if new < 1:
