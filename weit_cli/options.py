@@ -205,6 +205,11 @@ def check_value(tp: Any, value: Any, flag: str) -> None:
         raise _error(info, _opt(info, Opt(flag=flag)), value, flag) from None
 
 
+def check_seed(seed: int, name: str = "seed") -> None:
+    """Seeds are integers in [0, 2**63): torch refuses larger ones with an overflow, not an error."""
+    check_value(Seed, seed, f"--{name.replace('_', '-')}")
+
+
 def _opt(info: FieldInfo, base: Opt) -> Opt:
     """The field's `Opt`s merged over `base` (whose flag, if given, wins: a model renames a shared field)."""
     merged = {f.name: getattr(base, f.name) for f in fields(Opt)}

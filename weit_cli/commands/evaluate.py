@@ -87,12 +87,10 @@ def evaluate_control(model: Path, adapter, arch, *, env: str | None, episodes: i
     environment of the model's `control_config.json`; rollouts run on the CPU unless `device` says
     otherwise (one step at a time: a GPU waits more than it computes)."""
     from weit_cli.data.control import env_info
-    from weit_cli.limits import check_seed
     from weit_cli.tasks.control import evaluate_rollouts, load_control_config
 
-    check_seed(seed)
     episodes = EVALUATE.episodes if episodes is None else episodes
-    check(EvaluateOptions, episodes=episodes)
+    check(EvaluateOptions, episodes=episodes, seed=seed)
     if env is not None:
         env_info(env)  # an unknown id is refused before the model folder is read any further
     if not Path(model).is_dir():
