@@ -438,16 +438,17 @@ def _start(loop, record: _Record, out_dir: Path, args: dict[str, Any], resume: b
     """Continue the run in `out_dir` (--resume: the same options, from the last finished epoch) or
     create its folder and record epoch 0 (before training); returns the epoch it starts from."""
     from weit_cli.training.dist import barrier
+    from weit_cli.training.resume import check_same_run
 
     start_epoch = 0
     if resume:
-        old = json.loads((out_dir / "args.json").read_text())
-        diff = [k for k in RUN_KEYS if old.get(k) != args.get(k)]
-        if diff:
-            raise InputError(
+        def other_options(diff: list[str], old) -> InputError:
+            return InputError(
                 f"--resume: {out_dir} was started with other options ({', '.join(f'{k} {old.get(k)!r}→{args.get(k)!r}' for k in diff[:3])})",
                 "resume with the same options, or start over with --force",
             )
+
+        check_same_run(json.loads((out_dir / "args.json").read_text()), args, RUN_KEYS, other_options)
         st = loop.resume()
         record.metrics, record.best, start_epoch, record.wall = st["metrics"], st["best"], int(st["epoch"]), float(st["wall_s"])
         if rank == 0:

@@ -22,8 +22,6 @@ from there and writes the very bytes an uninterrupted fit writes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +44,7 @@ from weit_cli.io.files import (
     save_tensors,
 )
 from weit_cli.options import FIT_SCALERS, SEED, FitScalersOptions, check
+from weit_cli.training.resume import fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -117,7 +116,7 @@ def fit_scalers(
         reset_head=bool(new_head), distill=distill, temperature=temperature, depth_rule=depth_rule, width_rule=width_rule, seed=seed,
     )}
     run = {**provenance, "architecture": target.to_dict(), "calibrate_batches": calibrate_batches}
-    run_sha = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
+    run_sha = fingerprint(run)
     loop = _train(
         task, student, teacher, trainable, opt, batches, dev, out, ckpt, run_sha, steps=steps, lr=lr, warmup=warmup,
         distill=distill, temperature=temperature, checkpoint_every=checkpoint_every, resume=resume, on_step=on_step,
@@ -197,6 +196,7 @@ def _train(task, student, teacher, trainable, opt, batches, dev, out: Path, ckpt
     """The fit's loop, run (continued from the checkpoint with `resume`); returns it, for its losses and time."""
     from weit_cli.training.loop import Loop, Plan
     from weit_cli.training.optim import lr_at
+    from weit_cli.training.resume import same_run
     from weit_cli.training.sized import distill_loss_step
 
     forward = student.forward()
@@ -220,14 +220,10 @@ def _train(task, student, teacher, trainable, opt, batches, dev, out: Path, ckpt
         for p in (out, *checkpoint_paths(ckpt)):  # what a killed writer left half-written
             remove_stale_temps(p)
 
-        def same_fit(state):
-            if state.get("run_sha256") != run_sha:
-                raise InputError(
-                    f"{ckpt} was written by a fit with other options, data or bundle",
-                    "resume with the same command, or start over with --force",
-                )
+        def other_fit(diff: list[str], recorded) -> InputError:
+            return InputError(f"{ckpt} was written by a fit with other options, data or bundle", "resume with the same command, or start over with --force")
 
-        loop.losses = [float(v) for v in loop.resume(same_fit)["losses"]]
+        loop.losses = [float(v) for v in loop.resume(same_run({"run_sha256": run_sha}, other_fit))["losses"]]
     loop.run()
     return loop
 
