@@ -108,7 +108,7 @@ def test_cli_distillation_is_reproducible(tmp_path):
     "extra,message",
     [
         (["--distill-steps", "5"], "need --data"),
-        (["--data", "digits", "--distill-steps", "0"], "at least 1"),
+        (["--data", "digits", "--distill-steps", "0"], "--distill-steps must be in 1..10000000"),
         (["--data", "digits", "--distill-lr", "-1"], "must be positive"),
         (["--data", "digits"], "the data has 10 classes, the checkpoint's classifier 5"),
     ],

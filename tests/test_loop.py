@@ -133,3 +133,24 @@ def test_a_non_finite_loss_is_refused_with_the_plan_s_words():
     with pytest.raises(WeitError) as e:
         loop.run()
     assert (e.value.message, e.value.hint) == ("the loss became nan at step 1", "lower --lr")
+
+
+def test_one_resume_guard_for_the_three_commands():
+    """training/resume.py: fit-scalers' options sha, pretrain's recipe and teacher sha and finetune's
+    args.json are compared key by key; the command words the refusal from the keys and the record."""
+    from weit_cli.errors import InputError
+    from weit_cli.training.resume import check_same_run, differing, fingerprint, same_run
+
+    assert fingerprint({"a": 1, "b": [2, 3]}) == fingerprint({"b": [2, 3], "a": 1}) != fingerprint({"a": 1, "b": [3, 2]})
+    assert differing({"lr": 1e-3, "seed": 0}, {"lr": 2e-3, "seed": 0, "ema": None}, ["lr", "seed", "ema"]) == ["lr"]
+
+    def refuse(diff, recorded):
+        return InputError(f"other {diff} (was {recorded.get(diff[0])!r})", "start over with --force")
+
+    check_same_run({"seed": 0}, {"seed": 0, "extra": 1}, ["seed"], refuse)  # only the keys named count
+    with pytest.raises(InputError, match=r"other \['seed'\] \(was 0\)"):
+        check_same_run({"seed": 0}, {"seed": 1}, ["seed"], refuse)
+    guard = same_run({"recipe_sha256": "abc", "teacher_sha256": None}, refuse)
+    guard({"recipe_sha256": "abc", "step": 3})  # a checkpoint without a teacher: None, the same
+    with pytest.raises(InputError, match=r"other \['teacher_sha256'\]"):
+        guard({"recipe_sha256": "abc", "teacher_sha256": "def"})

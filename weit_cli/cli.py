@@ -541,7 +541,7 @@ def finetune(
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the loss.")] = FINETUNE.label_smoothing,
     train_subset: Annotated[Optional[float], typer.Option(help="Train on part of the training split: fraction ≤ 1 or image count.")] = None,
     data_seed: Annotated[int, typer.Option(help="Seed of the validation split and the training subset.")] = SEED,
-    ema: Annotated[float, typer.Option(help="Keep an EMA of the weights with this decay (warm-up power 0.75); it is scored and written (0: off).")] = 0.0,
+    ema: Annotated[float, typer.Option(help="Keep an EMA of the weights with this decay (warm-up power 0.75); it is scored and written (0: off).")] = FINETUNE.ema,
     reset_head: Annotated[bool, typer.Option("--reset-head", help="Start a fresh classifier (automatic when the class count differs).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the initialisation and the data order.")] = SEED,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in the output folder.")] = False,

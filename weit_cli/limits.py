@@ -1,16 +1,14 @@
-"""Limits shared by every command: seeds every RNG accepts, and the largest model weit will build."""
+"""Limits shared by every command: seeds every RNG accepts (checked by options.check_seed), the
+largest model weit will build, and the resizing rules that exist (core/resize.py implements them,
+options.py offers them)."""
 
 from __future__ import annotations
 
-from weit_cli.errors import WeitError
+from typing import Literal
 
 MAX_SEED = 2**63 - 1  # torch, numpy (mod 2**32) and random all take it
 MAX_PARAMS = 20_000_000_000  # refuse sizes no machine could hold, before allocating anything
 
 
-def check_seed(seed: int, name: str = "seed") -> None:
-    """Seeds are integers in [0, 2**63): torch refuses larger ones with an overflow, not an error."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise WeitError(f"--{name.replace('_', '-')} must be an integer in 0..{MAX_SEED}, got {seed}", "e.g. 0")
-
-
+DepthRule = Literal["auto", "prefix", "interp", "stack", "interleave", "identity"]
+WidthRule = Literal["tile", "tile-nodiv"]

@@ -13,7 +13,6 @@ as in ordinary training; accuracy is measured in eval mode with those statistics
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -22,18 +21,7 @@ from torch import Tensor
 
 from weit_cli.core.bundle import Bundle
 from weit_cli.errors import WeitError
-from weit_cli.options import DISTILL, SEED
-
-
-def check_options(steps: int, lr: float, batch_size: int, temperature: float) -> None:
-    if steps < 1:
-        raise WeitError(f"--distill-steps must be at least 1, got {steps}", "a few hundred steps is typical")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise WeitError(f"--distill-lr must be positive, got {lr}", f"e.g. --distill-lr {DISTILL.lr:g}")
-    if batch_size < 2:
-        raise WeitError(f"--batch-size must be at least 2, got {batch_size}", f"e.g. --batch-size {DISTILL.batch_size}")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise WeitError(f"--temperature must be positive, got {temperature}", "1.0 is plain KL on the logits")
+from weit_cli.options import DISTILL, SEED, DistillOptions, check
 
 
 def distill(
@@ -60,7 +48,7 @@ def distill(
     from weit_cli.training.optim import adamw, lr_at
     from weit_cli.training.sized import SizedModel, distill_loss_step, frozen_forward
 
-    check_options(steps, lr, batch_size, temperature)
+    check(DistillOptions, steps=steps, lr=lr, batch_size=batch_size, temperature=temperature, seed=seed)
     ad, arch = bundle.adapter, bundle.arch
     classes = task.classes(splits)
     if classes is not None and classes != arch.num_classes:

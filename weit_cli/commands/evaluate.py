@@ -16,7 +16,7 @@ from typing import Any
 from weit_cli.commands.sample import GENERATION, _load, sample_images
 from weit_cli.errors import InputError, WeitError
 from weit_cli.io.hub import resolve as resolve_source
-from weit_cli.options import EVALUATE, SAMPLE, SEED
+from weit_cli.options import EVALUATE, SAMPLE, SEED, EvaluateOptions, check
 
 CONTROL = "control"  # the task name (tasks/control.py) whose models are scored by rollouts
 
@@ -38,8 +38,7 @@ def _evaluate(model: Path, *, data, num_samples, steps, guidance, seed, batch_si
     from weit_cli.tasks._registry import task_for
     from weit_cli.training.dist import resolve_device
 
-    if batch_size < 1:
-        raise WeitError(f"--batch-size must be at least 1, got {batch_size}", f"e.g. --batch-size {EVALUATE.batch_size}")
+    check(EvaluateOptions, batch_size=batch_size)
     dev = resolve_device(device)
     adapter, arch, module = _load(model)
     rollout_options = {"--env": env, "--episodes": episodes, "--target-return": target_return, "--max-steps": max_steps}
@@ -69,8 +68,7 @@ def _evaluate(model: Path, *, data, num_samples, steps, guidance, seed, batch_si
         return out
     from weit_cli.tasks.fid import evaluate_samples, judge_references, load_judge
 
-    if not 2 <= num_samples <= 100_000:
-        raise WeitError(f"--num-samples must be in 2..100000, got {num_samples}", f"e.g. --num-samples {EVALUATE.num_samples}")
+    check(EvaluateOptions, num_samples=num_samples)
     judge = load_judge(data, img_size=arch.img_size, in_chans=arch.in_chans)
     fake, labels, info = sample_images(model, n=num_samples, steps=steps, guidance=guidance, seed=seed, device=device, command="evaluate")
     real = held_out.tensors[0][:num_samples]
@@ -89,13 +87,10 @@ def evaluate_control(model: Path, adapter, arch, *, env: str | None, episodes: i
     environment of the model's `control_config.json`; rollouts run on the CPU unless `device` says
     otherwise (one step at a time: a GPU waits more than it computes)."""
     from weit_cli.data.control import env_info
-    from weit_cli.limits import check_seed
     from weit_cli.tasks.control import evaluate_rollouts, load_control_config
 
-    check_seed(seed)
     episodes = EVALUATE.episodes if episodes is None else episodes
-    if isinstance(episodes, bool) or not 1 <= episodes <= 10_000:
-        raise WeitError(f"--episodes must be in 1..10000, got {episodes}", f"e.g. --episodes {EVALUATE.episodes}")
+    check(EvaluateOptions, episodes=episodes, seed=seed)
     if env is not None:
         env_info(env)  # an unknown id is refused before the model folder is read any further
     if not Path(model).is_dir():

@@ -16,7 +16,7 @@ from weit_cli.io.dense import read_dense
 from weit_cli.io.bundle_file import save_bundle
 from weit_cli.io.files import check_output, checkpoint_sha256
 from weit_cli.io.hub import resolve as resolve_source
-from weit_cli.options import DISTILL, EXTRACT, SEED
+from weit_cli.options import DISTILL, EXTRACT, SEED, DistillOptions, ExtractOptions, check
 
 
 def extract_templates(
@@ -40,7 +40,7 @@ def extract_templates(
     """Data-free SVD extraction; with `data`, then WAVE-style distillation (distill.py) from the checkpoint."""
     check_output(out, force)
     distill_steps, distill_lr, batch_size = _check_options(
-        data, distill_steps, distill_lr, batch_size, temperature, seed, device, template_size, num_heads,
+        data, distill_steps, distill_lr, batch_size, temperature, seed, device, num_templates, template_size, num_heads,
     )
     checkpoint, hub = resolve_source(checkpoint)
     overrides = {k: v for k, v in (("num_heads", num_heads), ("img_size", img_size)) if v is not None}
@@ -79,27 +79,20 @@ def extract_templates(
     return _result(out, arch, bundle, errors, hub, report, data)
 
 
-def _check_options(data, distill_steps, distill_lr, batch_size, temperature, seed, device, template_size, num_heads):
+def _check_options(data, distill_steps, distill_lr, batch_size, temperature, seed, device, num_templates, template_size, num_heads):
     """Refuse an option out of range, in one line; returns the distillation's steps, learning rate and
     batch size with their defaults filled in (when there is `data` to distil on)."""
     if data is None and (distill_steps is not None or distill_lr is not None or batch_size is not None):
         raise WeitError("--distill-steps, --distill-lr and --batch-size need --data", "pass --data DATA to distil, or leave them out")
     if data is not None:
-        from weit_cli.commands.distill import check_options
-
         distill_steps = DISTILL.steps if distill_steps is None else distill_steps
         distill_lr = DISTILL.lr if distill_lr is None else distill_lr
         batch_size = DISTILL.batch_size if batch_size is None else batch_size
-        check_options(distill_steps, distill_lr, batch_size, temperature)
-        from weit_cli.limits import check_seed
+        check(DistillOptions, steps=distill_steps, lr=distill_lr, batch_size=batch_size, temperature=temperature, seed=seed)
         from weit_cli.training.dist import resolve_device
 
-        check_seed(seed)
         resolve_device(device)
-    if template_size is not None and template_size < 1:
-        raise WeitError(f"--template-size must be at least 1, got {template_size}", "leave it out for the family's default (e.g. the attention head size)")
-    if num_heads is not None and num_heads < 1:
-        raise WeitError(f"--num-heads must be at least 1, got {num_heads}", "leave it out to read it from the checkpoint")
+    check(ExtractOptions, num_templates=num_templates, template_size=template_size, num_heads=num_heads)
     return distill_steps, distill_lr, batch_size
 
 

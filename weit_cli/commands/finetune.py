@@ -20,7 +20,6 @@ Under torchrun every rank trains on its shard of each batch (DDP); rank 0 evalua
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -34,11 +33,8 @@ from torch import Tensor, nn
 
 from weit_cli.errors import InputError, OutputError, WeitError
 from weit_cli.io.files import checkpoint_sha256
-from weit_cli.options import FINETUNE, SEED
+from weit_cli.options import FINETUNE, SEED, FinetuneRun, check
 
-INITS = ("weit", "random", "weight-selection")
-SCHEDULES = ("cosine", "constant")
-MAX_EPOCHS = 100_000  # beyond this a typo, not a plan (the schedule and metrics are per epoch)
 STATE = "state.safetensors"
 #: Options that define a run; `--resume` refuses to continue a run made with other values.
 RUN_KEYS = (
@@ -75,18 +71,18 @@ def finetune(
     device: str | None = None,
     eval_batch_size: int = 256,
     on_step: Callable[[Any], None] | None = None,
-    ema: float = 0.0,
+    ema: float = FINETUNE.ema,
 ) -> dict[str, Any]:
     """Train MODEL's architecture on `data` for `epochs`; returns a summary. Every rank calls this."""
-    from weit_cli.limits import check_seed
     from weit_cli.training.dist import cleanup_distributed, setup_distributed
 
     from weit_cli.io.hub import resolve as resolve_source
 
     out_dir = Path(out_dir)
-    _check_options(epochs, init, source, lr, warmup, schedule, min_lr_ratio, batch_size, weight_decay, grad_clip, label_smoothing)
-    check_seed(seed)
-    check_seed(data_seed, "data_seed")
+    _check_options(
+        init, source, epochs=epochs, lr=lr, warmup=warmup, schedule=schedule, min_lr_ratio=min_lr_ratio, batch_size=batch_size,
+        weight_decay=weight_decay, grad_clip=grad_clip, label_smoothing=label_smoothing, ema=ema, seed=seed, data_seed=data_seed,
+    )
     model, model_hub = resolve_source(model)  # a hub id (hf-hub:ORG/NAME) as its cached folder
     source, source_hub = resolve_source(source) if source is not None else (None, None)
     for what, path in (("MODEL", model), ("--from", source)):
@@ -101,8 +97,6 @@ def finetune(
         val_fraction=val_fraction, reset_head=reset_head, seed=seed, resume=resume, eval_batch_size=eval_batch_size,
         on_step=on_step, hub=hub, ema=ema,
     )
-    if not 0.0 <= ema < 1.0:
-        raise WeitError(f"--ema must be a decay in [0, 1), got {ema}", "e.g. --ema 0.999, or 0 for none")
     dist = setup_distributed(device)
     try:
         return _run(dist=dist, **options)
@@ -130,28 +124,14 @@ def _after_failed_write(e: OutputError, out_dir: Path, resume: bool) -> OutputEr
     return e
 
 
-def _check_options(epochs, init, source, lr, warmup, schedule, min_lr_ratio, batch_size, weight_decay, grad_clip, label_smoothing):
-    if init not in INITS:
-        raise WeitError(f"unknown --init '{init}'", f"choose one of: {', '.join(INITS)}")
+def _check_options(init: str, source, **values) -> None:
+    """The options' ranges and choices (options.FinetuneRun), then --from, which only --init
+    weight-selection takes."""
+    check(FinetuneRun, init=init, **values)
     if init == "weight-selection" and source is None:
         raise WeitError("--init weight-selection needs --from DENSE_CHECKPOINT", "pass the larger dense model to select from")
     if init != "weight-selection" and source is not None:
         raise WeitError(f"--from is only used by --init weight-selection (got --init {init})", "drop --from or change --init")
-    if schedule not in SCHEDULES:
-        raise WeitError(f"unknown --schedule '{schedule}'", f"choose one of: {', '.join(SCHEDULES)}")
-    checks = [
-        (1 <= epochs <= MAX_EPOCHS, f"--epochs must be in 1..{MAX_EPOCHS}, got {epochs}"),
-        (lr > 0 and math.isfinite(lr), f"--lr must be positive, got {lr}"),
-        (warmup >= 0, f"--warmup must be 0 or more epochs, got {warmup}"),
-        (0 <= min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {min_lr_ratio}"),
-        (batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}"),
-        (weight_decay >= 0, f"--weight-decay must be 0 or more, got {weight_decay}"),
-        (grad_clip >= 0, f"--grad-clip must be 0 (off) or more, got {grad_clip}"),
-        (0 <= label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {label_smoothing}"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise WeitError(msg, "see 'weit finetune --help'")
 
 
 def _check_run_dir(out_dir: Path, resume: bool, force: bool) -> None:
@@ -458,16 +438,17 @@ def _start(loop, record: _Record, out_dir: Path, args: dict[str, Any], resume: b
     """Continue the run in `out_dir` (--resume: the same options, from the last finished epoch) or
     create its folder and record epoch 0 (before training); returns the epoch it starts from."""
     from weit_cli.training.dist import barrier
+    from weit_cli.training.resume import check_same_run
 
     start_epoch = 0
     if resume:
-        old = json.loads((out_dir / "args.json").read_text())
-        diff = [k for k in RUN_KEYS if old.get(k) != args.get(k)]
-        if diff:
-            raise InputError(
+        def other_options(diff: list[str], old) -> InputError:
+            return InputError(
                 f"--resume: {out_dir} was started with other options ({', '.join(f'{k} {old.get(k)!r}→{args.get(k)!r}' for k in diff[:3])})",
                 "resume with the same options, or start over with --force",
             )
+
+        check_same_run(json.loads((out_dir / "args.json").read_text()), args, RUN_KEYS, other_options)
         st = loop.resume()
         record.metrics, record.best, start_epoch, record.wall = st["metrics"], st["best"], int(st["epoch"]), float(st["wall_s"])
         if rank == 0:

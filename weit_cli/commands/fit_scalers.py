@@ -22,9 +22,6 @@ from there and writes the very bytes an uninterrupted fit writes.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +33,8 @@ from weit_cli.errors import InputError, WeitError
 from weit_cli.io.bundle_file import ScalersFile, load_bundle, save_scalers
 from weit_cli.io.checkpoint import checkpoint_for, checkpoint_paths
 from weit_cli.io.files import check_output, remove_stale_temps
-from weit_cli.options import FIT_SCALERS, SEED
+from weit_cli.options import FIT_SCALERS, SEED, FitScalersOptions, check
+from weit_cli.training.resume import fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -78,7 +76,7 @@ def fit_scalers(
     out = Path(out)
     ckpt = checkpoint_for(out)
     check_output(out, force or resume)  # a resumed fit may replace what it wrote itself (see pretrain)
-    warmup = _check_options(steps, lr, batch_size, distill, temperature, depth_rule, width_rule, calibrate_batches, warmup, checkpoint_every)
+    warmup = _check_options(steps, lr, batch_size, distill, temperature, depth_rule, width_rule, calibrate_batches, warmup, checkpoint_every, seed)
     # the options are checked (answered before torch is imported): now the training code
     from weit_cli.tasks._registry import task_for
     from weit_cli.training.batches import Batches
@@ -108,7 +106,7 @@ def fit_scalers(
         reset_head=bool(new_head), distill=distill, temperature=temperature, depth_rule=depth_rule, width_rule=width_rule, seed=seed,
     )}
     run = {**provenance, "architecture": target.to_dict(), "calibrate_batches": calibrate_batches}
-    run_sha = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
+    run_sha = fingerprint(run)
     loop = _train(
         task, student, teacher, trainable, opt, batches, dev, out, ckpt, run_sha, steps=steps, lr=lr, warmup=warmup,
         distill=distill, temperature=temperature, checkpoint_every=checkpoint_every, resume=resume, on_step=on_step,
@@ -125,27 +123,14 @@ def fit_scalers(
                     train_small=train_small, new_head=new_head, bn_stats=bn_stats)
 
 
-def _check_options(steps, lr, batch_size, distill, temperature, depth_rule, width_rule, calibrate_batches, warmup, checkpoint_every) -> int:
-    """Refuse an option out of range, in one line; returns the warmup (a tenth of the steps by default)."""
-    if not 1 <= steps <= 10_000_000:
-        raise WeitError(f"--steps must be in 1..10000000, got {steps}", "a few hundred steps is typical")
-    if not (lr > 0 and math.isfinite(lr)) or batch_size < 1:
-        raise WeitError(f"--lr must be positive and finite and --batch-size at least 1, got {lr:g} and {batch_size}", "e.g. --lr 1e-3 --batch-size 64")
-    if not 0.0 <= distill <= 1.0:
-        raise WeitError(f"--distill must be in [0, 1], got {distill}", "0 turns distillation off, 0.5 weighs KL and CE equally")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise WeitError(f"--temperature must be positive, got {temperature}", "1.0 is plain KL on the logits")
-    from weit_cli.core.resize import check_rules
-
-    check_rules(depth_rule, width_rule)
-    if calibrate_batches < 1:
-        raise WeitError(f"--calibrate-batches must be at least 1, got {calibrate_batches}", "20 batches is typical")
-    warmup = max(1, steps // 10) if warmup is None else warmup
-    if warmup < 0:
-        raise WeitError(f"--warmup must be 0 or more steps, got {warmup}", "e.g. --warmup 20")
-    if checkpoint_every < 0:
-        raise WeitError(f"--checkpoint-every must be 0 (never) or more steps, got {checkpoint_every}", f"e.g. --checkpoint-every {FIT_SCALERS.checkpoint_every}")
-    return warmup
+def _check_options(steps, lr, batch_size, distill, temperature, depth_rule, width_rule, calibrate_batches, warmup, checkpoint_every, seed) -> int:
+    """Refuse an option out of range, in one line (options.FitScalersOptions); returns the warmup (a
+    tenth of the steps by default)."""
+    check(
+        FitScalersOptions, steps=steps, lr=lr, batch_size=batch_size, distill=distill, temperature=temperature, depth_rule=depth_rule,
+        width_rule=width_rule, calibrate_batches=calibrate_batches, warmup=warmup, checkpoint_every=checkpoint_every, seed=seed,
+    )
+    return max(1, steps // 10) if warmup is None else warmup
 
 
 def _plan_target(bundle: Bundle, task, splits, depth, width, mlp_ratio, num_classes, reset_head: bool, distill: float):
@@ -201,6 +186,7 @@ def _train(task, student, teacher, trainable, opt, batches, dev, out: Path, ckpt
     """The fit's loop, run (continued from the checkpoint with `resume`); returns it, for its losses and time."""
     from weit_cli.training.loop import Loop, Plan
     from weit_cli.training.optim import lr_at
+    from weit_cli.training.resume import same_run
     from weit_cli.training.sized import distill_loss_step
 
     forward = student.forward()
@@ -224,14 +210,10 @@ def _train(task, student, teacher, trainable, opt, batches, dev, out: Path, ckpt
         for p in (out, *checkpoint_paths(ckpt)):  # what a killed writer left half-written
             remove_stale_temps(p)
 
-        def same_fit(state):
-            if state.get("run_sha256") != run_sha:
-                raise InputError(
-                    f"{ckpt} was written by a fit with other options, data or bundle",
-                    "resume with the same command, or start over with --force",
-                )
+        def other_fit(diff: list[str], recorded) -> InputError:
+            return InputError(f"{ckpt} was written by a fit with other options, data or bundle", "resume with the same command, or start over with --force")
 
-        loop.losses = [float(v) for v in loop.resume(same_fit)["losses"]]
+        loop.losses = [float(v) for v in loop.resume(same_run({"run_sha256": run_sha}, other_fit))["losses"]]
     loop.run()
     return loop
 

@@ -7,17 +7,17 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from weit_cli.core.bundle import Bundle
-from weit_cli.core.resize import check_rules, plan_target, resize
+from weit_cli.core.resize import plan_target, resize
 from weit_cli.io.bundle_file import load_bundle, load_scalers
 from weit_cli.errors import WeitError
 from weit_cli.io.export import exporter_for, write_model
 from weit_cli.io.files import check_output, one_thread, read_header, sha256
-from weit_cli.options import MATERIALIZE, SEED
+from weit_cli.options import MATERIALIZE, SEED, Dtype, MaterializeOptions, check
 
-DTYPES = ("float32", "bfloat16", "float16")  # torch's names: torch is imported once the arguments are checked
+DTYPES = get_args(Dtype)  # torch's names: torch is imported once the arguments are checked
 
 
 def materialize(
@@ -44,14 +44,8 @@ def materialize(
     names data for re-estimating BatchNorm statistics (see calibrate.py); `progress(batch, total)`."""
     out = Path(out)
     check_output(out, force)
-    if dtype not in DTYPES:
-        raise WeitError(f"unknown dtype '{dtype}'", f"choose one of: {', '.join(DTYPES)}")
-    check_rules(depth_rule, width_rule)
-    if calibrate is not None and (calibrate_batches < 1 or calibrate_batch_size < 2):
-        raise WeitError(
-            f"--calibrate needs at least 1 batch of 2 or more images, got {calibrate_batches} × {calibrate_batch_size}",
-            "pass --calibrate-batches 1 or more and --calibrate-batch-size 2 or more",
-        )
+    calibration = dict(calibrate_batches=calibrate_batches, calibrate_batch_size=calibrate_batch_size) if calibrate is not None else {}
+    check(MaterializeOptions, depth_rule=depth_rule, width_rule=width_rule, dtype=dtype, seed=seed, **calibration)
     bundle, bsha = load_bundle(bundle_path)  # a missing or foreign file is refused before torch is imported
     target = plan_target(bundle, depth=depth, width=width, mlp_ratio=mlp_ratio, num_heads=num_heads, num_classes=num_classes)
     import torch

@@ -58,6 +58,7 @@ from weit_cli.training.nested import (
 )
 from weit_cli.training.optim import adamw, lr_at
 from weit_cli.training.progress import StepCallback
+from weit_cli.training.resume import same_run
 
 
 def pretrain(
@@ -224,16 +225,15 @@ def _resume(loop, size_rng: random.Random, paths, rank: int, recipe_sha: str, te
         for p in (output, recipe_out, *checkpoint_paths(ckpt)):
             remove_stale_temps(p)
 
-    def same_recipe(state):
-        if state.get("recipe_sha256") != recipe_sha:
-            raise InputError(
-                f"{ckpt} was written by another recipe (sha256 {str(state.get('recipe_sha256'))[:12]}…, now {recipe_sha[:12]}…)",
+    def other_run(diff: list[str], recorded) -> InputError:  # the recipe first, as before
+        if diff[0] == "recipe_sha256":
+            return InputError(
+                f"{ckpt} was written by another recipe (sha256 {str(recorded.get('recipe_sha256'))[:12]}…, now {recipe_sha[:12]}…)",
                 "resume with the same recipe, overrides and --data, or start over with --force",
             )
-        if state.get("teacher_sha256") != teacher_sha:
-            raise InputError(f"{ckpt} was written with another teacher checkpoint", "resume with the same --teacher, or start over with --force")
+        return InputError(f"{ckpt} was written with another teacher checkpoint", "resume with the same --teacher, or start over with --force")
 
-    v, s, g = loop.resume(same_recipe)["size_rng"]
+    v, s, g = loop.resume(same_run({"recipe_sha256": recipe_sha, "teacher_sha256": teacher_sha}, other_run))["size_rng"]
     size_rng.setstate((v, tuple(s), g))
 
 

@@ -15,7 +15,7 @@ import torch
 
 from weit_cli.errors import InputError, WeitError
 from weit_cli.io.hub import resolve as resolve_source
-from weit_cli.options import SAMPLE, SEED
+from weit_cli.options import SAMPLE, SEED, SampleOptions, check
 
 GENERATION = "generation"  # the task name (tasks/generation.py) whose models sample
 
@@ -59,22 +59,6 @@ def _labels(num_classes: int, n: int, cls: int | None) -> torch.Tensor:
     return torch.full((n,), cls, dtype=torch.int64)
 
 
-def _check_sampling(n: int, steps: int, guidance: float, batch_size: int, seed: int) -> None:
-    import math
-
-    from weit_cli.limits import check_seed
-
-    check_seed(seed)
-    if not 1 <= n <= 100_000:
-        raise WeitError(f"-n must be in 1..100000, got {n}", f"e.g. -n {SAMPLE.n}")
-    if not 1 <= steps <= 1000:
-        raise WeitError(f"--steps must be in 1..1000, got {steps}", f"e.g. --steps {SAMPLE.steps}")
-    if not (math.isfinite(guidance) and guidance >= 0):
-        raise WeitError(f"--guidance must be a number ≥ 0, got {guidance}", "1 is no guidance; 2-4 sharpens the classes")
-    if batch_size < 1:
-        raise WeitError(f"--batch-size must be at least 1, got {batch_size}", f"e.g. --batch-size {SAMPLE.batch_size}")
-
-
 def sample_images(model: Path, *, cls: int | None = None, n: int = SAMPLE.n, steps: int = SAMPLE.steps,
                   guidance: float = SAMPLE.guidance, seed: int = SEED, batch_size: int = SAMPLE.batch_size,
                   device: str | None = None, command: str = "sample") -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -82,7 +66,7 @@ def sample_images(model: Path, *, cls: int | None = None, n: int = SAMPLE.n, ste
     from weit_cli.tasks.diffusion import sample
     from weit_cli.training.dist import resolve_device
 
-    _check_sampling(n, steps, guidance, batch_size, seed)
+    check(SampleOptions, n=n, steps=steps, guidance=guidance, batch_size=batch_size, seed=seed)
     dev = resolve_device(device)
     adapter, arch, module = _load(model)
     _refuse_non_generator(adapter, arch, command)
@@ -109,14 +93,13 @@ def sample_grid(model: Path, out: Path, *, cls: int | None = None, n: int = SAMP
     import math
 
     from weit_cli.io.files import check_output, sha256
-    from weit_cli.tasks.diffusion import MAX_SCALE, default_scale, save_grid
+    from weit_cli.tasks.diffusion import default_scale, save_grid
 
     out = Path(out)
     check_output(out, force)
     if out.suffix.lower() != ".png":
         raise WeitError(f"the grid is a PNG; {out} does not end in .png", "e.g. -o grid.png")
-    if scale is not None and not 1 <= scale <= MAX_SCALE:
-        raise WeitError(f"--scale must be in 1..{MAX_SCALE}, got {scale}", "e.g. --scale 4, or leave it out for ≥ 112 px per image")
+    check(SampleOptions, scale=scale)
     model, hub = resolve_source(model)
     images, _, info = sample_images(model, cls=cls, n=n, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, device=device)
     classes = info["num_classes"]

@@ -9,9 +9,10 @@ for into a target architecture; `resize` gives a bundle's parameters at that siz
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from weit_cli.errors import InputError, WeitError
+from weit_cli.limits import DepthRule, WidthRule
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -19,8 +20,8 @@ if TYPE_CHECKING:
     from weit_cli.core.axes import Axis
     from weit_cli.core.bundle import Bundle
 
-DEPTH_RULES = ("auto", "prefix", "interp", "stack", "interleave", "identity")
-WIDTH_RULES = ("tile", "tile-nodiv")
+DEPTH_RULES: tuple[str, ...] = get_args(DepthRule)
+WIDTH_RULES: tuple[str, ...] = get_args(WidthRule)
 
 
 @dataclass(frozen=True)
@@ -29,14 +30,6 @@ class LayerSource:
 
     sources: tuple[tuple[int, float], ...]
     zero_residual: bool = False
-
-
-def check_rules(depth_rule: str, width_rule: str) -> None:
-    """Refuse an unknown rule up front (before any file is read)."""
-    if depth_rule not in DEPTH_RULES:
-        raise WeitError(f"unknown depth rule '{depth_rule}'", f"choose one of: {', '.join(DEPTH_RULES)}")
-    if width_rule not in WIDTH_RULES:
-        raise WeitError(f"unknown width rule '{width_rule}'", f"choose one of: {', '.join(WIDTH_RULES)}")
 
 
 def depth_plan(old: int, new: int, rule: str) -> list[LayerSource]:

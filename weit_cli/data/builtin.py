@@ -83,7 +83,7 @@ def generate(
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """The cache folder of `env_id`'s built-in data, generating it first if needed."""
-    from weit_cli.limits import check_seed
+    from weit_cli.options import check_seed
 
     env_info(env_id)
     check_seed(seed)

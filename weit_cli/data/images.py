@@ -84,7 +84,7 @@ def load_data(
         raise WeitError(f"in_chans must be 1 (gray) or 3 (RGB), got {in_chans}", "set model.in_chans to 1 or 3")
     if not 0.0 <= val_fraction < 1.0:
         raise WeitError(f"validation fraction must be in [0, 1), got {val_fraction}", "e.g. 0.1")
-    from weit_cli.limits import check_seed
+    from weit_cli.options import check_seed
 
     check_seed(seed)
     key = (_canonical(source), img_size, in_chans, seed, float(val_fraction), train_subset)

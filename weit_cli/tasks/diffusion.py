@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from weit_cli.errors import InputError, WeitError
+from weit_cli.options import LabelDropout, SampleOptions, check, check_value
 
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -115,8 +116,7 @@ def null_class(num_classes: int) -> int:
 
 def drop_labels(y: Tensor, num_classes: int, p: float, generator: torch.Generator | None) -> Tensor:
     """Replace each label by the null class with probability `p` (CFG training), seeded."""
-    if not 0.0 <= p <= 1.0:
-        raise WeitError(f"label dropout must be in [0, 1], got {p}", "e.g. 0.1, or 0 for no guidance")
+    check_value(LabelDropout, p, "label dropout")
     if p == 0.0:
         return y
     drop = torch.rand(y.shape[0], generator=generator).to(y.device) < p
@@ -190,16 +190,9 @@ def sample(
     when `guidance_scale` is None or 1 (as diffusers' pipeline, which guides only above 1): a single
     conditional pass. A label of `num_classes` asks for an unconditional sample.
     """
-    from weit_cli.limits import check_seed
-
-    check_seed(seed)
+    guidance = {} if guidance_scale is None else {"guidance": guidance_scale}
+    check(SampleOptions, steps=steps, batch_size=batch_size, seed=seed, **guidance)
     _check_labels(labels, num_classes)
-    if steps < 1:
-        raise WeitError(f"sampling steps must be at least 1, got {steps}", "e.g. 50")
-    if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
-        raise WeitError(f"guidance scale must be a number ≥ 0, got {guidance_scale}", "e.g. 4, or 1 for no guidance")
-    if batch_size < 1:
-        raise WeitError(f"batch size must be at least 1, got {batch_size}", "e.g. 64")
     scheduler = sample_scheduler(scheduler_config)
     if steps > scheduler.config.num_train_timesteps:
         raise WeitError(f"{steps} sampling steps exceed the {scheduler.config.num_train_timesteps} training steps", "use fewer --steps")
@@ -234,7 +227,6 @@ def sample(
 
 # ---------------------------------------------------------------------------------------------- pictures
 SHOWN_PX = 112  # `default_scale`: a small image is enlarged until it is at least this many pixels wide
-MAX_SCALE = 64
 
 
 def default_scale(size: int, shown: int = SHOWN_PX) -> int:
@@ -256,8 +248,7 @@ def grid_image(images: Tensor, nrow: int | None = None, padding: int = 2, scale:
     x = images.detach().float().cpu().add(1.0).div(2.0).clamp(0.0, 1.0)
     grid = make_grid(x, nrow=nrow or math.ceil(math.sqrt(len(x))), padding=padding, pad_value=1.0)
     pixels = grid.mul(255.0).add(0.5).clamp(0, 255).to(torch.uint8)  # round half up, as torchvision's save_image
-    if not (isinstance(scale, int) and 1 <= scale <= MAX_SCALE):
-        raise WeitError(f"the grid's scale must be a whole number in 1..{MAX_SCALE}, got {scale}", "e.g. --scale 4")
+    check(SampleOptions, scale=scale)
     if images.shape[1] == 1:
         img = Image.fromarray(pixels[0].numpy())  # 2-D uint8: mode L
     else:

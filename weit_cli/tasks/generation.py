@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from weit_cli.errors import WeitError
+from weit_cli.options import LabelDropout, check_value
 from weit_cli.tasks.base import Batch, Forward, Task
 from weit_cli.tasks.diffusion import noised, train_scheduler
 from weit_cli.training.dist import device_autocast
@@ -53,8 +54,7 @@ class Generation(Task):
     higher_is_better = False
 
     def __init__(self, label_dropout: float = LABEL_DROPOUT, generator: torch.Generator | None = None, scheduler_config: dict | None = None):
-        if not 0.0 <= label_dropout <= 1.0:
-            raise WeitError(f"label dropout must be in [0, 1], got {label_dropout}", f"e.g. {LABEL_DROPOUT}, or 0 for no guidance")
+        check_value(LabelDropout, label_dropout, "label dropout")
         self.label_dropout = label_dropout
         self.generator = generator
         self.scheduler = train_scheduler(scheduler_config)

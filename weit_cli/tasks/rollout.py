@@ -90,11 +90,9 @@ def rollout(
     The returns-to-go start at `target_return` and drop by each reward received, as in the DT
     paper's evaluation. `max_steps` cuts episodes short (tests); by default the environment's
     time limit ends them. Nothing is rendered."""
-    from weit_cli.limits import check_seed
+    from weit_cli.options import EvaluateOptions, check
 
-    check_seed(seed)
-    if episodes < 1:
-        raise WeitError(f"the number of episodes must be positive, got {episodes}", "e.g. 10")
+    check(EvaluateOptions, episodes=episodes, seed=seed)
     info = env_info(env_id)
     horizon = min(max_steps or info.max_episode_steps, info.max_episode_steps)
     env = make_env(env_id)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from weit_cli.errors import WeitError
-from weit_cli.limits import check_seed
+from weit_cli.options import check_seed
 
 
 class Dist(NamedTuple):
