@@ -249,9 +249,7 @@ def test_rollouts_of_a_folder_are_seeded_and_reproducible(exported):
     assert c.target_return == pytest.approx(T.load_control_config(exported)["target_return"])
     assert a.scores == [pytest.approx(C.normalized_score("Hopper-v5", r)) for r in a.returns]
     assert a.wall_s > 0 and all(1 <= n <= 25 for n in a.lengths)
-    both = T.pool([a, b])
-    assert both.returns == a.returns * 2 and both.mean_score == pytest.approx(a.mean_score)
-    assert both.std_score == pytest.approx(np.std(a.scores * 2, ddof=1))
+    assert a.std_score == pytest.approx(np.std(a.scores, ddof=1))
 
 
 def test_rollout_refusals_are_one_line(exported, splits, tmp_path):

@@ -47,7 +47,7 @@ from weit_cli.data.trajectories import (
 )
 from weit_cli.data.windows import ACTION_PAD, Windows, empty_windows, sample_windows, window_dataset
 from weit_cli.errors import WeitError
-from weit_cli.tasks.base import Batch, Forward, Task
+from weit_cli.tasks.base import Batch, Forward, Metric, Task
 from weit_cli.tasks.control_config import (
     CONFIG_FILE,
     CONFIG_KIND,
@@ -58,14 +58,14 @@ from weit_cli.tasks.control_config import (
     load_control_config,
     save_control_config,
 )
-from weit_cli.tasks.rollout import ContextPolicy, Policy, RolloutResult, evaluate_rollouts, load_control_model, pool, rollout
+from weit_cli.tasks.rollout import ContextPolicy, Policy, RolloutResult, evaluate_rollouts, load_control_model, rollout
 
 __all__ = [
     "ACTION_PAD", "ACTIONS_KEY", "CONFIG_FILE", "CONFIG_KIND", "CONFIG_VERSION", "DEFAULT_CONTEXT", "MAX_VAL_WINDOWS",
     "MAX_WINDOWS", "RTG_SCALE", "STD_EPS", "ContextPolicy", "Control", "ControlScore", "ControlSet", "ControlSplits",
     "Policy", "RolloutResult", "Windows", "action_loss", "action_output", "check_control_config", "check_fits",
     "control_config", "empty_windows", "episode_bounds", "episode_timesteps", "evaluate_rollouts", "load_control_config",
-    "load_control_model", "model_inputs", "pool", "prepare", "returns_to_go", "rollout", "sample_windows",
+    "load_control_model", "model_inputs", "prepare", "returns_to_go", "rollout", "sample_windows",
     "save_control_config", "select_episodes", "split_episodes", "state_stats", "window_dataset",
 ]
 
@@ -143,9 +143,10 @@ class Control(Task):
     """
 
     name = TASK
-    metric_name = "action_mse"
-    metric_key = "action_mse"  # val_action_mse, …
-    higher_is_better = False
+    metric = Metric("action_mse", "action MSE", higher_is_better=False)
+    metric_name = "action_mse"  # legacy: the results' "metric" string
+    examples = "windows"
+    rollouts = True  # scored by acting in its environment (`weit evaluate --env`), not on --data
 
     def __init__(
         self,

@@ -182,6 +182,8 @@ def load_control_model(model_dir, *, device: torch.device | str = "cpu") -> tupl
     config = load_control_config(folder)
     state, hints = load_dense(folder)
     adapter = detect_family(state.keys())
+    # The task's own name, not `task_class(adapter).rollouts`: the registry imports this module's task
+    # (tasks/control.py imports this module), so asking it from here would be an import cycle.
     if adapter.task != TASK:
         raise InputError(f"{folder} holds a model of the {adapter.task} task, not of control", "evaluate rollouts of a control model")
     state = adapter.loadable(state)
@@ -231,17 +233,3 @@ def evaluate_rollouts(
     policy = ContextPolicy(module, config, device=device)
     return rollout(env_id, policy, target_return=float(target), episodes=episodes, seed=seed, max_steps=max_steps)
 
-
-def pool(results: list[RolloutResult]) -> RolloutResult:
-    """Several rollout results of one environment as one (e.g. training seeds × episodes): the
-    episodes one after the other, wall times summed; the target return is the first's."""
-    if not results or len({r.env_id for r in results}) != 1:
-        raise WeitError("pool rollout results of one environment", "pass a non-empty list of one environment's results")
-    return RolloutResult(
-        env_id=results[0].env_id,
-        target_return=results[0].target_return,
-        returns=[x for r in results for x in r.returns],
-        lengths=[x for r in results for x in r.lengths],
-        scores=[x for r in results for x in r.scores],
-        wall_s=sum(r.wall_s for r in results),
-    )
