@@ -71,8 +71,8 @@ def test_pretrain_writes_a_nested_dt_bundle_with_its_control_config(run):
     r = run.pre
     assert r["steps"] == 6 and r["nested"] == {"depths": [1, 2], "widths": [16, 32]}
     assert set(r["templates"]) == {"c_attn", "attn_proj", "c_fc", "mlp_proj"}
-    assert set(r["val"]) == {f"val_{k}_{s}" for k in ("action_mse", "loss") for s in ("largest", "smallest")}
-    assert r["val"]["val_action_mse_largest"] == r["val"]["val_loss_largest"] > 0
+    assert set(r["val"]) == {f"val_{k}_{s}" for k in ("action_mse", "loss", "metric") for s in ("largest", "smallest")}
+    assert r["val"]["val_action_mse_largest"] == r["val"]["val_loss_largest"] == r["val"]["val_metric_largest"] > 0
     info = js(weit("inspect", run.bundle, "--json"))
     config = info["companion_files"][T.CONFIG_FILE]
     assert config["env_id"] == "Hopper-v5" and config["context"] == 5 and len(config["state_mean"]) == 11

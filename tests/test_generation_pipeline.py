@@ -47,7 +47,8 @@ def test_pretrain_writes_a_nested_denoiser_bundle(run):
     assert r["steps"] == 4 and r["nested"] == {"depths": [1, 2], "widths": [16, 32]}
     assert set(r["templates"]) == {"qkv", "proj", "fc1", "fc2", "ada", "temb"}
     assert all(torch.isfinite(torch.tensor(v)) for v in r["val"].values())
-    assert set(r["val"]) == {"val_loss_largest", "val_loss_smallest"}  # a generator is scored by its loss
+    assert set(r["val"]) == {f"val_{k}_{s}" for k in ("loss", "metric") for s in ("largest", "smallest")}  # scored by its loss
+    assert r["val"]["val_metric_largest"] == r["val"]["val_loss_largest"] and r["metric_info"]["name"] == "loss"
     assert (run.root / "bundle.recipe.yaml").read_text().startswith("# weit ")  # the command that ran it (in-process: pytest's argv)
     info = js(weit("inspect", run.bundle, "--json"))
     assert info["kind"] == "weit.templates" and "DiT depth 2, width 32" in info["description"]

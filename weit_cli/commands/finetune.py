@@ -274,7 +274,7 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
     if rank == 0:  # finished: the resumable state is no longer needed (last/ holds the weights)
         loop.discard_checkpoint()
     barrier()
-    key = task.metric_key
+    metric = task.metric
     return {
         "command": "finetune",
         "output": str(out_dir),
@@ -287,8 +287,9 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
         "resumed_from_epoch": start_epoch if resume else None,
         "final": record.metrics[-1] if record.metrics else {},
         "best": record.best,
-        "metric": task.metric_name,
-        f"test_{key}_by_epoch": [m.get(f"test_{key}") for m in record.metrics],
+        "metric": task.metric_name,  # legacy string; `metric_info` describes the metric
+        "metric_info": metric.to_dict(),
+        **metric.entries("test_{}_by_epoch", [m.get(f"test_{metric.name}") for m in record.metrics]),
         "data": splits.description,
         "device": str(dev),
         "world_size": world,
@@ -390,6 +391,7 @@ class _Record:
             "epoch": epoch, "step": epoch * self.per_epoch, "train_loss": train_loss,
             f"val_{key}": val.metric if val else None, "val_loss": val.loss if val else None,
             f"test_{key}": test.metric if test else None, "test_loss": test.loss if test else None,
+            "val_metric": val.metric if val else None, "test_metric": test.metric if test else None,
         }
 
     def end_epoch(self, epoch: int, train_loss: float, lr_now: float, seconds: float) -> dict[str, float]:
@@ -405,7 +407,8 @@ class _Record:
         self.metrics.append(rec)
         self.improved = rec[f"val_{key}"] is not None and (self.best is None or self.better(rec[f"val_{key}"], self.best[f"val_{key}"]))
         if self.improved:
-            self.best = {"epoch": epoch, f"val_{key}": rec[f"val_{key}"], f"test_{key}": rec[f"test_{key}"]}
+            self.best = {"epoch": epoch, f"val_{key}": rec[f"val_{key}"], f"test_{key}": rec[f"test_{key}"],
+                         "val_metric": rec[f"val_{key}"], "test_metric": rec[f"test_{key}"]}
         return {k: rec[k] for k in (f"val_{key}", f"test_{key}") if rec[k] is not None}
 
     def write_epoch(self, epoch: int) -> None:  # after the epoch's checkpoint (the loop's order, for --resume)
