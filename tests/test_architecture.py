@@ -170,7 +170,7 @@ def test_families_supply_the_commands_wording():
     have guessed wrong, come from the family."""
     from weit_cli.arch._registry import get_adapter
     from weit_cli.arch.resnet import ResNetArch
-    from weit_cli.cli import _materialize_hint
+    from weit_cli.cli_render import materialize_hint as _materialize_hint
 
     vit, rn = get_adapter("vit"), get_adapter("resnet")
     assert vit.size_options(_tiny_arch()) == ["--depth", "1", "--width", "8", "--mlp-ratio", "4"]
