@@ -178,9 +178,11 @@ def _check_run_dir(out_dir: Path, resume: bool, force: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------- the model
 def read_model(path: Path, need_weights: bool) -> tuple[Any, Any, dict[str, Tensor] | None]:
-    """(adapter, architecture, weights) of MODEL. A folder with only config.json (timm's `model_args`)
-    is enough when the weights are not used (`--init random` / `weight-selection`)."""
-    from weit_cli.io.dense import identify, read_dense
+    """(adapter, architecture, weights) of MODEL. A folder with only its library's config.json is
+    enough when the weights are not used (`--init random` / `weight-selection`): its family reads it
+    (`Adapter.arch_from_config`)."""
+    from weit_cli.arch._registry import arch_from_config
+    from weit_cli.io.dense import read_dense
     from weit_cli.io.files import weights_file
 
     path = Path(path)
@@ -189,35 +191,17 @@ def read_model(path: Path, need_weights: bool) -> tuple[Any, Any, dict[str, Tens
     if weightless:
         if need_weights:
             raise InputError(f"{path} holds a config.json but no weights", "--init weit needs a materialized model; or use --init random")
-        dense, weights = identify(*_shell(cfg)), None
+        (adapter, arch), weights = arch_from_config(cfg), None
     else:
         dense = read_dense(path)
+        adapter, arch = dense.adapter, dense.arch
         weights = dense.state  # the weights, less the keys the family's library skips on load
-    adapter, arch = dense.adapter, dense.arch
     if weights is not None:
         from weit_cli.core.bundle import check_state
 
         check_state(adapter, arch, weights)
         weights = {k: (v.float() if v.is_floating_point() else v) for k, v in weights.items()}
     return adapter, arch, weights
-
-
-def _shell(cfg: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(state dict, hints) of the untrained model a weightless folder's config.json describes."""
-    import timm
-
-    try:
-        conf = json.loads(cfg.read_text())
-        model_args = dict(conf["model_args"])
-        name = conf["architecture"]
-    except (ValueError, KeyError, TypeError):
-        raise InputError(f"{cfg} has no usable 'architecture' and 'model_args'", "write it with 'weit materialize'") from None
-    try:
-        shell = timm.create_model(name, pretrained=False, **model_args)
-    except Exception as e:  # timm raises many types for bad arguments
-        raise InputError(f"{cfg} does not describe a timm model: {str(e).splitlines()[0][:200]}", "check model_args") from None
-    pretrained_cfg = conf.get("pretrained_cfg") if isinstance(conf.get("pretrained_cfg"), dict) else {}
-    return shell.state_dict(), {**model_args, "pretrained_cfg": pretrained_cfg}
 
 
 def initial_state(adapter, arch, init: str, weights, source: Path | None, seed: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
