@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from weit_cli.arch._control_call import action_output, model_inputs
 from weit_cli.data.envs import check_fits, env_info, make_env, normalized_score
 from weit_cli.data.windows import Windows
 from weit_cli.errors import InputError, WeitError
@@ -137,8 +136,8 @@ def rollout(
 
 
 class ContextPolicy:
-    """Any control model as a rollout policy, through the task's own call (`model_inputs`,
-    `action_output`): states normalised with the training data's statistics, returns-to-go scaled,
+    """Any control model as a rollout policy, given as the task calls it (`forward`: the window's
+    five tensors → actions, what its family's `Adapter.task_forward` makes of the module): states normalised with the training data's statistics, returns-to-go scaled,
     the last `context` steps left-padded to `context` (zeros, mask 0) as in transformers' and the DT
     paper's `get_action`. `config` is a control config (`control_config`)."""
 
@@ -166,13 +165,14 @@ class ContextPolicy:
             steps = torch.cat([steps.new_zeros(1, pad), steps], dim=1)
             mask = torch.cat([mask.new_zeros(1, pad), mask], dim=1)
         batch = Windows(states, actions, rtg, steps, mask).to(self.device).batch()
-        return action_output(self.forward(*model_inputs(batch)))[0, -1].float().cpu()
+        return self.forward(*batch)[0, -1].float().cpu()
 
 
 # --------------------------------------------------------------------------- rollouts of a folder
 def load_control_model(model_dir, *, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    """(module in eval mode, architecture, control config) of a model folder; the family comes
-    from the registry (the weights' layout), so any family of the control task loads."""
+    """(the model as its task calls it — its family's `task_forward` of the module — in eval mode,
+    architecture, control config) of a model folder; the family comes from the registry (the
+    weights' layout), so any family of the control task loads."""
     from weit_cli.arch._registry import detect_family
     from weit_cli.io.files import load_dense
 
@@ -199,7 +199,7 @@ def load_control_model(model_dir, *, device: torch.device | str = "cpu") -> tupl
             f"{folder}: the model takes {dims[0]} state features and {dims[1]} actions, its {CONFIG_FILE} says {config['state_dim']} and {config['act_dim']}",
             "put the control config of the model's own training data beside it",
         )
-    return module.to(device).eval(), arch, config
+    return adapter.task_forward(module).to(device).eval(), arch, config
 
 
 def evaluate_rollouts(
