@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import weit
+from conftest import assert_keyed_by_role, weit
 
 from weit_cli.tasks import fid
 
@@ -91,6 +91,7 @@ def test_fit_scalers_then_materialize_with_them(run):
     r = js(weit("fit-scalers", run.bundle, "-o", s, "--data", "digits", "--depth", 1, "--width", 16, "--steps", 3,
                 "--batch-size", 16, "--train-subset", 200, "--json"))
     assert r["metric"] == "loss" and r["val_loss_after"] > 0 and "val_acc_after" not in r
+    assert_keyed_by_role(r, "loss", "val_{}_before", "val_{}_after")
     out = run.root / "fitted"
     m = js(weit("materialize", run.bundle, "--scalers", s, *r["size_options"], "-o", out, "--json"))
     assert (out / "scheduler_config.json").is_file() and m["architecture"]["depth"] == 1
@@ -107,6 +108,8 @@ def test_finetune_from_each_init(run, init):
                 "--batch-size", 32, "--init", init, *extra, "--json"))
     assert r["init"]["init"] == init and r["metric"] == "loss"
     losses = r["test_loss_by_epoch"]
+    assert_keyed_by_role(r, "loss", "test_{}_by_epoch")
+    assert_keyed_by_role({**r["best"], "metric_info": r["metric_info"]}, "loss", "val_{}", "test_{}")
     assert len(losses) == 2 and all(v > 0 for v in losses)
     best = r["best"]
     assert best["val_loss"] == min(m["val_loss"] for m in json.loads((out / "metrics.json").read_text())["epochs"][1:])

@@ -200,7 +200,7 @@ def evaluate(r: dict[str, Any]) -> None:
         return
     m, split = metric(r), r["split"].partition(" ")[0]
     rows = [("model", r["description"]), ("data", r["split"]), (f"{split} {m.name}", f"{r[f'{split}_metric']:.4f}")]
-    if m.name != "loss":
+    if f"{split}_{m.name}" != f"{split}_loss":  # the mean loss, unless the metric is that loss (a generator's)
         rows.append((f"{split} loss", f"{r[f'{split}_loss']:.4f}"))
     if "fid_judge" in r:
         rows += [
