@@ -97,7 +97,7 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     from rich.table import Table
 
-    from weit_cli.cli import print_table
+    from weit_cli.cli_render import print_table
     from weit_cli.data.images import load_data
     from weit_cli.tasks.classification import evaluate
 

@@ -174,6 +174,16 @@ def weit(*args, expect: int | None = 0, cwd: Path | None = None):
     return r
 
 
+def assert_keyed_by_role(result: dict, metric: str, *patterns: str) -> None:
+    """A command's result names its task's metric (`metric_info`) and gives each score under its role
+    key and under the deprecated metric-named alias: `assert_keyed_by_role(r, "acc", "val_{}_after")`
+    checks r["val_metric_after"] == r["val_acc_after"]."""
+    assert result["metric_info"]["name"] == metric, result.get("metric_info")
+    assert {"label", "higher_is_better", "percent"} <= set(result["metric_info"])
+    for p in patterns:
+        assert p.format("metric") in result and result[p.format("metric")] == result[p.format(metric)], p
+
+
 def predict_actions(model, windows):
     """The reference for the control task's call: the actions transformers' DecisionTransformerModel
     predicts for each window position, called by keyword as its documentation shows."""

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import weit
+from conftest import assert_keyed_by_role, weit
 
 pytest.importorskip("gymnasium")
 pytest.importorskip("transformers")
@@ -71,8 +71,8 @@ def test_pretrain_writes_a_nested_dt_bundle_with_its_control_config(run):
     r = run.pre
     assert r["steps"] == 6 and r["nested"] == {"depths": [1, 2], "widths": [16, 32]}
     assert set(r["templates"]) == {"c_attn", "attn_proj", "c_fc", "mlp_proj"}
-    assert set(r["val"]) == {f"val_{k}_{s}" for k in ("action_mse", "loss") for s in ("largest", "smallest")}
-    assert r["val"]["val_action_mse_largest"] == r["val"]["val_loss_largest"] > 0
+    assert set(r["val"]) == {f"val_{k}_{s}" for k in ("action_mse", "loss", "metric") for s in ("largest", "smallest")}
+    assert r["val"]["val_action_mse_largest"] == r["val"]["val_loss_largest"] == r["val"]["val_metric_largest"] > 0
     info = js(weit("inspect", run.bundle, "--json"))
     config = info["companion_files"][T.CONFIG_FILE]
     assert config["env_id"] == "Hopper-v5" and config["context"] == 5 and len(config["state_mean"]) == 11
@@ -114,6 +114,7 @@ def test_fit_scalers_then_materialize_with_them(run, tmp_path):
     r = js(weit("fit-scalers", run.bundle, "-o", scalers, "--data", run.source, "--depth", "1", "--width", "16",
                 "--steps", "4", "--batch-size", "8", "--json"))
     assert r["metric"] == "action_mse" and r["val_action_mse_before"] > 0 and r["val_action_mse_after"] > 0
+    assert_keyed_by_role(r, "action_mse", "val_{}_before", "val_{}_after")
     assert "--num-classes" not in weit("fit-scalers", run.bundle, "-o", tmp_path / "t.safetensors", "--data", run.source,
                                        "--depth", "1", "--width", "16", "--steps", "2", "--batch-size", "8").stdout
     out = tmp_path / "fitted"
@@ -140,6 +141,8 @@ def test_finetune_each_init(run, tmp_path, init):
     assert len(vals) == 3 and all(v > 0 for v in vals)
     assert r["best"]["val_action_mse"] == min(vals[1:]), "best = the lowest validation action MSE of the trained epochs"
     assert r["init"]["init"] == init
+    assert_keyed_by_role(r, "action_mse", "test_{}_by_epoch")
+    assert all(m["val_metric"] == m["val_action_mse"] for m in metrics)
     for sub in ("best", "last"):
         DecisionTransformerModel.from_pretrained(out / sub)
         assert T.load_control_config(out / sub)["env_id"] == "Hopper-v5"

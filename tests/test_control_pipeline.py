@@ -147,13 +147,14 @@ def test_outputs_reduce_what_the_model_returns(splits):
 
 
 def _check_outputs(c, model, batch):
-    got = c.outputs(model, batch)  # a ModelOutput
+    call = get_adapter(FAMILY).task_forward  # the family's call convention, not the task's
+    got = c.outputs(call(model), batch)  # a ModelOutput
     assert got.shape == (4, K, 3) and got.dtype == torch.float32
     torch.testing.assert_close(got, predict_actions(model, T.Windows(*batch)))
-    torch.testing.assert_close(c.outputs(lambda *x: model(*x).action_preds, batch), got)  # a tensor
-    torch.testing.assert_close(c.outputs(lambda *x: {"action_preds": model(*x).action_preds}, batch), got)
+    torch.testing.assert_close(c.outputs(call(lambda *x: model(*x).action_preds), batch), got)  # a tensor
+    torch.testing.assert_close(c.outputs(call(lambda *x: {"action_preds": model(*x).action_preds}), batch), got)
     with pytest.raises(WeitError) as e:
-        c.outputs(lambda *x: model(*x, return_dict=False), batch)
+        c.outputs(call(lambda *x: model(*x, return_dict=False)), batch)
     one_line(e.value, "tuple", "action_preds")
     # distillation: zero against itself, blind to padded positions
     mask = batch[4]
@@ -168,22 +169,23 @@ def test_a_tiny_dt_trains_through_the_loop(splits):
 
     c = task()
     model = tiny_model(seed=1)
-    before = c.evaluate(model, splits.train)
+    fwd = get_adapter(FAMILY).task_forward(model)
+    before = c.evaluate(fwd, splits.train)
     params = dict(model.named_parameters())
     opt = torch.optim.AdamW(params.values(), lr=3e-3, weight_decay=0.0)
     model.train()
     loop = Loop(Plan(total_steps=40, lr=lambda s: 3e-3, grad_clip=1.0), optimizer=opt, params=params,
                 batches=Batches(splits.train, 16, seed=0), device=torch.device("cpu"),
-                loss_step=lambda b: c.train_loss(model, b))
+                loss_step=lambda b: c.train_loss(fwd, b))
     loop.run()
     assert len(loop.losses) == 40 and all(math.isfinite(x) for x in loop.losses)
     assert np.mean(loop.losses[-5:]) < 0.8 * np.mean(loop.losses[:5])
-    after = c.evaluate(model, splits.train)
+    after = c.evaluate(fwd, splits.train)
     assert after.metric < 0.8 * before.metric and after.loss == after.metric and after.count == 64
     assert model.training, "evaluate gives a module back in the mode it found it in"
-    val = c.evaluate(model, splits.val, batch_size=7)
+    val = c.evaluate(fwd, splits.val, batch_size=7)
     assert math.isfinite(val.metric) and val.count == len(splits.val)
-    assert val.metric == pytest.approx(c.evaluate(model, splits.val, batch_size=1000).metric, rel=1e-6)
+    assert val.metric == pytest.approx(c.evaluate(fwd, splits.val, batch_size=1000).metric, rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -249,9 +251,7 @@ def test_rollouts_of_a_folder_are_seeded_and_reproducible(exported):
     assert c.target_return == pytest.approx(T.load_control_config(exported)["target_return"])
     assert a.scores == [pytest.approx(C.normalized_score("Hopper-v5", r)) for r in a.returns]
     assert a.wall_s > 0 and all(1 <= n <= 25 for n in a.lengths)
-    both = T.pool([a, b])
-    assert both.returns == a.returns * 2 and both.mean_score == pytest.approx(a.mean_score)
-    assert both.std_score == pytest.approx(np.std(a.scores * 2, ddof=1))
+    assert a.std_score == pytest.approx(np.std(a.scores, ddof=1))
 
 
 def test_rollout_refusals_are_one_line(exported, splits, tmp_path):

@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import predict_actions  # noqa: E402
 
+from weit_cli.arch._registry import get_adapter  # noqa: E402
 from weit_cli.data import control as C  # noqa: E402
 from weit_cli.errors import WeitError  # noqa: E402
 from weit_cli.tasks import control as T  # noqa: E402
@@ -182,7 +183,8 @@ def dt_policy(model, data, *, context: int) -> T.ContextPolicy:
         "state_mean": [float(x) for x in data.state_mean], "state_std": [float(x) for x in data.state_std],
         "context": int(context), "rtg_scale": float(data.rtg_scale), "max_ep_len": int(cfg.max_ep_len),
     }
-    return T.ContextPolicy(model, config, device=next(model.parameters()).device)
+    forward = get_adapter("decision-transformer").task_forward(model)  # the family's call convention
+    return T.ContextPolicy(forward, config, device=next(model.parameters()).device)
 
 
 def test_model_that_does_not_fit_the_environment(tiny):

@@ -43,6 +43,20 @@ def toy_images(n: int = 32, seed: int = 0):
     return (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(-1, 1), y
 
 
+def _diffusion_loss(denoiser, x0, y, scheduler, generator, *, num_classes: int, label_dropout: float = 0.1):
+    """DDPM's simple loss on `noised`'s draws (what `Generation.prepare` + `loss` compute in training)."""
+    x_t, t, y, noise = dif.noised(x0, y, scheduler, generator, num_classes=num_classes, label_dropout=label_dropout)
+    return torch.nn.functional.mse_loss(denoiser(x_t, t, y).float(), noise.float())
+
+
+def _save_scheduler_config(scheduler, folder):
+    """`scheduler_config.json` written by weit's atomic writer, as diffusers' `save_config` would."""
+    from weit_cli.io.files import atomic_file
+
+    with atomic_file(folder / dif.SCHEDULER_FILE) as tmp:
+        scheduler.to_json_file(tmp)
+
+
 # ---------------------------------------------------------------------------------------------- loss
 def test_loss_is_seeded_finite_and_falls_with_training():
     den = DiTDenoiser(tiny_dit())
@@ -51,7 +65,7 @@ def test_loss_is_seeded_finite_and_falls_with_training():
 
     def probe():  # the same timesteps, noise and drops every time: a fair before/after comparison
         with torch.no_grad():
-            return float(dif.diffusion_loss(den, x, y, sch, torch.Generator().manual_seed(123), num_classes=NUM_CLASSES))
+            return float(_diffusion_loss(den, x, y, sch, torch.Generator().manual_seed(123), num_classes=NUM_CLASSES))
 
     before = probe()
     assert before == probe() and torch.isfinite(torch.tensor(before))
@@ -59,7 +73,7 @@ def test_loss_is_seeded_finite_and_falls_with_training():
     opt = torch.optim.Adam(den.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(25):
-        loss = dif.diffusion_loss(den, x, y, sch, g, num_classes=NUM_CLASSES)
+        loss = _diffusion_loss(den, x, y, sch, g, num_classes=NUM_CLASSES)
         assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
@@ -88,7 +102,7 @@ def test_labels_out_of_range_are_refused():
     den = DiTDenoiser(tiny_dit())
     x, _ = toy_images(4)
     with pytest.raises(WeitError, match="0..4"):
-        dif.diffusion_loss(den, x, torch.tensor([0, 1, 2, 5]), dif.train_scheduler(), torch.Generator(), num_classes=NUM_CLASSES)
+        _diffusion_loss(den, x, torch.tensor([0, 1, 2, 5]), dif.train_scheduler(), torch.Generator(), num_classes=NUM_CLASSES)
 
 
 def test_adapter_turns_off_diffusers_unseeded_label_dropout():
@@ -206,7 +220,7 @@ def test_scheduler_config_beside_a_model_folder(tmp_path):
     folder = tmp_path / "model"
     model.save_pretrained(folder)
     sch = dif.train_scheduler()
-    dif.save_scheduler_config(sch, folder)
+    _save_scheduler_config(sch, folder)
     sch.save_config(tmp_path / "ref")
     assert (folder / dif.SCHEDULER_FILE).read_bytes() == (tmp_path / "ref" / dif.SCHEDULER_FILE).read_bytes()
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"]

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import save_timm_dir, weit
+from conftest import assert_keyed_by_role, save_timm_dir, weit
 
 from weit_cli.errors import EXIT_USAGE
 
@@ -98,7 +98,13 @@ def test_cli_distillation_is_reproducible(tmp_path):
         r = weit("extract-templates", folder, "-o", out, "-n", "2", "--data", "digits", "--distill-steps", "3", "--json")
         obj = json.loads(r.stdout)
         assert set(obj["distillation"]) >= {"student_acc_before", "student_acc_after", "teacher_acc"}
+        assert_keyed_by_role(obj["distillation"], "acc", "teacher_{}", "student_{}_before", "student_{}_after")
         outs.append(out)
+    # the file's provenance keeps the record it always had: no role aliases, no metric description
+    from weit_cli.io.files import read_header
+
+    prov = json.loads(read_header(outs[0])["__metadata__"]["provenance"])["distillation"]
+    assert "teacher_acc" in prov and not {"teacher_metric", "student_metric_after", "metric_info"} & set(prov)
     assert sha256(outs[0]) == sha256(outs[1])
     r = weit("extract-templates", folder, "-o", tmp_path / "t.safetensors", "-n", "2", "--data", "digits", "--distill-steps", "2")
     assert "student accuracy" in r.stdout and "(SVD)" in r.stdout

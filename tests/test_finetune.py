@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_keyed_by_role
 from conftest import weit as cli
 
 from weit_cli.arch._registry import get_adapter
@@ -58,6 +59,8 @@ def test_finetune_cli_writes_metrics_and_checkpoints(models, tmp_path):
         assert 0 <= e["test_acc"] <= 1 and 0 <= e["val_acc"] <= 1 and e["wall_s"] >= 0
     assert m["epochs"][0]["train_loss"] is None and m["epochs"][2]["train_loss"] < m["epochs"][1]["train_loss"]
     assert res["test_acc_by_epoch"] == [e["test_acc"] for e in m["epochs"]]
+    assert_keyed_by_role(res, "acc", "test_{}_by_epoch")
+    assert all(e["val_metric"] == e["val_acc"] and e["test_metric"] == e["test_acc"] for e in m["epochs"])
     assert m["best"]["epoch"] in (1, 2)
     assert not (run / "state.safetensors").exists()  # finished: no resumable state left behind
     import timm

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_keyed_by_role
 from conftest import weit as cli
 
 from weit_cli.arch._registry import get_adapter
@@ -48,6 +49,7 @@ def test_fit_scalers_cli_binds_and_materializes(bundles, tmp_path):
     res = json.loads(r.stdout)
     assert res["loss_last"] < res["loss_first"] - 0.05  # it learns
     assert res["trained"] == ["scalers", "small"]
+    assert_keyed_by_role(res, "acc", "val_{}_before", "val_{}_after")
 
     meta = read_header(scalers)["__metadata__"]
     assert meta["kind"] == "weit.scalers" and meta["weit_format"] == "1"

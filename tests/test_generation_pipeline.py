@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import weit
+from conftest import assert_keyed_by_role, weit
 
 from weit_cli.tasks import fid
 
@@ -47,7 +47,8 @@ def test_pretrain_writes_a_nested_denoiser_bundle(run):
     assert r["steps"] == 4 and r["nested"] == {"depths": [1, 2], "widths": [16, 32]}
     assert set(r["templates"]) == {"qkv", "proj", "fc1", "fc2", "ada", "temb"}
     assert all(torch.isfinite(torch.tensor(v)) for v in r["val"].values())
-    assert set(r["val"]) == {"val_loss_largest", "val_loss_smallest"}  # a generator is scored by its loss
+    assert set(r["val"]) == {f"val_{k}_{s}" for k in ("loss", "metric") for s in ("largest", "smallest")}  # scored by its loss
+    assert r["val"]["val_metric_largest"] == r["val"]["val_loss_largest"] and r["metric_info"]["name"] == "loss"
     assert (run.root / "bundle.recipe.yaml").read_text().startswith("# weit ")  # the command that ran it (in-process: pytest's argv)
     info = js(weit("inspect", run.bundle, "--json"))
     assert info["kind"] == "weit.templates" and "DiT depth 2, width 32" in info["description"]
@@ -90,6 +91,7 @@ def test_fit_scalers_then_materialize_with_them(run):
     r = js(weit("fit-scalers", run.bundle, "-o", s, "--data", "digits", "--depth", 1, "--width", 16, "--steps", 3,
                 "--batch-size", 16, "--train-subset", 200, "--json"))
     assert r["metric"] == "loss" and r["val_loss_after"] > 0 and "val_acc_after" not in r
+    assert_keyed_by_role(r, "loss", "val_{}_before", "val_{}_after")
     out = run.root / "fitted"
     m = js(weit("materialize", run.bundle, "--scalers", s, *r["size_options"], "-o", out, "--json"))
     assert (out / "scheduler_config.json").is_file() and m["architecture"]["depth"] == 1
@@ -106,6 +108,8 @@ def test_finetune_from_each_init(run, init):
                 "--batch-size", 32, "--init", init, *extra, "--json"))
     assert r["init"]["init"] == init and r["metric"] == "loss"
     losses = r["test_loss_by_epoch"]
+    assert_keyed_by_role(r, "loss", "test_{}_by_epoch")
+    assert_keyed_by_role({**r["best"], "metric_info": r["metric_info"]}, "loss", "val_{}", "test_{}")
     assert len(losses) == 2 and all(v > 0 for v in losses)
     best = r["best"]
     assert best["val_loss"] == min(m["val_loss"] for m in json.loads((out / "metrics.json").read_text())["epochs"][1:])

@@ -188,7 +188,7 @@ def test_inspect_bundle_provenance_as_rows(tiny_bundle, tiny_vit_dir):
 
 
 def test_provenance_rows_summary_and_full():
-    from weit_cli.cli import _provenance_rows
+    from weit_cli.cli_render import provenance_rows as _provenance_rows
 
     prov = {"recipe": {"train": {"lr": 0.001, "steps": 3}}, "command": "weit pretrain r.yaml -o b.safetensors",
             "data": "digits", "steps": 3, "seed": 0, "recipe_sha256": "ab" * 32, "distillation": {"steps": 2, "errors": {"qkv": 0.1}}}
@@ -236,7 +236,7 @@ def test_demo_table_is_whole_when_piped():
     the demo's: the demo itself pretrains for minutes)."""
     code = """
 from rich.table import Table
-from weit_cli.cli import print_table
+from weit_cli.cli_render import print_table
 t = Table(title="fashion-mnist: accuracy with no training after pretrain (chance 10%)", title_justify="left")
 for col in ("depth", "width", "heads", "parameters", "val (6000)", "test (10000)", "size"):
     t.add_column(col, justify="left" if col == "size" else "right")

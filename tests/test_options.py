@@ -149,7 +149,7 @@ def test_the_python_api_refuses_bad_values_too(tmp_path):
         (lambda: finetune(missing, tmp_path / "run", data="digits", epochs=1, schedule="linear"), "unknown --schedule 'linear'"),
         (lambda: materialize(missing, tmp_path / "m", dtype="float8"), "unknown dtype"),
         (lambda: sample_images(missing, guidance=float("nan")), "--guidance must be a number ≥ 0"),
-        (lambda: evaluate_control(missing, None, None, env=None, episodes=0, target_return=None, seed=0, max_steps=None, device=None), "--episodes"),
+        (lambda: evaluate_control(missing, None, None, None, env=None, episodes=0, target_return=None, seed=0, max_steps=None, device=None), "--episodes"),
         (lambda: diffusion.sample(None, torch.zeros(2, dtype=torch.int64), shape=(1, 8, 8), num_classes=2, steps=0), "--steps must be in 1..1000"),
         (lambda: diffusion.drop_labels(torch.zeros(2, dtype=torch.int64), 2, 1.5, None), "label dropout must be in [0, 1]"),
         (lambda: Generation(label_dropout=-0.1), "label dropout must be in [0, 1]"),

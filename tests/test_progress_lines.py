@@ -59,7 +59,7 @@ def test_progress_lines_are_off_on_other_ranks_and_on_terminals(monkeypatch):
     import io
     import sys
 
-    from weit_cli.cli import _plain_lines
+    from weit_cli.cli_runtime import plain_lines as _plain_lines
 
     log = io.StringIO()
     monkeypatch.setattr(sys, "stderr", log)

@@ -1,19 +1,19 @@
-"""The `weit` command line: parses options, calls one library function, renders the result.
+"""The `weit` command line: parses options, calls one library function (cli_runtime.run: errors,
+exit codes, SIGTERM), renders the result (cli_render).
 
 Heavy imports (torch, timm) happen inside the commands so that `weit --help` is instant.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
+from weit_cli import cli_render as render
+from weit_cli.cli_runtime import WeitApp, rank, run
 from weit_cli.options import (
     DISTILL,
     EVALUATE,
@@ -26,33 +26,7 @@ from weit_cli.options import (
 )
 
 
-class _Weit(typer.Typer):
-    """With --json, click's own usage errors (a missing option, a non-number) are one JSON object
-    on stdout too, like every other error."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if "--json" not in sys.argv[1:]:
-            return super().__call__(*args, **kwargs)
-        usage: tuple[type[BaseException], ...] = (typer.TyperException,) if hasattr(typer, "TyperException") else ()
-        try:  # typer ≥ 0.2x vendors its own click; older typers raise click's exceptions
-            import click
-
-            usage += (click.ClickException,)
-        except ImportError:
-            pass
-        try:
-            rv = super().__call__(*args, standalone_mode=False, **kwargs)
-        except typer.Abort:
-            sys.exit(130)
-        except usage as e:
-            code = getattr(e, "exit_code", 2)
-            msg = e.format_message() if hasattr(e, "format_message") else str(e)
-            sys.stdout.write(json.dumps({"error": msg, "hint": "see --help", "exit_code": code}) + "\n")
-            sys.exit(code)
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-
-app = _Weit(
+app = WeitApp(
     name="weit",
     help="Resize PyTorch models through Kronecker weight templates (WeiT).",
     no_args_is_help=True,
@@ -63,113 +37,6 @@ app = _Weit(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (for pipelines) instead of tables.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 OutOpt = Annotated[Path, typer.Option("-o", "--output", help="Where to write.")]
-
-
-def _err_console():
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False)
-
-
-def run(fn: Callable[[], dict[str, Any]], as_json: bool, render: Callable[[dict[str, Any]], None]) -> None:
-    """Call a library function; map failures to a one-line message and an exit code."""
-    import signal
-    import threading
-
-    from weit_cli.errors import EXIT_INTERRUPTED, WeitError
-
-    # SIGTERM (a CI timeout, `kill`, torchrun stopping its workers) takes the Ctrl-C path: temp files
-    # are removed and the one-line message says what was kept, instead of dying mid-write.
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminated) if main else None
-    _plain_lines()
-    try:
-        result = fn()
-    except WeitError as e:
-        _fail(e.message, e.hint, e.exit_code, as_json)
-    except KeyboardInterrupt:
-        _fail("interrupted", "nothing was written", EXIT_INTERRUPTED, as_json)
-    except Exception as e:  # a bug in weit, not the user's fault: one line, traceback on request
-        if os.environ.get("WEIT_DEBUG"):
-            raise
-        msg = f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        _fail(msg, "re-run with WEIT_DEBUG=1 for a traceback and report it", 1, as_json)
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-    if as_json:
-        sys.stdout.write(json.dumps(result, default=str) + "\n")
-    else:
-        render(result)
-
-
-def _plain_lines() -> None:
-    """Where stderr is no terminal (a CI log, `2> file`), long phases write plain progress lines there
-    (`weit: …`), at most one every WEIT_PROGRESS_INTERVAL seconds (default 10), on the main process only."""
-    from weit_cli.training import progress
-
-    if sys.stderr.isatty() or int(os.environ.get("RANK", "0")) != 0:
-        progress.plain_lines(None)
-        return
-    try:
-        every = float(os.environ.get("WEIT_PROGRESS_INTERVAL", "10"))
-    except ValueError:
-        every = 10.0
-    progress.plain_lines(lambda line: print(f"weit: {line}", file=sys.stderr, flush=True), every if every > 0 else 10.0)
-
-
-def _terminated(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
-def _fail(message: str, hint: str, code: int, as_json: bool) -> None:
-    from weit_cli.errors import one_line
-
-    message, hint = one_line(message), one_line(hint)  # internal errors too
-    if as_json:
-        sys.stdout.write(json.dumps({"error": message, "hint": hint, "exit_code": code}) + "\n")
-    else:
-        from rich.markup import escape
-
-        line = f"[bold red]error:[/] {escape(message)}"
-        if hint:
-            line += f" [dim]— {escape(hint)}[/]"
-        _err_console().print(line, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _table(title: str, rows: list[tuple[str, Any]]) -> None:
-    from rich.table import Table
-
-    t = Table(title=title, show_header=False, title_justify="left")
-    t.add_column(style="bold")
-    t.add_column()
-    for k, v in rows:
-        t.add_row(k, v if isinstance(v, str) else json.dumps(v, default=str))
-    print_table(t)
-
-
-def print_table(table) -> None:
-    """Print a rich table whole. On a terminal rich fits it to the window; elsewhere (CI logs, `| tee`,
-    a file) it would wrap every cell at 80 columns, so there the table is as wide as its content
-    and the title goes on its own line (a title is wrapped to the table's width)."""
-    from rich.console import Console
-    from rich.text import Text
-
-    console = Console()
-    if not console.is_terminal:
-        title, table.title = table.title, None
-        console = Console(width=max(Console(width=1_000_000).measure(table).maximum, 1))
-        if title:
-            console.print(title if isinstance(title, Text) else Text(str(title)), soft_wrap=True)
-    console.print(table)
-
-
-def _human(n: int) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
 
 
 @app.command("extract-templates")
@@ -196,7 +63,7 @@ def extract_templates_cmd(
     def go():
         from weit_cli.commands.extract import extract_templates
 
-        with _StepProgress("distill", not as_json and data is not None) as progress:
+        with render.StepProgress("distill", not as_json and data is not None) as progress:
             return extract_templates(
                 checkpoint, output, template_size=template_size, num_templates=num_templates,
                 num_heads=num_heads, img_size=img_size, data=data, distill_steps=distill_steps,
@@ -204,21 +71,7 @@ def extract_templates_cmd(
                 device=device, force=force, on_step=progress,
             )
 
-    def render(r):
-        rows = [("wrote", r["output"]), ("templates", r["templates"])]
-        rows += [(f"rel. error {t}", f"{e:.3e}") for t, e in r["relative_error"].items()]
-        d = r.get("distillation")
-        if d:
-            rows += [(f"rel. error {t} (distilled)", f"{e:.3e}") for t, e in d["relative_error_after"].items()]
-            k, name = _metric(d, "teacher_{}", (("acc", "accuracy"), ("action_mse", "action MSE"), ("loss", "loss")))
-            rows.append((f"teacher {name}", f"{d[f'teacher_{k}']:.4f} on {d['eval_split']}"))
-            rows.append((f"student {name}", f"{d[f'student_{k}_before']:.4f} (SVD) → {d[f'student_{k}_after']:.4f} ({d['steps']} steps)"))
-        rows += [(f"params {k}", _human(v)) for k, v in r["params"].items()]
-        _table("extract-templates", rows)
-        for w in r.get("warnings", []):
-            _err_console().print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
-
-    run(go, as_json, render)
+    run(go, as_json, render.extract_templates)
 
 
 @app.command()
@@ -255,18 +108,12 @@ def materialize(
             calibrate_batch_size=calibrate_batch_size, seed=seed, force=force,
         )
 
-    def render(r):
-        rows = [
-            ("wrote", ", ".join(r["files"])),
-            ("model", r.get("description", "")),
-            ("params", _human(r["params"])),
-            ("load with", r["export"]["load"]),
-        ]
-        if r.get("bn_statistics"):
-            rows.append(("BN statistics", r["bn_statistics"]))
-        _table("materialize", rows)
+    run(go, as_json, render.materialize)
 
-    run(go, as_json, render)
+
+def _subset(train_subset: float | None) -> float | int | None:
+    """--train-subset: a fraction ≤ 1 stays a fraction; more is an image count."""
+    return int(train_subset) if train_subset is not None and train_subset > 1 else train_subset
 
 
 def _sizes(text: str | None, name: str) -> int | list[int] | None:
@@ -298,40 +145,21 @@ def pretrain(
     """Pretrain a template bundle under the Kronecker constraint, nested sizes trained together (torchrun-ready)."""
     import shlex
 
-    rank = int(os.environ.get("RANK", "0"))
+    main_rank = rank() == 0
     argv = [a for a in sys.argv[1:] if a not in ("--resume", "--json")]
     command = "weit " + shlex.join(argv)
 
     def go():
         from weit_cli.commands.pretrain import pretrain as pt
 
-        with _StepProgress("pretrain", not as_json and rank == 0) as progress:
+        with render.StepProgress("pretrain", not as_json and main_rank) as progress:
             return pt(recipe, output, data=data, teacher=teacher, overrides=overrides, resume=resume, force=force, device=device,
                       command=command, callback=progress)
 
-    def render(r):
-        v = r.get("val") or {}
-        rows = [("wrote", f"{r['output']}, {r['recipe']}"), ("steps", str(r["steps"]))]
-        if r.get("resumed_from"):
-            rows.append(("resumed from step", str(r["resumed_from"])))
-        rows.append(("nested sizes", f"depths {r['nested']['depths']}, widths {r['nested']['widths']}"))
-        if r.get("teacher"):
-            rows.append(("teacher", f"{r['teacher']['source']} (weight {r['teacher']['weight']:g})"))
-        for name in ("largest", "smallest"):
-            if f"val_acc_{name}" in v:
-                rows.append((f"val acc {name}", f"{100 * v[f'val_acc_{name}']:.2f}%"))
-            elif f"val_action_mse_{name}" in v:
-                rows.append((f"val action MSE {name}", f"{v[f'val_action_mse_{name}']:.4f}"))
-            elif f"val_loss_{name}" in v:
-                rows.append((f"val loss {name}", f"{v[f'val_loss_{name}']:.4f}"))
-        rows += [(f"params {k}", _human(n)) for k, n in r["params"].items()]
-        rows += [("device", f"{r['device']} × {r['world_size']}"), ("wall", f"{r['wall_s']:.1f}s")]
-        _table("pretrain", rows)
-
-    if rank != 0:
+    if not main_rank:
         run(go, False, lambda r: None)
     else:
-        run(go, as_json, render)
+        run(go, as_json, render.pretrain)
 
 
 @app.command()
@@ -348,102 +176,7 @@ def inspect(
 
         return insp(file, check=check)
 
-    def render(r):
-        rows = [(k, r[k]) for k in ("kind", "description") if r.get(k)]
-        if r.get("templates"):
-            rows += [(f"templates {t}", "×".join(map(str, s))) for t, s in r["templates"].items()]
-        if r.get("nested"):
-            rows.append(("nested sizes", r["nested"]))
-        rows += [(f"params {k}", _human(v)) for k, v in r.get("params", {}).items()]
-        for k in ("weit_format", "weit_version", "kron_order", "sha256", "bundle_sha256", "producer", "check"):
-            if r.get(k):
-                rows.append((k, r[k]))
-        for name, content in (r.get("companion_files") or {}).items():
-            said = ", ".join(f"{k} {content[k]}" for k in ("env_id", "context", "data") if content.get(k) not in (None, ""))
-            rows.append(("written beside models", f"{name}{f' ({said})' if said else ''}"))
-        shown = {(k.replace("_", " "), str(v)) for k, v in rows}  # a scalers file's bundle_sha256 is in both
-        rows += [(k, v) for k, v in _provenance_rows(r.get("provenance") or {}, full) if (k.replace("_", " "), v) not in shown]
-        _table(r["path"], rows)
-
-    run(go, as_json, render)
-
-
-def _provenance_rows(prov: dict[str, Any], full: bool) -> list[tuple[str, str]]:
-    """Provenance as rows a person reads: the command first, then every plain field, and one level
-    into records (`reconstruction_error qkv`); the resolved recipe and deeper records only with
-    --full, where every leaf is a row named by its dotted path. --json has the record as written."""
-    def leaves(prefix: str, v: Any, depth: int):
-        if isinstance(v, dict) and v and depth != 0:
-            for k, x in v.items():
-                yield from leaves(f"{prefix}.{k}" if prefix else str(k), x, depth - 1)
-        elif not isinstance(v, dict) or full:
-            if v is None or v == "":
-                return
-            yield prefix, v if isinstance(v, str) else json.dumps(v, default=str)
-
-    rows = []
-    for k in sorted(prov, key=lambda k: k != "command"):  # stable: the record's own order otherwise
-        if k == "recipe" and not full:
-            continue
-        for name, value in leaves(k, prov[k], -1 if full else 1):
-            rows.append((name if full else name.replace(".", " ").replace("_", " "), value))
-    return rows
-
-
-class _StepProgress:
-    """A rich progress bar on stderr fed by a library's StepInfo callback (off for --json); where stderr
-    is no terminal, a plain line at most every WEIT_PROGRESS_INTERVAL seconds instead (`_plain_lines`)."""
-
-    def __init__(self, label: str, enabled: bool):
-        self.label, self.enabled, self.bar, self.task = label, enabled and sys.stderr.isatty(), None, None
-        self.last_line = None  # monotonic time of the last plain line
-
-    def _plain(self, info) -> None:
-        import time
-
-        from weit_cli.training import progress
-
-        now = time.monotonic()
-        if self.last_line is None:
-            self.last_line = now  # the clock starts at the first step
-        if now - self.last_line < progress.interval() and info.step < info.total_steps:
-            return
-        self.last_line = now
-        eta = f", eta {info.eta_s:.0f} s" if info.eta_s != float("inf") and info.step < info.total_steps else ""
-        extra = "".join(f", {k} {v:.4g}" for k, v in info.metrics.items())
-        progress.say(f"{self.label}: step {info.step}/{info.total_steps}, loss {info.loss:.4g}, {info.steps_per_sec:.2f} it/s{eta}{extra}")
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=_err_console(), transient=True,
-            )
-            self.bar.__enter__()
-        return self
-
-    def __call__(self, info) -> None:
-        if self.bar is None:
-            self._plain(info)
-            return
-        if self.task is None:
-            self.task = self.bar.add_task(self.label, total=info.total_steps, info="")
-        extra = " ".join(f"{k} {v:.3f}" for k, v in info.metrics.items())
-        text = f"loss {info.loss:.3f} lr {info.lr:.1e} {info.steps_per_sec:.1f} it/s {extra}".rstrip()
-        self.bar.update(self.task, completed=info.step, info=text)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-        return False
+    run(go, as_json, lambda r: render.inspect(r, full))
 
 
 @app.command("fit-scalers")
@@ -479,8 +212,8 @@ def fit_scalers_cmd(
     def go():
         from weit_cli.commands.fit_scalers import fit_scalers
 
-        subset = int(train_subset) if train_subset is not None and train_subset > 1 else train_subset
-        with _StepProgress("fit-scalers", not as_json) as progress:
+        subset = _subset(train_subset)
+        with render.StepProgress("fit-scalers", not as_json) as progress:
             return fit_scalers(
                 bundle, output, data=data, depth=_sizes(depth, "depth"), width=_sizes(width, "width"), mlp_ratio=mlp_ratio,
                 num_classes=num_classes, calibrate_batches=calibrate_batches, steps=steps, lr=lr, warmup=warmup, batch_size=batch_size, train_subset=subset, train_small=not no_small,
@@ -488,39 +221,7 @@ def fit_scalers_cmd(
                 device=device, force=force, resume=resume, checkpoint_every=checkpoint_every, on_step=progress,
             )
 
-    def render(r):
-        _table("fit-scalers", [
-            ("wrote", r["output"]),
-            *([("resumed from step", str(r["resumed_from"]))] if r.get("resumed_from") else []),
-            ("model", r["description"]),
-            ("trained", f"{', '.join(r['trained'])} ({_human(r['params'])} values), {r['steps']} steps in {r['fit_seconds']:.1f}s"),
-            ("loss", f"{r['loss_first']:.4f} → {r['loss_last']:.4f}"),
-            _before_after(r),
-            *([("BN statistics", r["bn_statistics"])] if r.get("bn_statistics") else []),
-            ("bundle sha256", r["bundle_sha256"]),
-            ("next", _materialize_hint(r)),
-        ])
-
-    run(go, as_json, render)
-
-
-def _before_after(r: dict[str, Any]) -> tuple[str, str]:
-    k, what = _metric(r, "val_{}_before", (("acc", "images"), ("action_mse", "windows"), ("loss", "images")))
-    return f"val {r['metric']}", f"{r[f'val_{k}_before']:.4f} → {r[f'val_{k}_after']:.4f} ({r['val_count']} {what})"
-
-
-def _metric(r: dict[str, Any], pattern: str, choices: tuple[tuple[str, str], ...]) -> tuple[str, str]:
-    """The first (metric key, label) of `choices` whose `pattern.format(key)` is in the result `r`:
-    a task's metric names its result keys (`Task.metric_key`), so a render finds which it got."""
-    return next((k, label) for k, label in choices if pattern.format(k) in r)
-
-
-def _materialize_hint(r: dict[str, Any]) -> str:
-    return (
-        f"weit materialize BUNDLE --scalers {r['output']} {' '.join(r['size_options'])} "
-        + (f"--num-classes {r['architecture']['num_classes']} " if "num_classes" in r["architecture"] else "")
-        + "-o MODEL"
-    )
+    run(go, as_json, render.fit_scalers)
 
 
 @app.command()
@@ -553,41 +254,21 @@ def finetune(
     image generators on the diffusion loss, control models on trajectories), from weit's weights or a baseline
     initialisation; DDP under torchrun."""
 
+    main_rank = rank() == 0  # under torchrun only rank 0 prints the summary
+
     def go():
         from weit_cli.commands.finetune import finetune as ft
 
-        subset = int(train_subset) if train_subset is not None and train_subset > 1 else train_subset
-        quiet = as_json or int(os.environ.get("RANK", "0")) != 0
-        with _StepProgress("finetune", not quiet) as progress:
+        with render.StepProgress("finetune", not as_json and main_rank) as progress:
             return ft(
                 model, output, data=data, epochs=epochs, init=init, source=source, lr=lr, warmup=warmup,
                 schedule=schedule, min_lr_ratio=min_lr_ratio, batch_size=batch_size, weight_decay=weight_decay,
-                grad_clip=grad_clip, label_smoothing=label_smoothing, train_subset=subset, data_seed=data_seed,
+                grad_clip=grad_clip, label_smoothing=label_smoothing, train_subset=_subset(train_subset), data_seed=data_seed,
                 reset_head=reset_head, seed=seed, resume=resume, force=force, device=device, on_step=progress,
                 ema=ema,
             )
 
-    def render(r):
-        if int(os.environ.get("RANK", "0")) != 0:
-            return
-        f, b = r["final"], r["best"] or {}
-        k, _ = _metric(r, "test_{}_by_epoch", (("acc", ""), ("action_mse", ""), ("loss", "")))
-        if k == "acc":
-            pct = lambda v: "–" if v is None else f"{100 * v:.2f}%"  # noqa: E731
-        else:
-            pct = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
-        _table("finetune", [
-            ("run", r["output"]),
-            ("model", f"{r['description']} ({r['init']['init']} init{', new head' if r['new_head'] else ''})"),
-            ("trained", f"{r['epochs']} epochs, {r['steps']} steps, {r['world_size']} process(es) on {r['device']}"),
-            *([(f"test {k} by epoch", " ".join(pct(a) for a in r[f"test_{k}_by_epoch"]))] if any(a is not None for a in r[f"test_{k}_by_epoch"]) else []),
-            ("last", f"val {pct(f.get(f'val_{k}'))}, test {pct(f.get(f'test_{k}'))}"),
-            ("best", f"epoch {b.get('epoch', '–')}: val {pct(b.get(f'val_{k}'))}, test {pct(b.get(f'test_{k}'))}"),
-            ("wrote", ", ".join(r["files"])),
-        ])
-
-    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints the summary
-    run(go, as_json and main_rank, render)
+    run(go, as_json and main_rank, render.finetune if main_rank else lambda r: None)
 
 
 @app.command()
@@ -615,18 +296,7 @@ def sample(
             return sample_grid(model, output, cls=cls, n=n, steps=steps, guidance=guidance, seed=seed,
                                batch_size=batch_size, device=device, force=force, scale=scale)
 
-    def render(r):
-        what = f"class {r['class']}" if r["class"] is not None else "every class in turn"
-        _table("sample", [
-            ("wrote", r["output"]),
-            ("model", r["description"]),
-            ("images", f"{r['n']} ({what}), {r['steps']} DDIM steps, guidance {r['guidance']:g}, seed {r['seed']}"),
-            ("scale", f"×{r['scale']} (nearest neighbour)"),
-            ("scheduler", r["scheduler"]),
-            ("sha256", r["sha256"]),
-        ])
-
-    run(go, as_json, render)
+    run(go, as_json, render.sample)
 
 
 @app.command()
@@ -658,38 +328,7 @@ def evaluate(
                       batch_size=batch_size, device=device, env=env, episodes=episodes, target_return=target_return,
                       max_steps=max_steps)
 
-    def render(r):
-        if r["task"] == "control":
-            _table("evaluate", [
-                ("model", r["description"]),
-                ("rollouts", f"{r['episodes']} episodes in {r['env_id']}, target return {r['target_return']:g}, seeds {r['seed']}..{r['seed'] + r['episodes'] - 1}"),
-                ("returns", " ".join(f"{x:.1f}" for x in r["returns"])),
-                ("return", f"{r['mean_return']:.1f} ± {r['std_return']:.1f}"),
-                ("normalised score", f"{r['mean_score']:.1f} ± {r['std_score']:.1f} (0 random, 100 expert)"),
-                ("wall", f"{r['wall_s']:.2f}s"),
-            ])
-            return
-        rows = [("model", r["description"]), ("data", r["split"])]
-        rows += [(k.replace("_", " "), f"{v:.4f}") for k, v in r.items() if k.endswith(("_acc", "_loss")) and isinstance(v, float)]
-        if "fid_judge" in r:
-            rows += [
-                ("FID (judge)", f"{r['fid_judge']:.4f} ({r['n_fake']} samples vs {r['n_real']} real)"),
-                ("class accuracy", f"{100 * r['class_accuracy']:.2f}% of samples judged their class"),
-                ("judge sha256", f"{r['judge_sha256']} (test accuracy {100 * r['judge_test_accuracy']:.1f}%)"),
-                *_judge_reference_rows(r.get("judge_references")),
-                ("note", r["note"]),
-            ]
-        _table("evaluate", rows)
-
-    run(go, as_json, render)
-
-
-def _judge_reference_rows(refs: dict | None) -> list[tuple[str, str]]:
-    """`evaluate`'s reading aid: the judge's FID and class accuracy of real images and of junk."""
-    if not refs:
-        return []
-    return [(f"  {label}", f"FID {refs[k]['fid_judge']:.2f}, class accuracy {100 * refs[k]['class_accuracy']:.1f}%")
-            for k, label in (("real_train", "real images (floor)"), ("blank", "blank images"), ("noise", "Gaussian noise"))]
+    run(go, as_json, render.evaluate)
 
 
 @app.command("list-archs")

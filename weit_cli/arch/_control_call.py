@@ -1,12 +1,16 @@
 """The call convention of the control task's models: that of transformers' DecisionTransformerModel,
-today the one family of the control task. Private to arch/ because it is the family's knowledge:
-the family adapter's `task_forward` is where it belongs once arch/decision_transformer.py takes it
-(tasks/control.py and tasks/rollout.py import it from here until then)."""
+today the one family of the control task. The family's adapter turns its module into what the task
+calls, (states, actions, returns-to-go, timesteps, attention mask) → predicted actions (B, K, act):
+`DecisionTransformerAdapter.apply` for composed weights and `task_forward` (`ControlForward`) for a
+module, so that tasks/control.py and tasks/rollout.py know no library's forward.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
+
+from torch import nn
 
 from weit_cli.errors import WeitError
 
@@ -47,3 +51,16 @@ def action_output(out) -> Tensor:
         f"the model returned {what}, not predicted actions",
         f"a control model returns the actions as a tensor, or a mapping with '{ACTIONS_KEY}' (transformers' ModelOutput)",
     )
+
+
+class ControlForward(nn.Module):
+    """A control model (a module, or any callable with its signature) as the control task calls it:
+    the window's five tensors in, the predicted actions out (`model_inputs`, `action_output`). A
+    module is a submodule, so modes, devices, parameters and DDP see through the wrapper."""
+
+    def __init__(self, model: Callable):
+        super().__init__()
+        self.model = model
+
+    def forward(self, states: Tensor, actions: Tensor, returns_to_go: Tensor, timesteps: Tensor, attention_mask: Tensor) -> Tensor:
+        return action_output(self.model(*model_inputs((states, actions, returns_to_go, timesteps, attention_mask))))

@@ -58,6 +58,24 @@ def detect_family(keys) -> Adapter:
     )
 
 
+def arch_from_config(cfg) -> tuple[Adapter, object]:
+    """(adapter, architecture) of a weightless model folder's config.json `cfg`: the first family
+    that reads it (`Adapter.arch_from_config`)."""
+    import json
+
+    from weit_cli.errors import InputError
+
+    try:
+        config = json.loads(cfg.read_text())
+    except (ValueError, OSError):
+        config = None
+    for adapter in adapters() if isinstance(config, dict) else ():
+        found = adapter.arch_from_config(config, cfg)
+        if found is not None:
+            return found
+    raise InputError(f"{cfg} has no usable 'architecture' and 'model_args'", "write it with 'weit materialize'")
+
+
 def family_modules() -> list[str]:
     """The modules that define families: every public module or package of weit_cli/arch/ but `base`."""
     import pkgutil

@@ -162,6 +162,14 @@ class Adapter(ABC):
         """The command-line options that ask `materialize` for `arch`'s size."""
         return ["--depth", _option(arch.depth), "--width", _option(arch.width)]
 
+    def arch_from_config(self, config: dict[str, Any], where: Any):
+        """(adapter, architecture) of a model folder that holds this family's library config (the
+        parsed `config`, read from the file `where`) but no weights — enough for `finetune --init
+        random | weight-selection`; None when the config is not of this family's library. The
+        adapter may be a sibling family on the same library, found by the layout the config's
+        module has (arch/_timm.py). Default: None (the family reads no weightless folders)."""
+        return None
+
     # --- the task's call (tasks/) ---------------------------------------------------------------
     def apply(self, call, *inputs):
         """The task's output from `call`, which runs this family's module (plain, or with composed

@@ -308,6 +308,18 @@ class DecisionTransformerAdapter(KeyTables, Adapter):
 
         return DecisionTransformerModel(DecisionTransformerConfig(**arch.config_fields()))
 
+    def apply(self, call, states: Tensor, actions: Tensor, returns_to_go: Tensor, timesteps: Tensor, attention_mask: Tensor) -> Tensor:
+        """The control task's call on `call` (the module, or composed weights through functional_call):
+        transformers' positional inputs in, its `action_preds` out (arch/_control_call.py)."""
+        from weit_cli.arch._control_call import action_output, model_inputs
+
+        return action_output(call(*model_inputs((states, actions, returns_to_go, timesteps, attention_mask))))
+
+    def task_forward(self, module: nn.Module) -> nn.Module:
+        from weit_cli.arch._control_call import ControlForward
+
+        return ControlForward(module)
+
     def transformers_config(self, arch: DecisionTransformerArch) -> dict[str, Any]:
         """config.json as `save_pretrained` writes it, without the writer's transformers version (so
         that the same bundle gives the same bytes whichever transformers is installed)."""

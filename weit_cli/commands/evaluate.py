@@ -13,12 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from weit_cli.commands.sample import GENERATION, _load, sample_images
+from weit_cli.commands.sample import _load, sample_images
 from weit_cli.errors import InputError, WeitError
 from weit_cli.io.hub import resolve as resolve_source
 from weit_cli.options import EVALUATE, SAMPLE, SEED, EvaluateOptions, check
-
-CONTROL = "control"  # the task name (tasks/control.py) whose models are scored by rollouts
 
 
 def evaluate(model: Path, *, data: str | None = None, num_samples: int = EVALUATE.num_samples, steps: int = SAMPLE.steps,
@@ -41,46 +39,49 @@ def _evaluate(model: Path, *, data, num_samples, steps, guidance, seed, batch_si
     check(EvaluateOptions, batch_size=batch_size)
     dev = resolve_device(device)
     adapter, arch, module = _load(model)
+    task = task_for(adapter)
     rollout_options = {"--env": env, "--episodes": episodes, "--target-return": target_return, "--max-steps": max_steps}
-    if adapter.task == CONTROL:
+    if task.rollouts:
         if data is not None:
             raise WeitError("a control model is scored by rollouts in its environment, not on --data", "drop --data; pass --env ENV (default: the environment it was trained on)")
-        return evaluate_control(model, adapter, arch, env=env, episodes=episodes, target_return=target_return, seed=seed, max_steps=max_steps, device=device)
+        return evaluate_control(model, adapter, arch, task, env=env, episodes=episodes, target_return=target_return, seed=seed, max_steps=max_steps, device=device)
     given = [k for k, v in rollout_options.items() if v is not None]
     if given:
         raise WeitError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for control models; MODEL is a {adapter.task} model", "drop them, and pass --data")
     if data is None:
         raise WeitError(f"a {adapter.task} model is scored on data: --data is missing", "e.g. --data fashion-mnist")
-    task = task_for(adapter)
     splits = task.load_data(data, arch, seed=seed)
-    held_out, split = (splits.test, "test") if splits.test is not None and len(splits.test) else (splits.val, "val")
-    if len(held_out) == 0:
-        raise InputError(f"{data} has no test or validation images to evaluate on", "pass a data set with a test split")
+    held_out, split = task.held_out(splits, data)
     if splits.num_classes != arch.num_classes:
         raise InputError(f"the data has {splits.num_classes} classes, the model {arch.num_classes}", "evaluate on the data the model was trained for")
-    score = task.evaluate(adapter.task_forward(module.to(dev)), held_out, batch_size, dev)
     out: dict[str, Any] = {
         "command": "evaluate", "model": str(model), "description": adapter.describe(arch), "task": task.name,
-        "data": splits.description, "split": f"{split} ({len(held_out)} images)",
-        f"{split}_{task.metric_key}": score.metric, f"{split}_loss": score.loss,
+        "data": splits.description, "split": f"{split} ({len(held_out)} {task.examples})",
+        **task.evaluate_model(adapter.task_forward(module.to(dev)), held_out, split, batch_size, dev),
     }
-    if adapter.task != GENERATION:
-        return out
+    if task.samples:
+        out.update(_judged_samples(model, arch, splits, held_out, data=data, num_samples=num_samples, steps=steps,
+                                   guidance=guidance, seed=seed, device=device))
+    return out
+
+
+def _judged_samples(model: Path, arch, splits, held_out, *, data, num_samples, steps, guidance, seed, device) -> dict[str, Any]:
+    """A generator's samples as weit's judge classifier sees them (tasks/fid.py): the Fréchet distance
+    to real held-out images, the class accuracy, and the judge's scale beside them."""
     from weit_cli.tasks.fid import evaluate_samples, judge_references, load_judge
 
     check(EvaluateOptions, num_samples=num_samples)
     judge = load_judge(data, img_size=arch.img_size, in_chans=arch.in_chans)
     fake, labels, info = sample_images(model, n=num_samples, steps=steps, guidance=guidance, seed=seed, device=device, command="evaluate")
     real = held_out.tensors[0][:num_samples]
-    metrics = evaluate_samples(judge, real, fake, labels)
-    out.update({k: v for k, v in metrics.items()})
+    out = dict(evaluate_samples(judge, real, fake, labels))
     # The judge's scale: the same numbers for real training images (floor), blank images and noise.
     out["judge_references"] = judge_references(judge, real, *splits.train.tensors[:2])
     out.update(steps=steps, guidance=guidance, seed=seed, scheduler=info["scheduler"])
     return out
 
 
-def evaluate_control(model: Path, adapter, arch, *, env: str | None, episodes: int | None, target_return: float | None,
+def evaluate_control(model: Path, adapter, arch, task, *, env: str | None, episodes: int | None, target_return: float | None,
                      seed: int, max_steps: int | None, device: str | None) -> dict[str, Any]:
     """Rollouts of a control model folder (`tasks.control.evaluate_rollouts`): per-episode returns,
     normalised scores (0 random, 100 expert) with mean and spread, wall time. `env` defaults to the
@@ -101,6 +102,6 @@ def evaluate_control(model: Path, adapter, arch, *, env: str | None, episodes: i
         raise WeitError(f"{model}'s control config names no environment", "pass --env, e.g. --env Hopper-v5")
     r = evaluate_rollouts(model, env, target_return=target_return, episodes=episodes, seed=seed, max_steps=max_steps, device=device or "cpu")
     return {
-        "command": "evaluate", "model": str(model), "description": adapter.describe(arch), "task": CONTROL,
-        **r.summary(), "seed": seed, "max_steps": max_steps,
+        "command": "evaluate", "model": str(model), "description": adapter.describe(arch), "task": task.name,
+        "scored_by": "rollouts", **r.summary(), "seed": seed, "max_steps": max_steps,
     }

@@ -71,12 +71,20 @@ def extract_templates(
             temperature=temperature, seed=seed, device=device, on_step=on_step,
         )
         report["relative_error_after"] = _relative_errors(bundle, state)
-        provenance["distillation"] = {k: v for k, v in report.items() if k != "seconds"}  # same inputs → same bytes
+        provenance["distillation"] = _distillation_record(report)
         files = files or task.companion_files(splits)
     if files:  # the source's own record of its data wins: the student imitates the source's function
         bundle.extra[COMPANIONS] = files
     save_bundle(out, bundle, provenance, force)
     return _result(out, arch, bundle, errors, hub, report, data)
+
+
+def _distillation_record(report: dict[str, Any]) -> dict[str, Any]:
+    """The distillation report as the bundle's provenance keeps it: without its wall time (same inputs
+    → same bytes) and without the role-keyed aliases of the metric (`student_metric_after`,
+    `metric_info`), which results carry for pipelines but files have never held."""
+    aliases = {"metric_info", "teacher_metric", "student_metric_before", "student_metric_after"}
+    return {k: v for k, v in report.items() if k != "seconds" and k not in aliases}
 
 
 def _check_options(data, distill_steps, distill_lr, batch_size, temperature, seed, device, num_templates, template_size, num_heads):

@@ -158,9 +158,11 @@ def _check_run_dir(out_dir: Path, resume: bool, force: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------- the model
 def read_model(path: Path, need_weights: bool) -> tuple[Any, Any, dict[str, Tensor] | None]:
-    """(adapter, architecture, weights) of MODEL. A folder with only config.json (timm's `model_args`)
-    is enough when the weights are not used (`--init random` / `weight-selection`)."""
-    from weit_cli.io.dense import identify, read_dense
+    """(adapter, architecture, weights) of MODEL. A folder with only its library's config.json is
+    enough when the weights are not used (`--init random` / `weight-selection`): its family reads it
+    (`Adapter.arch_from_config`)."""
+    from weit_cli.arch._registry import arch_from_config
+    from weit_cli.io.dense import read_dense
     from weit_cli.io.files import weights_file
 
     path = Path(path)
@@ -169,35 +171,17 @@ def read_model(path: Path, need_weights: bool) -> tuple[Any, Any, dict[str, Tens
     if weightless:
         if need_weights:
             raise InputError(f"{path} holds a config.json but no weights", "--init weit needs a materialized model; or use --init random")
-        dense, weights = identify(*_shell(cfg)), None
+        (adapter, arch), weights = arch_from_config(cfg), None
     else:
         dense = read_dense(path)
+        adapter, arch = dense.adapter, dense.arch
         weights = dense.state  # the weights, less the keys the family's library skips on load
-    adapter, arch = dense.adapter, dense.arch
     if weights is not None:
         from weit_cli.core.checks import check_state
 
         check_state(adapter, arch, weights)
         weights = {k: (v.float() if v.is_floating_point() else v) for k, v in weights.items()}
     return adapter, arch, weights
-
-
-def _shell(cfg: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(state dict, hints) of the untrained model a weightless folder's config.json describes."""
-    import timm
-
-    try:
-        conf = json.loads(cfg.read_text())
-        model_args = dict(conf["model_args"])
-        name = conf["architecture"]
-    except (ValueError, KeyError, TypeError):
-        raise InputError(f"{cfg} has no usable 'architecture' and 'model_args'", "write it with 'weit materialize'") from None
-    try:
-        shell = timm.create_model(name, pretrained=False, **model_args)
-    except Exception as e:  # timm raises many types for bad arguments
-        raise InputError(f"{cfg} does not describe a timm model: {str(e).splitlines()[0][:200]}", "check model_args") from None
-    pretrained_cfg = conf.get("pretrained_cfg") if isinstance(conf.get("pretrained_cfg"), dict) else {}
-    return shell.state_dict(), {**model_args, "pretrained_cfg": pretrained_cfg}
 
 
 def initial_state(adapter, arch, init: str, weights, source: Path | None, seed: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -254,7 +238,7 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
     if rank == 0:  # finished: the resumable state is no longer needed (last/ holds the weights)
         loop.discard_checkpoint()
     barrier()
-    key = task.metric_key
+    metric = task.metric
     return {
         "command": "finetune",
         "output": str(out_dir),
@@ -267,8 +251,9 @@ def _run(*, model, out_dir, data, epochs, init, source, lr, warmup, schedule, mi
         "resumed_from_epoch": start_epoch if resume else None,
         "final": record.metrics[-1] if record.metrics else {},
         "best": record.best,
-        "metric": task.metric_name,
-        f"test_{key}_by_epoch": [m.get(f"test_{key}") for m in record.metrics],
+        "metric": task.metric_name,  # legacy string; `metric_info` describes the metric
+        "metric_info": metric.to_dict(),
+        **metric.entries("test_{}_by_epoch", [m.get(f"test_{metric.name}") for m in record.metrics]),
         "data": splits.description,
         "device": str(dev),
         "world_size": world,
@@ -370,6 +355,7 @@ class _Record:
             "epoch": epoch, "step": epoch * self.per_epoch, "train_loss": train_loss,
             f"val_{key}": val.metric if val else None, "val_loss": val.loss if val else None,
             f"test_{key}": test.metric if test else None, "test_loss": test.loss if test else None,
+            "val_metric": val.metric if val else None, "test_metric": test.metric if test else None,
         }
 
     def end_epoch(self, epoch: int, train_loss: float, lr_now: float, seconds: float) -> dict[str, float]:
@@ -385,7 +371,8 @@ class _Record:
         self.metrics.append(rec)
         self.improved = rec[f"val_{key}"] is not None and (self.best is None or self.better(rec[f"val_{key}"], self.best[f"val_{key}"]))
         if self.improved:
-            self.best = {"epoch": epoch, f"val_{key}": rec[f"val_{key}"], f"test_{key}": rec[f"test_{key}"]}
+            self.best = {"epoch": epoch, f"val_{key}": rec[f"val_{key}"], f"test_{key}": rec[f"test_{key}"],
+                         "val_metric": rec[f"val_{key}"], "test_metric": rec[f"test_{key}"]}
         return {k: rec[k] for k in (f"val_{key}", f"test_{key}") if rec[k] is not None}
 
     def write_epoch(self, epoch: int) -> None:  # after the epoch's checkpoint (the loop's order, for --resume)

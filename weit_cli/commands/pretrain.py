@@ -164,12 +164,12 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
         _resume(loop, size_rng, (output, recipe_out, ckpt), rank, recipe_sha, teacher_sha)
         steps_done[0] = loop.start
     loop.run()
-    val_raw = _validate(task, net, splits.val, largest, smallest, dev, calib) if loop.ema is not None and len(splits.val) else None
+    val_raw = _validate(task, net, splits.val, largest, smallest, dev, calib, roles=True) if loop.ema is not None and len(splits.val) else None
     ema_info = loop.use_ema()  # the EMA weights are what is validated and written
 
     if calib is not None:
         net.calibrate_stats(calib)  # the bundle's BatchNorm statistics: the largest size's, re-estimated
-    final = _validate(task, net, splits.val, largest, smallest, dev, calib) if len(splits.val) else {}
+    final = _validate(task, net, splits.val, largest, smallest, dev, calib, roles=True) if len(splits.val) else {}
     cpu = _on_cpu(net.bundle())
     digests = _gather(_digest(cpu), world)
     provenance = _provenance(recipe, command, recipe_sha, splits, world, dev, flops, (teacher_sha, teacher_hub), ema_info)
@@ -180,7 +180,7 @@ def _run(recipe, task: Task, output, recipe_out, ckpt, resume, dist_info, callba
         loop.discard_checkpoint()
     barrier()
     return _summary(recipe, output, recipe_out, recipe_sha, resume, loop, flops, final, (val_raw, ema_info),
-                    (teacher_sha, teacher_hub), cpu, splits, dev, world, digests, t_start)
+                    (teacher_sha, teacher_hub), cpu, splits, dev, world, digests, t_start, metric=task.metric)
 
 
 def _calibration(recipe, splits, dev):
@@ -269,7 +269,7 @@ def _provenance(recipe, command, recipe_sha, splits, world, dev, flops, teacher,
 
 
 def _summary(recipe, output, recipe_out, recipe_sha, resume, loop, flops, final, ema, teacher, cpu: Bundle, splits, dev, world,
-             digests, t_start) -> dict[str, Any]:
+             digests, t_start, metric) -> dict[str, Any]:
     """What `weit pretrain` answers (--json: exactly this)."""
     (val_raw, ema_info), (teacher_sha, teacher_hub), ns = ema, teacher, recipe.nested
     return {
@@ -284,6 +284,7 @@ def _summary(recipe, output, recipe_out, recipe_sha, resume, loop, flops, final,
         "size_steps": {_size_name(s): n for s, n in flops["size_steps"].items()},
         "final_loss": sum(loop.losses[-20:]) / max(1, len(loop.losses[-20:])) if loop.losses else None,
         "val": final,
+        "metric_info": metric.to_dict(),
         **({"val_raw": val_raw, "ema": ema_info} if ema_info is not None else {}),
         "teacher": None if recipe.teacher is None else {
             "source": recipe.teacher.source, "sha256": teacher_sha, "weight": recipe.teacher.weight,
@@ -354,12 +355,17 @@ def _teacher(recipe, num_classes: int | None) -> tuple[dict[str, torch.Tensor], 
     return {k: v.detach().float() if v.is_floating_point() else v for k, v in state.items()}, checkpoint_sha256(src), hub
 
 
-def _validate(task: Task, net: NestedModel, ds, largest, smallest, dev, calibrate=None) -> dict[str, float]:
+def _validate(task: Task, net: NestedModel, ds, largest, smallest, dev, calibrate=None, roles: bool = False) -> dict[str, float]:
+    """The validation metric and loss of the largest and smallest size (`val_acc_largest`, …); with
+    `roles`, for results, also under role keys (`val_metric_largest`; the loop's progress lines keep
+    the legacy names only)."""
     out = {}
     for name, (d, w) in (("largest", largest), ("smallest", smallest)):
         r = task.evaluate(net.frozen(d, w, calibrate), ds, batch_size=512, device=dev)
         out[f"val_{task.metric_key}_{name}"] = r.metric
         out[f"val_loss_{name}"] = r.loss
+    if roles:
+        out |= {f"val_metric_{name}": out[f"val_{task.metric_key}_{name}"] for name in ("largest", "smallest")}
     return out
 
 

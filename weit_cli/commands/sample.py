@@ -17,8 +17,6 @@ from weit_cli.errors import InputError, WeitError
 from weit_cli.io.hub import resolve as resolve_source
 from weit_cli.options import SAMPLE, SEED, SampleOptions, check
 
-GENERATION = "generation"  # the task name (tasks/generation.py) whose models sample
-
 
 def _load(model: Path):
     """(adapter, arch, module in eval mode, scheduler config or None) of a materialized model."""
@@ -44,7 +42,9 @@ def _scheduler_config(model: Path, adapter) -> tuple[dict | None, str]:
 
 
 def _refuse_non_generator(adapter, arch, command: str) -> None:
-    if adapter.task != GENERATION:
+    from weit_cli.tasks._registry import task_class
+
+    if not task_class(adapter).samples:
         raise WeitError(
             f"'weit {command}' samples images from a generator; MODEL is a {adapter.task} model ({adapter.describe(arch)})",
             "pass a model of an image-generation family (see 'weit list-archs')",

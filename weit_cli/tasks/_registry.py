@@ -16,10 +16,16 @@ def _tasks() -> dict[str, Any]:
     return {t.name: t for t in (Classification, Generation, Control)}
 
 
-def task_for(adapter, **options):
-    """The task that trains `adapter`'s models, built from the commands' task options
-    (`label_smoothing`); an option the task does not have is refused in one line."""
+def task_class(adapter):
+    """The Task class of `adapter`'s models, unbuilt: what a command asks of it (its metric, whether
+    it samples or rolls out) needs no options."""
     tasks = _tasks()
     if adapter.task not in tasks:
         raise WeitError(f"no task '{adapter.task}' for a {adapter.family} model", f"known tasks: {', '.join(sorted(tasks))}")
-    return tasks[adapter.task].from_options(**options)
+    return tasks[adapter.task]
+
+
+def task_for(adapter, **options):
+    """The task that trains `adapter`'s models, built from the commands' task options
+    (`label_smoothing`); an option the task does not have is refused in one line."""
+    return task_class(adapter).from_options(**options)

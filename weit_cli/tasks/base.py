@@ -27,6 +27,10 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
+from weit_cli.tasks.metric import Metric
+
+__all__ = ["Batch", "Forward", "Metric", "Score", "Splits", "Task"]
+
 Batch = tuple[Tensor, ...]
 Forward = Callable[..., Any]
 
@@ -52,12 +56,32 @@ class Score(Protocol):
 
 class Task(ABC):
     """One kind of problem: data, loss, distillation loss, metric. Options of the loss (label
-    smoothing, a noise schedule) are the task object's own state."""
+    smoothing, a noise schedule) are the task object's own state.
+
+    What a task can do beyond scoring on data is a capability the commands ask of it, never its
+    name: `samples` (its models draw images: `weit sample`, judged samples in `weit evaluate`) and
+    `rollouts` (its models are scored by acting in an environment rather than on `--data`)."""
 
     name: ClassVar[str]
-    metric_name: ClassVar[str]  # for reports: "accuracy"
-    metric_key: ClassVar[str] = "acc"  # the metric's short name in result keys: val_acc, test_acc
+    #: The score (`Metric`); a subclass that sets only the legacy `metric_key`, `metric_name` and
+    #: `higher_is_better` gets one made from them (`__init_subclass__`), and the other way round.
+    metric: ClassVar[Metric]
+    metric_name: ClassVar[str]  # legacy: the results' "metric" string ("accuracy")
+    metric_key: ClassVar[str] = "acc"  # legacy: `metric.name`, the metric's short name in result keys
     higher_is_better: ClassVar[bool] = True  # which checkpoint is "best"
+    #: What the data's examples are called in reports ("images", "windows").
+    examples: ClassVar[str] = "images"
+    samples: ClassVar[bool] = False
+    rollouts: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "metric" in cls.__dict__:
+            cls.metric_key, cls.higher_is_better = cls.metric.name, cls.metric.higher_is_better
+            cls.metric_name = cls.__dict__.get("metric_name", cls.metric.label)
+        elif "metric_key" in cls.__dict__ or "metric_name" in cls.__dict__ or "higher_is_better" in cls.__dict__:
+            label = getattr(cls, "metric_name", cls.metric_key)
+            cls.metric = Metric(cls.metric_key, label, cls.higher_is_better)
 
     @classmethod
     def from_options(cls, *, label_smoothing: float = 0.0, label_dropout: float | None = None) -> Task:
@@ -121,3 +145,24 @@ class Task(ABC):
     def evaluate(self, forward: Forward, dataset: Any, batch_size: int = 256,
                  device: torch.device | str | None = None) -> Score:
         """The metric and mean loss of `forward` (a module or a function) on `dataset`, in eval mode."""
+
+    def held_out(self, splits: Splits, source: str) -> tuple[Any, str]:
+        """(the split a finished model is scored on, its name): the test split, else the validation
+        split; InputError when `source` (the data's name, for the message) holds neither."""
+        from weit_cli.errors import InputError
+
+        held_out, split = (splits.test, "test") if splits.test is not None and len(splits.test) else (splits.val, "val")
+        if len(held_out) == 0:
+            raise InputError(f"{source} has no test or validation {self.examples} to evaluate on", "pass a data set with a test split")
+        return held_out, split
+
+    def evaluate_model(self, forward: Forward, held_out: Any, split: str, batch_size: int = 256,
+                       device: torch.device | str | None = None) -> dict[str, Any]:
+        """`weit evaluate`'s scores of a model on `held_out` (named `split`): the metric under its
+        legacy and its role key (`test_acc`, `test_metric`), the mean loss (`test_loss`) and the
+        metric's description (`metric_info`)."""
+        score = self.evaluate(forward, held_out, batch_size, device)
+        return {
+            f"{split}_{self.metric.name}": score.metric, f"{split}_loss": score.loss,
+            f"{split}_metric": score.metric, "metric_info": self.metric.to_dict(),
+        }

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from weit_cli.tasks.base import Batch, Forward, Task
+from weit_cli.tasks.base import Batch, Forward, Metric, Task
 from weit_cli.training.dist import device_autocast
 
 
@@ -29,7 +29,7 @@ class Classification(Task):
     """A batch is (images, labels); the model maps images to logits."""
 
     name = "classification"
-    metric_name = "accuracy"
+    metric = Metric("acc", "accuracy", higher_is_better=True, percent=True, short="acc")
 
     def __init__(self, label_smoothing: float = 0.0):
         self.label_smoothing = label_smoothing

@@ -14,8 +14,11 @@ importable from here too:
 - tasks/control_config.py: the control config, its check and its file (`control_config`,
   `check_control_config`, `save_control_config`, `load_control_config`);
 - tasks/rollout.py: `rollout`, `ContextPolicy` (any control model as a policy) and
-  `evaluate_rollouts` (an exported model folder rolled out with nothing but that folder);
-- arch/_control_call.py: how a control model is called (`model_inputs`, `action_output`).
+  `evaluate_rollouts` (an exported model folder rolled out with nothing but that folder).
+
+How a control model is called is its family's business (`Adapter.task_forward` and `Adapter.apply`,
+e.g. arch/_control_call.py): the task calls what it is given with the window's five tensors and gets
+the predicted actions.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from weit_cli.arch._control_call import ACTIONS_KEY, action_output, model_inputs
 from weit_cli.data.control import Budget
 from weit_cli.data.envs import check_fits, env_info
 from weit_cli.data.trajectories import (
@@ -47,7 +49,7 @@ from weit_cli.data.trajectories import (
 )
 from weit_cli.data.windows import ACTION_PAD, Windows, empty_windows, sample_windows, window_dataset
 from weit_cli.errors import WeitError
-from weit_cli.tasks.base import Batch, Forward, Task
+from weit_cli.tasks.base import Batch, Forward, Metric, Task
 from weit_cli.tasks.control_config import (
     CONFIG_FILE,
     CONFIG_KIND,
@@ -58,14 +60,14 @@ from weit_cli.tasks.control_config import (
     load_control_config,
     save_control_config,
 )
-from weit_cli.tasks.rollout import ContextPolicy, Policy, RolloutResult, evaluate_rollouts, load_control_model, pool, rollout
+from weit_cli.tasks.rollout import ContextPolicy, Policy, RolloutResult, evaluate_rollouts, load_control_model, rollout
 
 __all__ = [
-    "ACTION_PAD", "ACTIONS_KEY", "CONFIG_FILE", "CONFIG_KIND", "CONFIG_VERSION", "DEFAULT_CONTEXT", "MAX_VAL_WINDOWS",
+    "ACTION_PAD", "CONFIG_FILE", "CONFIG_KIND", "CONFIG_VERSION", "DEFAULT_CONTEXT", "MAX_VAL_WINDOWS",
     "MAX_WINDOWS", "RTG_SCALE", "STD_EPS", "ContextPolicy", "Control", "ControlScore", "ControlSet", "ControlSplits",
-    "Policy", "RolloutResult", "Windows", "action_loss", "action_output", "check_control_config", "check_fits",
+    "Policy", "RolloutResult", "Windows", "action_loss", "check_control_config", "check_fits",
     "control_config", "empty_windows", "episode_bounds", "episode_timesteps", "evaluate_rollouts", "load_control_config",
-    "load_control_model", "model_inputs", "pool", "prepare", "returns_to_go", "rollout", "sample_windows",
+    "load_control_model", "prepare", "returns_to_go", "rollout", "sample_windows",
     "save_control_config", "select_episodes", "split_episodes", "state_stats", "window_dataset",
 ]
 
@@ -121,8 +123,8 @@ class Control(Task):
     """Return-conditioned action prediction (Chen et al. 2021).
 
     A batch is (states, actions, returns-to-go, timesteps, attention mask), one K-step window per
-    row, left-padded; the model is called with `model_inputs` and its output reduced with
-    `action_output`; the loss is the action MSE on unmasked positions, distillation the same MSE to
+    row, left-padded; the model (as its family's `task_forward` or `apply` makes it) maps the five
+    tensors to the predicted actions (B, K, act); the loss is the action MSE on unmasked positions, distillation the same MSE to
     the teacher's actions (no temperature: actions are not logits), the validation metric the
     action MSE of held-out episodes (lower is better).
 
@@ -143,9 +145,10 @@ class Control(Task):
     """
 
     name = TASK
-    metric_name = "action_mse"
-    metric_key = "action_mse"  # val_action_mse, …
-    higher_is_better = False
+    metric = Metric("action_mse", "action MSE", higher_is_better=False)
+    metric_name = "action_mse"  # legacy: the results' "metric" string
+    examples = "windows"
+    rollouts = True  # scored by acting in its environment (`weit evaluate --env`), not on --data
 
     def __init__(
         self,
@@ -256,7 +259,7 @@ class Control(Task):
 
     # ---------------------------------------------------------------------------------- the model
     def outputs(self, forward: Forward, batch: Batch) -> Tensor:
-        return action_output(forward(*model_inputs(batch))).float()
+        return forward(*batch).float()
 
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
         return action_loss(outputs.float(), batch[1].float(), batch[4])

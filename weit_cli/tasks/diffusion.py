@@ -26,7 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from weit_cli.errors import InputError, WeitError
@@ -66,18 +65,6 @@ def sample_scheduler(config: dict | None = None):
     from diffusers import DDIMScheduler
 
     return DDIMScheduler.from_config(dict(config if config is not None else SCHEDULER))
-
-
-def save_scheduler_config(scheduler, folder: Path) -> Path:
-    """Write `scheduler_config.json` into a model folder, atomically, with exactly the bytes of
-    diffusers' `scheduler.save_config(folder)`, so that `DDIMScheduler.from_pretrained(folder)`
-    (or DDPM…) finds the noise process the model was trained with beside its `config.json`."""
-    from weit_cli.io.files import atomic_file
-
-    path = Path(folder) / SCHEDULER_FILE
-    with atomic_file(path) as tmp:
-        scheduler.to_json_file(tmp)  # what save_config does, minus its non-atomic open()
-    return path
 
 
 def scheduler_file_config() -> dict:
@@ -142,14 +129,6 @@ def noised(x0: Tensor, y: Tensor, scheduler, generator: torch.Generator | None, 
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=x0.dtype)
     y = drop_labels(y, num_classes, label_dropout, generator)
     return scheduler.add_noise(x0, noise, t), t, y, noise
-
-
-def diffusion_loss(denoiser: Denoiser, x0: Tensor, y: Tensor, scheduler, generator: torch.Generator | None, *, num_classes: int, label_dropout: float = 0.1) -> Tensor:
-    """DDPM's simple loss: MSE between the true noise and the denoiser's ε at a uniform random step
-    (the draws of `noised`)."""
-    x_t, t, y, noise = noised(x0, y, scheduler, generator, num_classes=num_classes, label_dropout=label_dropout)
-    eps = denoiser(x_t, t, y)
-    return F.mse_loss(eps.float(), noise.float())
 
 
 # ---------------------------------------------------------------------------------------------- guidance

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from weit_cli.errors import WeitError
 from weit_cli.options import LabelDropout, check_value
-from weit_cli.tasks.base import Batch, Forward, Task
+from weit_cli.tasks.base import Batch, Forward, Metric, Task
 from weit_cli.tasks.diffusion import noised, train_scheduler
 from weit_cli.training.dist import device_autocast
 
@@ -49,9 +49,8 @@ class Generation(Task):
     """A batch is (images, labels) → prepared (x_t, t, y, ε); the model maps (x_t, t, y) to ε̂."""
 
     name = "generation"
-    metric_name = "loss"
-    metric_key = "loss"
-    higher_is_better = False
+    metric = Metric("loss", "loss", higher_is_better=False)
+    samples = True  # its models draw images: `weit sample`, and judged samples in `weit evaluate`
 
     def __init__(self, label_dropout: float = LABEL_DROPOUT, generator: torch.Generator | None = None, scheduler_config: dict | None = None):
         check_value(LabelDropout, label_dropout, "label dropout")

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from weit_cli.arch._control_call import action_output, model_inputs
 from weit_cli.data.envs import check_fits, env_info, make_env, normalized_score
 from weit_cli.data.windows import Windows
 from weit_cli.errors import InputError, WeitError
@@ -135,8 +134,8 @@ def rollout(
 
 
 class ContextPolicy:
-    """Any control model as a rollout policy, through the task's own call (`model_inputs`,
-    `action_output`): states normalised with the training data's statistics, returns-to-go scaled,
+    """Any control model as a rollout policy, given as the task calls it (`forward`: the window's
+    five tensors → actions, what its family's `Adapter.task_forward` makes of the module): states normalised with the training data's statistics, returns-to-go scaled,
     the last `context` steps left-padded to `context` (zeros, mask 0) as in transformers' and the DT
     paper's `get_action`. `config` is a control config (`control_config`)."""
 
@@ -164,13 +163,14 @@ class ContextPolicy:
             steps = torch.cat([steps.new_zeros(1, pad), steps], dim=1)
             mask = torch.cat([mask.new_zeros(1, pad), mask], dim=1)
         batch = Windows(states, actions, rtg, steps, mask).to(self.device).batch()
-        return action_output(self.forward(*model_inputs(batch)))[0, -1].float().cpu()
+        return self.forward(*batch)[0, -1].float().cpu()
 
 
 # --------------------------------------------------------------------------- rollouts of a folder
 def load_control_model(model_dir, *, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    """(module in eval mode, architecture, control config) of a model folder; the family comes
-    from the registry (the weights' layout), so any family of the control task loads."""
+    """(the model as its task calls it — its family's `task_forward` of the module — in eval mode,
+    architecture, control config) of a model folder; the family comes from the registry (the
+    weights' layout), so any family of the control task loads."""
     from weit_cli.arch._registry import detect_family
     from weit_cli.io.files import load_dense
 
@@ -180,6 +180,8 @@ def load_control_model(model_dir, *, device: torch.device | str = "cpu") -> tupl
     config = load_control_config(folder)
     state, hints = load_dense(folder)
     adapter = detect_family(state.keys())
+    # The task's own name, not `task_class(adapter).rollouts`: the registry imports this module's task
+    # (tasks/control.py imports this module), so asking it from here would be an import cycle.
     if adapter.task != TASK:
         raise InputError(f"{folder} holds a model of the {adapter.task} task, not of control", "evaluate rollouts of a control model")
     state = adapter.loadable(state)
@@ -195,7 +197,7 @@ def load_control_model(model_dir, *, device: torch.device | str = "cpu") -> tupl
             f"{folder}: the model takes {dims[0]} state features and {dims[1]} actions, its {CONFIG_FILE} says {config['state_dim']} and {config['act_dim']}",
             "put the control config of the model's own training data beside it",
         )
-    return module.to(device).eval(), arch, config
+    return adapter.task_forward(module).to(device).eval(), arch, config
 
 
 def evaluate_rollouts(
@@ -229,17 +231,3 @@ def evaluate_rollouts(
     policy = ContextPolicy(module, config, device=device)
     return rollout(env_id, policy, target_return=float(target), episodes=episodes, seed=seed, max_steps=max_steps)
 
-
-def pool(results: list[RolloutResult]) -> RolloutResult:
-    """Several rollout results of one environment as one (e.g. training seeds × episodes): the
-    episodes one after the other, wall times summed; the target return is the first's."""
-    if not results or len({r.env_id for r in results}) != 1:
-        raise WeitError("pool rollout results of one environment", "pass a non-empty list of one environment's results")
-    return RolloutResult(
-        env_id=results[0].env_id,
-        target_return=results[0].target_return,
-        returns=[x for r in results for x in r.returns],
-        lengths=[x for r in results for x in r.lengths],
-        scores=[x for r in results for x in r.scores],
-        wall_s=sum(r.wall_s for r in results),
-    )

@@ -36,9 +36,10 @@ def largest_arch(recipe: rcp.Recipe, num_classes: int | None):
 def initial_bundle(recipe: rcp.Recipe, num_classes: int | None, teacher: dict[str, Tensor] | None = None) -> Bundle:
     """Templates, scalers and small parameters at the largest size, before training.
 
-    timm-svd: a freshly timm-initialised largest model, factorised by the shared SVD of
-    `extract-templates`; truncation to N templates shrinks the weights, so each type's scalers are
-    rescaled to give the composed weights the RMS of timm's init. Small parameters are timm's.
+    timm-svd (the recipe's name, for every family): a freshly initialised largest model (its library's
+    own init, `Adapter.build`), factorised by the shared SVD of `extract-templates`; truncation to N
+    templates shrinks the weights, so each type's scalers are rescaled to give the composed weights
+    the RMS of that init. Small parameters are the library's.
     With a `teacher` state dict (of the largest size; `teacher.init`): the teacher's own shared SVD
     and small parameters, as `extract-templates` makes them, unscaled.
     """
@@ -98,7 +99,7 @@ class _Buffers(nn.Module):
 
 class NestedModel(nn.Module):
     """The trainable parameters (templates, largest-size scalers and small parameters) and a forward
-    at any nested size through the real timm module of that size. BatchNorm running statistics are
+    at any nested size through the family's real module of that size. BatchNorm running statistics are
     kept apart, as buffers (see the module doc)."""
 
     def __init__(self, bundle: Bundle):
@@ -109,7 +110,7 @@ class NestedModel(nn.Module):
         self.scalers = nn.ParameterDict({_enc(k): nn.Parameter(v.detach().clone()) for k, v in bundle.scalers.items()})
         self.small = nn.ParameterDict({_enc(k): nn.Parameter(v.detach().clone()) for k, v in bundle.small.items() if k not in stats})
         self.stats = _Buffers({k: bundle.small[k] for k in sorted(stats)})
-        self._timm: dict[tuple, nn.Module] = {}  # not submodules: their own weights are never used
+        self._built: dict[tuple, nn.Module] = {}  # not submodules: their own weights are never used
 
     def named_tensors(self) -> dict[str, Tensor]:
         """Parameters under bundle-style names (templates.qkv, scalers.blocks.0…, small.pos_embed)."""
@@ -136,16 +137,16 @@ class NestedModel(nn.Module):
         return self.adapter.target_arch(self.arch, depth=depth, width=width, template_size=p)
 
     def state_at(self, depth, width) -> dict[str, Tensor]:
-        """The dense timm state dict of a nested size, composed differentiably (what materialize writes)."""
+        """The dense state dict (the family's layout) of a nested size, composed differentiably (what materialize writes)."""
         return resize(self.bundle(stats_copy=True), self.target(depth, width), "prefix", "tile").state_dict()
 
     def module_at(self, depth, width) -> nn.Module:
         key = (depth, width)
-        if key not in self._timm:
+        if key not in self._built:
             m = self.adapter.build(self.target(depth, width))
             m.requires_grad_(False)
-            self._timm[key] = m.to(self._device())
-        return self._timm[key]
+            self._built[key] = m.to(self._device())
+        return self._built[key]
 
     def forward(self, *inputs: Tensor, depth, width) -> Tensor:
         """The task's output at one size on the task's inputs (x; or x_t, t, y for a denoiser)."""
