@@ -450,7 +450,9 @@ def main() -> None:
                     "seeds": per_seed,
                 }
 
-            row = cached_json(stages / "rows" / f"{depth}x{width}-{method}.json", key, make_row)
+            # a row from the bundle is kept only as long as the bundle is the same (its templates' digest)
+            row_key = key + ("-" + pretrain_info["summary"]["templates_sha256_by_rank"][0][:16] if method in PRETRAINED else "")
+            row = cached_json(stages / "rows" / f"{depth}x{width}-{method}.json", row_key, make_row)
             results.append(row)
             say(f"{ft_id} depth {depth} width {width} ({where}) {row['method']:11s} score " + " → ".join(f"{m:.1f}" for m in row["mean_score"]))
 
