@@ -44,8 +44,8 @@ Score: D4RL's normalised return, 100·(R − R_random)/(R_expert − R_random) w
 reference returns, mean and spread over seeds × episodes, against finetuning steps; the rollout
 evaluation time is reported.
 
-    python benchmarks/control.py --budget tiny            # a few minutes: proves the pipeline, no claims
-    python benchmarks/control.py --budget medium --env Hopper-v5   # about 1.5 hours of one core with the weit-pt methods
+    python benchmarks/control.py --budget tiny            # under two minutes: proves the pipeline, no claims
+    python benchmarks/control.py --budget medium --env Hopper-v5   # about an hour of one core (4 methods, 54 min) + the weit-pt ones
     python benchmarks/control.py --budget medium --env HalfCheetah-v5 --finetune-env Walker2d-v5   # transfer
     python benchmarks/control.py --budget small --env Hopper-v5
 
