@@ -39,7 +39,7 @@ PY = [sys.executable, "-m", "weit_cli.cli"]
 QUIET = ["train.eval_every=0", "train.checkpoint_every=0"]
 VARIANTS = {
     "alone": ["nested.depths=[4]", "nested.widths=[64]"],
-    "sandwich": [],
+    "sandwich": ["nested.sampling=sandwich"],
     "one-size-p0": ["nested.sampling=one-size", "nested.one_size_power=0"],
     "one-size-p1": ["nested.sampling=one-size", "nested.one_size_power=1"],
     "shrink-0.5": ["nested.sampling=one-size", "nested.one_size_power=1", "nested.shrink_start=0.5"],
