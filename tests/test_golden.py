@@ -2,7 +2,7 @@
 before the family/task/export redesign (issue 9), kept in tests/golden.json.
 
 Bytes alone proved not portable: the trained outputs' last bits follow the CPU's kernels (the
-table recorded on an AVX-512 machine failed, unchanged, on an AVX2 one). So each file keeps its
+table recorded in an earlier session failed, unchanged, on this session's AVX2-only machine). So each file keeps its
 sha256 *and* what a change of behaviour would move: its layout (tensor names, dtypes, shapes), its
 metadata with sha256 digests and floats masked, those floats, and each tensor's sum and sum of
 magnitudes. A file passes if its bytes match, or if all of those match within RTOL (rounding).
