@@ -144,10 +144,11 @@ def train(model, task, splits, *, steps, lr, seed, batch_size, evaluate=None, ev
     params = dict(model.named_parameters())
     opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=1e-4)
     model.train()
+    call = get_adapter(FAMILY).task_forward(model)  # the family's call convention (the window's five tensors)
     loop = Loop(
         Plan(total_steps=steps, lr=lambda s: lr * min(1.0, (s + 1) / max(1, steps // 10)), grad_clip=0.25, eval_every=every),
         optimizer=opt, params=params, batches=Batches(splits.train, batch_size, seed=seed), device=torch.device("cpu"),
-        loss_step=lambda batch: task.train_loss(model, batch), evaluate=(lambda done: evaluate(done) or {}) if evaluate else None,
+        loss_step=lambda batch: task.train_loss(call, batch), evaluate=(lambda done: evaluate(done) or {}) if evaluate else None,
     )
     loop.run()
     return loop.losses
@@ -163,7 +164,8 @@ def fit_scalers(bundle, task, splits, *, steps, lr, seed, batch_size):
     trained = replace(bundle, scalers=scalers, small=small)
 
     def forward(*inputs):
-        return torch.func.functional_call(module, trained.state_dict(), inputs, strict=True)
+        call = lambda *xs: torch.func.functional_call(module, trained.state_dict(), xs, strict=True)  # noqa: E731
+        return adapter.apply(call, *inputs)
 
     params = {**{f"s.{k}": v for k, v in scalers.items()}, **{f"m.{k}": v for k, v in small.items() if v.requires_grad}}
     torch.manual_seed(seed)
@@ -199,6 +201,17 @@ def initial_state(method, target, teacher_arch, teacher_state, b, task, splits, 
     return fit_scalers(sized, task, splits, steps=b.fit_steps, lr=1e-3, seed=seed, batch_size=b.batch_size), method
 
 
+def pool(results: list) -> "T.RolloutResult":
+    """Several rollout results of one environment as one (training seeds × episodes): the episodes
+    one after the other, wall times summed (weit itself never pools: a benchmark's need)."""
+    assert results and len({r.env_id for r in results}) == 1, "pool one environment's results"
+    return T.RolloutResult(
+        env_id=results[0].env_id, target_return=results[0].target_return,
+        returns=[x for r in results for x in r.returns], lengths=[x for r in results for x in r.lengths],
+        scores=[x for r in results for x in r.scores], wall_s=sum(r.wall_s for r in results),
+    )
+
+
 # ------------------------------------------------------------------------------------------ stages
 def cached_json(path: Path, key: str, make):
     """A stage's JSON result from `path` when it was made with the same `key`, else made and stored."""
@@ -220,7 +233,7 @@ def step_flops(model, task, batch) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.random.fork_rng(), FlopCounterMode(display=False) as fc:
-        task.train_loss(model, task.prepare(batch)).backward()
+        task.train_loss(get_adapter(FAMILY).task_forward(model), task.prepare(batch)).backward()
     model.zero_grad(set_to_none=True)
     return int(fc.get_total_flops())
 
@@ -359,7 +372,7 @@ def main() -> None:
         teacher_s = time.perf_counter() - t0
         teacher_state = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
         torch.save({"key": pre_key, "train_s": teacher_s, "state": teacher_state}, teacher_file)
-    teacher_mse = task.evaluate(teacher, splits.val).metric
+    teacher_mse = task.evaluate(adapter.task_forward(teacher), splits.val).metric
     dense_step = step_flops(adapter.build(teacher_arch), task, first)
     flops = {"teacher_step_flops": dense_step, "teacher_steps": b.teacher_steps, "teacher_train_flops": dense_step * b.teacher_steps,
              "counted_with": "torch.utils.flop_counter.FlopCounterMode, forward + backward of one batch"}
@@ -367,7 +380,7 @@ def main() -> None:
         f"{flops['teacher_train_flops'] / 1e12:.4f} TFLOPs")
 
     def score(model, seed, env_id=ft_id, config=None):
-        policy = T.ContextPolicy(model, config or ft_splits.config)
+        policy = T.ContextPolicy(adapter.task_forward(model), config or ft_splits.config)
         r = T.rollout(env_id, policy, target_return=(config or ft_splits.config)["target_return"], episodes=b.episodes,
                       seed=1000 * seed, max_steps=b.max_steps)
         model.train()
@@ -414,8 +427,8 @@ def main() -> None:
                 model = adapter.build(teacher_arch)
                 model.load_state_dict(st, strict=True)
                 runs = [score(model, seed, args.env, splits.config) for seed in range(b.seeds)]
-                pooled = T.pool(runs)
-                out[name] = {"val_action_mse": task.evaluate(model, splits.val).metric, "mean_score": pooled.mean_score,
+                pooled = pool(runs)
+                out[name] = {"val_action_mse": task.evaluate(adapter.task_forward(model), splits.val).metric, "mean_score": pooled.mean_score,
                              "std_score": pooled.std_score, "episodes": len(pooled.scores), "runs": [r.summary() for r in runs]}
             return out
 
@@ -443,7 +456,7 @@ def main() -> None:
                     curve[b.steps] = score(model, seed)
                     per_seed.append({"seed": seed, "curve": {k: v.summary() for k, v in sorted(curve.items())}, "final_loss": losses[-1]})
                 steps = sorted(per_seed[0]["curve"])
-                pooled = {s: T.pool([_result(p["curve"][s]) for p in per_seed]) for s in steps}
+                pooled = {s: pool([_result(p["curve"][s]) for p in per_seed]) for s in steps}
                 return {
                     "size": {"depth": depth, "width": width, "where": where}, "method": label, "env_id": ft_id,
                     "steps": steps,
