@@ -156,9 +156,9 @@ class SampleOptions(Options):
 
     n: Annotated[int, Field(ge=1, le=100_000), Opt(flag="-n", hint="e.g. -n {default}")] = 64  # images
     steps: SamplingSteps = 50  # DDIM steps (η = 0)
-    # classifier-free guidance scale (1: none, the conditional ε). 2: on the shipped DiT recipe's largest
-    # size (4000 steps, 3 seeds) judge FID 72.6 → 26.9 and class accuracy 57.6 → 83.3 % against 1
-    # (docs/generation/dit-levers-alone4000.md)
+    # classifier-free guidance scale (1: none, the conditional ε). 2: on the shipped generation recipe's
+    # largest size (4000 steps, 3 seeds) judge FID 72.6 → 26.9 and class accuracy 57.6 → 83.3 % against 1
+    # (docs/benchmarks.md, "A budget at which samples are garments")
     guidance: Guidance = 2.0
     batch_size: EvalBatch = 64  # images per sampling batch (the images do not depend on it)
     scale: Annotated[Optional[int], Field(ge=1, le=MAX_SCALE), Opt(hint="e.g. --scale 4, or leave it out for ≥ 112 px per image")] = None
