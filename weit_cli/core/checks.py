@@ -79,14 +79,7 @@ def tensor_problems(b: Bundle, record: dict[str, Any] | None = None) -> list[str
                 other.append(f"{name} is not floating point")
     unexpected += [f"scalers.{k}" for k in sorted(b.scalers, key=natural) if k not in ref or ad.template_type_of(k, arch) is None]
     unexpected += [f"small.{k}" for k in sorted(b.small, key=natural) if k not in ref or ad.template_type_of(k, arch) is not None]
-    out = []
-    if missing:
-        out.append(f"missing {few(list(dict.fromkeys(missing)))}")
-    if unexpected:
-        out.append(f"unexpected {few(unexpected)}")
-    if shapes:
-        out.append(f"wrong shape {few(shapes)}")
-    return out + other
+    return _listed(list(dict.fromkeys(missing)), unexpected, shapes) + other
 
 
 def reference_shapes(adapter: Adapter, arch: Any) -> dict[str, tuple[int, ...]]:
@@ -112,14 +105,13 @@ def state_problems(adapter: Adapter, arch: Any, shapes: dict[str, tuple[int, ...
     missing = sorted(set(ref) - set(shapes), key=natural)
     unexpected = sorted(set(shapes) - set(ref), key=natural)
     wrong = [k for k in ref if k in shapes and tuple(ref[k]) != tuple(shapes[k])]
-    parts = []
-    if missing:
-        parts.append(f"missing {few(missing)}")
-    if unexpected:
-        parts.append(f"unexpected {few(unexpected)}")
-    if wrong:
-        parts.append("wrong shape " + few([f"{k} {tuple(shapes[k])}≠{tuple(ref[k])}" for k in wrong]))
-    return parts
+    return _listed(missing, unexpected, [f"{k} {tuple(shapes[k])}≠{tuple(ref[k])}" for k in wrong])
+
+
+def _listed(missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> list[str]:
+    """The non-empty groups of a layout check, each as a few of its keys."""
+    groups = (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+    return [f"{name} {few(keys)}" for name, keys in groups if keys]
 
 
 def few(xs: list[str], n: int = 4) -> str:
