@@ -25,6 +25,9 @@ wider than anything pretrained — each initialisation
                       --depth-rule identity` (lossless growth: tiled width, identity blocks)
     weit              `materialize` from the bundle, no data
     weit+fit          `fit-scalers` (diffusion loss, templates frozen), then `materialize`
+    weit-identity     `materialize --depth-rule identity` (not in the default list): deeper than the
+                      bundle, the added blocks start as identities (zeroed residual branches), so the
+                      model computes the bundle's largest size; inside the range it is `weit`
 
 is trained by `weit finetune` for S steps, 3 seeds (the finetuning seed: data order, noise and, for
 random, the initial weights; the bundle and the dense DiT are pretrained once, seed 0). After every
@@ -110,9 +113,12 @@ BUDGETS = {
     # largest size alone cost, where 4×64 alone reached judge FID 26.9 ± 4.1 and 83.3 ± 3.8 % class
     # accuracy at guidance 2 (docs/generation/dit-levers-alone4000.md); about 26 min of one CPU
     # thread per pretraining. 1000 finetuning steps scored every 200, guidance 2 as `weit sample`
-    # ships. Estimated ~8-10 h on 2 cores for every method, size and seed: not yet run in full.
+    # ships. Estimated ~8-10 h on 2 cores for every method, size and seed: not yet run in full
+    # (--step0-only: the initialisations themselves, ~1.5 h). With the EMA of the weights (decay
+    # 0.999, for the dense DiT too), as the bundles scored in docs/generation/garments-nested-scores.json
+    # were trained.
     "garments": dict(
-        overrides=["train.steps=8731", "train.warmup_steps=40", *NO_EVAL],
+        overrides=["train.steps=8731", "train.warmup_steps=40", "train.ema.decay=0.999", *NO_EVAL],
         targets=[(2, 32), (3, 48), (6, 64)], steps=1000, every=200, fit_steps=200, samples=300, sample_steps=20,
         grid_n=40, seeds=3, lr=5e-4, warmup_steps=50, val_fraction=0.01, guidance=2.0,
     ),
@@ -133,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="tiny")
     ap.add_argument("--work", type=Path, help="Cache folder (default runs/generation-<budget>).")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "generation", help="Where the JSON, plot and grids go.")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated, of {', '.join(METHODS)} and weit-identity.")
+    ap.add_argument("--targets", help="Comma-separated DEPTHxWIDTH, a subset of the budget's targets (default: all of them).")
     ap.add_argument("--seeds", type=int, help="Override the budget's number of finetuning seeds.")
     ap.add_argument("--guidance", type=float, help="Classifier-free guidance when scoring and for the grids (1: none; default: the budget's).")
     ap.add_argument("--pretrain-seeds", action="store_true",
@@ -158,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg["seeds"] = args.seeds
     if args.guidance is None:
         args.guidance = cfg.get("guidance", 1.0)
+    if args.targets:  # a run's cache key names its size: the subsets' runs are the full run's
+        wanted = [tuple(int(v) for v in t.split("x")) for t in args.targets.split(",")]
+        if not set(wanted) <= {tuple(t) for t in cfg["targets"]}:
+            ap.error(f"--targets: the {args.budget} budget's targets are " + ", ".join(f"{d}x{w}" for d, w in cfg["targets"]))
+        cfg["targets"] = [t for t in cfg["targets"] if tuple(t) in wanted]
     work = args.work or ROOT / "runs" / f"generation-{args.budget}"
     if args.fresh and work.exists():
         shutil.rmtree(work)
@@ -342,6 +354,7 @@ class Bench:
             warmup=tr.warmup_steps / per_epoch, schedule="cosine", min_lr_ratio=tr.min_lr_ratio, batch_size=bs,
             weight_decay=tr.weight_decay, grad_clip=tr.grad_clip, train_subset=per_epoch * bs, data_seed=recipe.seed,
             val_fraction=self.cfg["val_fraction"], seed=recipe.seed, force=True, device=self.args.device,
+            ema=tr.ema.decay if tr.ema else 0.0,  # the bundle's EMA, the same for the dense DiT (finetune's warm-up power is the recipe's 0.75)
         )
         return {"path": str(out / "last"), "steps": r["steps"], "epochs": epochs, "seconds": r["wall_s"],
                 "test_loss": r["final"].get("test_loss"), "data": r["data"]}
@@ -367,6 +380,15 @@ class Bench:
             return plain, "weight-selection", dense, {}
         if label == "weit":
             return plain, "weit", None, {}
+        if label == "weit-identity":
+            grown = models / f"weit-identity-{depth}x{width}"
+
+            def grow_identity() -> dict:
+                materialize(bundle, grown, depth=depth, width=width, depth_rule="identity", force=True)
+                return {"path": str(grown)}
+
+            self.cached(grown, grow_identity)
+            return grown, "weit", None, {}
         if label == "dense-grown":
             from weit_cli.commands.extract import extract_templates
 
@@ -585,7 +607,7 @@ def markdown(res: dict) -> str:
             f"| {r['fid_mean'][i]:.1f} ± {r['fid_std'][i]:.1f} | {r['fid_mean'][-1]:.1f} ± {r['fid_std'][-1]:.1f} "
             f"| {100 * r['class_accuracy_mean'][-1]:.1f} ± {100 * r['class_accuracy_std'][-1]:.1f} % "
             + (f"| {r['test_loss_mean'][-1]:.4f} ± {r['test_loss_std'][-1]:.4f} " if r["test_loss_mean"][-1] is not None else "| – ")
-            + f"| {'never' if hit is None else hit} |")
+            + f"| {'–' if not c else 'never' if hit is None else hit} |")  # –: no random run to compare with
     return "\n".join(lines + _scale_lines(res))
 
 

@@ -37,7 +37,8 @@ def test_generation_benchmark_step0_per_pretraining_seed(tmp_path):
     """--pretrain-seeds: seed i starts from a bundle and a dense DiT pretrained with seed i;
     --step0-only: the initialisations are scored, nothing is finetuned."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "generation.py"), "--budget", "tiny", "--seeds", "2", "--step0-only",
-           "--pretrain-seeds", "--methods", "weight-selection,weit", "--tag", "s0", "--work", str(tmp_path / "work"),
+           "--pretrain-seeds", "--methods", "weight-selection,weit,weit-identity", "--targets", "1x16,3x16", "--tag", "s0",
+           "--work", str(tmp_path / "work"),
            "--docs", str(tmp_path / "docs")]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
     res = json.loads((tmp_path / "docs" / "generation-tiny-s0.json").read_text())
@@ -45,6 +46,11 @@ def test_generation_benchmark_step0_per_pretraining_seed(tmp_path):
     assert res["pretrain"][0]["bundle"]["path"] != res["pretrain"][1]["bundle"]["path"]
     for r in res["runs"]:
         assert r["steps"] == [0] and len(r["seeds"]) == 2 and r["seeds"][0]["finetune_seconds"] == 0.0
+    assert {tuple(r["size"]) for r in res["runs"]} == {(1, 16), (3, 16)}  # --targets: a subset of the budget's
     weit = [r for r in res["runs"] if r["method"] == "weit"]
     assert all(r["seeds"][0]["fid"] != r["seeds"][1]["fid"] for r in weit)  # other bundles, other samples
+    by = {(tuple(r["size"]), r["method"]): r for r in res["runs"]}
+    # inside the range --depth-rule identity materializes what the default does; deeper, other layers
+    assert by[(1, 16), "weit-identity"]["fid_mean"] == by[(1, 16), "weit"]["fid_mean"]
+    assert by[(3, 16), "weit-identity"]["fid_mean"] != by[(3, 16), "weit"]["fid_mean"]
     assert "judge FID step 0" in (tmp_path / "docs" / "generation-tiny-s0.md").read_text()
