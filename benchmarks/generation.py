@@ -367,13 +367,18 @@ class Bench:
         pre, bundle, dense = self.of(seed)
         models = pre / "models"
         models.mkdir(exist_ok=True)
-        plain = models / f"weit-{depth}x{width}"
 
-        def make_plain() -> dict:  # shared by every method and by parallel processes: made once, under the stage lock
-            materialize(bundle, plain, depth=depth, width=width, force=True)
-            return {"path": str(plain)}
+        def materialized(out: Path, **rules) -> Path:
+            """`materialize` of the bundle at this size into `out`, made once under the stage lock
+            (shared by every method and by parallel processes)."""
+            def make() -> dict:
+                materialize(bundle, out, depth=depth, width=width, force=True, **rules)
+                return {"path": str(out)}
 
-        self.cached(plain, make_plain)
+            self.cached(out, make)
+            return out
+
+        plain = materialized(models / f"weit-{depth}x{width}")
         if label == "random":
             return plain, "random", None, {}
         if label == "weight-selection":
@@ -381,14 +386,7 @@ class Bench:
         if label == "weit":
             return plain, "weit", None, {}
         if label == "weit-identity":
-            grown = models / f"weit-identity-{depth}x{width}"
-
-            def grow_identity() -> dict:
-                materialize(bundle, grown, depth=depth, width=width, depth_rule="identity", force=True)
-                return {"path": str(grown)}
-
-            self.cached(grown, grow_identity)
-            return grown, "weit", None, {}
+            return materialized(models / f"weit-identity-{depth}x{width}", depth_rule="identity"), "weit", None, {}
         if label == "dense-grown":
             from weit_cli.commands.extract import extract_templates
 
