@@ -28,6 +28,13 @@ wider than anything pretrained — each initialisation
     weit-identity     `materialize --depth-rule identity` (not in the default list): deeper than the
                       bundle, the added blocks start as identities (zeroed residual branches), so the
                       model computes the bundle's largest size; inside the range it is `weit`
+    weit-teacher      the teacher path inside the same budget (not in the default list): a dense DiT
+                      for half the bundle's FLOPs, then `weit pretrain --teacher` of it for the other
+                      half (teacher forwards counted), then `materialize` (identity growth beyond)
+
+With --finetune-data (e.g. mnist5k) the runs finetune, fit and score on other data than the
+pretraining data (transfer); the 10-class table is kept (class i starts as the pretraining data's
+class i), and the models are scored by that data's judge against its test images.
 
 is trained by `weit finetune` for S steps, 3 seeds (the finetuning seed: data order, noise and, for
 random, the initial weights; the bundle and the dense DiT are pretrained once, seed 0). After every
@@ -71,6 +78,7 @@ from _stages import cached
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/dit-fashion.yaml"
+FINETUNE_DATA = "fashion-mnist"  # the pretraining data
 METHODS = ("random", "weight-selection", "weit", "weit+fit")  # weight-selection is dense-grown beyond the range
 # The published tiny/small/medium numbers were made with the recipe's earlier 32 templates per type;
 # pinned, so that their commands still reproduce them (the recipe ships 256 since issue 19).
@@ -139,10 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="tiny")
     ap.add_argument("--work", type=Path, help="Cache folder (default runs/generation-<budget>).")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "generation", help="Where the JSON, plot and grids go.")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated, of {', '.join(METHODS)} and weit-identity.")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated, of {', '.join(METHODS)}, weit-identity and weit-teacher.")
     ap.add_argument("--targets", help="Comma-separated DEPTHxWIDTH, a subset of the budget's targets (default: all of them).")
     ap.add_argument("--seeds", type=int, help="Override the budget's number of finetuning seeds.")
     ap.add_argument("--guidance", type=float, help="Classifier-free guidance when scoring and for the grids (1: none; default: the budget's).")
+    ap.add_argument("--also-guidance", type=float,
+                    help="Score each run's last model (the initialisation itself with --step0-only) at this guidance too: one more column.")
+    ap.add_argument("--finetune-data", default=FINETUNE_DATA,
+                    help="Finetune, fit and score on this data instead (transfer: e.g. mnist5k); the class table is kept, class i starts "
+                         "from the pretraining data's class i. Scored by this data's judge against its test images.")
     ap.add_argument("--pretrain-seeds", action="store_true",
                     help="Seed i's runs start from a bundle and a dense DiT pretrained with seed i (default: one pretraining, seed 0).")
     ap.add_argument("--step0-only", action="store_true",
@@ -227,6 +240,9 @@ class Bench:
                        sampler="ddim, clipped x0, eps re-derived")  # runs scored by the earlier sampler are not reused
         if a.pretrain_seeds or a.step0_only:  # keys of the runs made before these options existed stay as they were
             shaping.update(pretrain_seeds=a.pretrain_seeds, step0_only=a.step0_only)
+        if a.finetune_data != FINETUNE_DATA:
+            shaping.update(finetune_data=a.finetune_data)
+        self.epoch_steps = self.epoch_length()
         self.runs = self.work / f"runs-{digest(shaping)}"
         (self.runs / "models").mkdir(parents=True, exist_ok=True)
         self.scorer = None
@@ -239,6 +255,11 @@ class Bench:
                 for seed in range(cfg["seeds"]):
                     key = self.runs / f"{depth}x{width}-{label}-seed{seed}"
                     per_seed.append(self.cached(key, lambda: self.one(depth, width, label, seed)))
+                if a.also_guidance is not None:
+                    g = a.also_guidance
+                    for seed, rec in enumerate(per_seed):
+                        rec[f"guidance_{g:g}"] = self.cached(self.runs / f"{depth}x{width}-{label}-seed{seed}-guidance{g:g}",
+                                                             lambda: self.score(Path(rec["final_model"]), guidance=g))
                 rows.append(pool(depth, width, "inside" if inside else "beyond", label, per_seed))
                 grids.append(self.cached(self.runs / f"grid-{depth}x{width}-{label}", lambda: self.grid(depth, width, label)))
                 print(f"{depth}x{width} {label:16s} FID " + " → ".join(f"{m:.1f}" for m in rows[-1]["fid_mean"]), flush=True)
@@ -251,12 +272,14 @@ class Bench:
                 "recipe": RECIPE, "recipe_overrides": cfg["overrides"], "recipe_sha256": rcp.digest(recipe),
                 "nested": {"depths": recipe.nested.depths, "widths": recipe.nested.widths}, "largest": self.largest,
                 "targets": cfg["targets"], "finetune": {
-                    "steps": cfg["steps"], "scored_every": cfg["every"], "train_subset": cfg["every"] * recipe.data.batch_size,
+                    "data": a.finetune_data, "steps": cfg["steps"], "scored_every": cfg["every"], "epoch_steps": self.epoch_steps,
+                    "train_subset": self.epoch_steps * recipe.data.batch_size,
                     "lr": cfg["lr"], "warmup_steps": cfg["warmup_steps"], "schedule": "cosine", "batch_size": recipe.data.batch_size,
                     "weight_decay": recipe.train.weight_decay, "grad_clip": recipe.train.grad_clip, "val_fraction": cfg["val_fraction"],
                     "seeds": list(range(cfg["seeds"]))},
                 "fit": {"steps": cfg["fit_steps"], "lr": 1e-3, "batch_size": 64, "seed": "the run's"},
-                "scoring": {"samples": cfg["samples"], "ddim_steps": cfg["sample_steps"], "guidance": a.guidance, "sample_seed": 0,
+                "scoring": {"samples": cfg["samples"], "ddim_steps": cfg["sample_steps"], "guidance": a.guidance,
+                            "also_guidance": a.also_guidance, "data": a.finetune_data, "sample_seed": 0,
                             "real": f"the first {cfg['samples']} test images", "labels": "every class in turn"},
                 "threads": a.threads, "device": a.device, "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
             },
@@ -280,7 +303,13 @@ class Bench:
         bundle = self.cached(pre / "bundle", lambda: self.pretrain_bundle(pre, overrides))
         compute = self.cached(pre / "compute", lambda: self.equal_compute(recipe, bundle))
         dense = self.cached(pre / f"dense-{compute['dense_steps']}", lambda: self.pretrain_dense(pre, recipe, compute["dense_steps"]))
-        return {"pre": pre, "bundle": bundle, "dense": dense, "compute": compute}
+        out = {"pre": pre, "bundle": bundle, "dense": dense, "compute": compute}
+        if any(m.startswith("weit-teacher") for m in self.args.methods.split(",")):  # the teacher path at equal compute
+            half = math.ceil(compute["dense_steps"] / 2)
+            teacher = self.cached(pre / f"dense-{half}", lambda: self.pretrain_dense(pre, recipe, half))
+            out["teacher_half"] = self.cached(pre / f"teacher-half-{half}",
+                                              lambda: self.pretrain_teacher_half(pre, recipe, overrides, compute, teacher, half))
+        return out
 
     def of(self, seed: int) -> tuple[Path, Path, Path]:
         """(pretraining folder, bundle, dense DiT) that finetuning seed `seed` starts from."""
@@ -296,6 +325,47 @@ class Bench:
         materialize(out, pre / "bundle-largest", force=True)  # the dense model's architecture, and its FID at step 0
         return {"path": str(out), "steps": r["steps"], "seconds": r["wall_s"], "val": r.get("val"),
                 "train_flops": r.get("train_flops"), "size_steps": r.get("size_steps")}
+
+    def pretrain_teacher_half(self, pre: Path, recipe, overrides: list[str], compute: dict, teacher: dict, half: int) -> dict:
+        """The teacher path inside the same budget (as benchmarks/quality.py's `teacher-half`): a dense
+        DiT of the largest size for half the bundle's model FLOPs (`half` steps), then `weit pretrain
+        --teacher` of it (templates from its SVD, every size's loss half the teacher's noise prediction)
+        for as many steps as the other half buys: a step costs the sizes' mean model FLOPs (one size per
+        step, drawn as the bundle's were) plus one forward of the teacher. Warm-up scaled with the steps."""
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from weit_cli.arch._registry import get_adapter
+        from weit_cli.commands.materialize import materialize
+        from weit_cli.commands.pretrain import pretrain
+
+        m, bs = recipe.model, recipe.data.batch_size
+        adapter = get_adapter(m.family)
+        torch.manual_seed(0)
+        net = adapter.build(adapter.arch_for_recipe(m, depth=recipe.largest()[0], width=recipe.largest()[1], num_classes=10))
+        fwd = adapter.task_forward(net)
+        x = torch.randn(bs, m.in_channels, m.sample_size, m.sample_size)
+        t, y = torch.randint(0, 1000, (bs,)), torch.randint(0, 10, (bs,))
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            fwd(x, t, y)
+        t_fwd = int(fc.get_total_flops())
+        mean_step = compute["bundle_flops"] / compute["bundle_steps"]
+        left = compute["bundle_flops"] - half * compute["dense_flops_per_step"]
+        steps = int(left // (mean_step + t_fwd))
+        warm = round(recipe.train.warmup_steps * steps / recipe.train.steps)
+        ov = [*overrides, f"teacher.source={teacher['path']}", f"train.steps={steps}", f"train.warmup_steps={warm}"]
+        folder = pre / f"teacher-half-{half}"
+        folder.mkdir(exist_ok=True)
+        out = folder / "bundle.safetensors"
+        r = pretrain(ROOT / RECIPE, out, overrides=ov, force=True, device=self.args.device)
+        materialize(out, folder / "bundle-largest", force=True)
+        spent = sum(n * compute["flops_per_step_by_size"][k] for k, n in r["size_steps"].items()) + steps * t_fwd
+        return {"path": str(out), "steps": steps, "warmup_steps": warm, "seconds": r["wall_s"], "val": r.get("val"),
+                "train_flops": r.get("train_flops"), "teacher_flops": r.get("teacher_flops"), "size_steps": r.get("size_steps"),
+                "teacher": {"path": teacher["path"], "steps": half, "seconds": teacher["seconds"], "test_loss": teacher["test_loss"]},
+                "teacher_forward_flops": t_fwd, "model_flops": {"teacher_training": half * compute["dense_flops_per_step"],
+                                                                 "nested_with_teacher_forwards": spent,
+                                                                 "budget": compute["bundle_flops"]}}
 
     def equal_compute(self, recipe, bundle: dict) -> dict:
         """The dense DiT's step count for the bundle's training FLOPs (see the module doc)."""
@@ -359,6 +429,23 @@ class Bench:
         return {"path": str(out / "last"), "steps": r["steps"], "epochs": epochs, "seconds": r["wall_s"],
                 "test_loss": r["final"].get("test_loss"), "data": r["data"]}
 
+    def epoch_length(self) -> int:
+        """Finetuning steps per epoch (finetune scores the test loss and the benchmark keeps a model once
+        per epoch): the scoring interval, or on a training split smaller than that many batches the
+        largest divisor of it that fits (mnist5k's 3960 images: 50 steps, scored every 4th epoch)."""
+        from weit_cli.data.images import load_data
+
+        every, bs = self.cfg["every"], self.recipe.data.batch_size
+        if self.args.finetune_data == FINETUNE_DATA:
+            return every
+        m = self.recipe.model
+        n = len(load_data(self.args.finetune_data, img_size=m.sample_size, in_chans=m.in_channels, seed=0,
+                          val_fraction=self.cfg["val_fraction"]).train)
+        fits = [k for k in range(1, every + 1) if every % k == 0 and k * bs <= n]
+        if not fits:
+            raise SystemExit(f"{self.args.finetune_data}: {n} training images, fewer than one batch of {bs}")
+        return max(fits)
+
     # ------------------------------------------------------------------------------------ one run
     def init_model(self, depth: int, width: int, label: str, seed: int) -> tuple[Path, str, Path | None, dict]:
         """(MODEL for finetune, --init, --from, extra record) of one method."""
@@ -368,11 +455,11 @@ class Bench:
         models = pre / "models"
         models.mkdir(exist_ok=True)
 
-        def materialized(out: Path, **rules) -> Path:
+        def materialized(out: Path, source: Path = bundle, **rules) -> Path:
             """`materialize` of the bundle at this size into `out`, made once under the stage lock
             (shared by every method and by parallel processes)."""
             def make() -> dict:
-                materialize(bundle, out, depth=depth, width=width, force=True, **rules)
+                materialize(source, out, depth=depth, width=width, force=True, **rules)
                 return {"path": str(out)}
 
             self.cached(out, make)
@@ -387,6 +474,9 @@ class Bench:
             return plain, "weit", None, {}
         if label == "weit-identity":
             return materialized(models / f"weit-identity-{depth}x{width}", depth_rule="identity"), "weit", None, {}
+        if label == "weit-teacher":  # beyond the range grown by identity blocks, as weit-identity
+            taught = Path(self.pretrained[seed if self.args.pretrain_seeds else None]["teacher_half"]["path"])
+            return materialized(models / f"weit-teacher-{depth}x{width}", taught, depth_rule="identity"), "weit", None, {}
         if label == "dense-grown":
             from weit_cli.commands.extract import extract_templates
 
@@ -404,8 +494,8 @@ class Bench:
             from weit_cli.commands.fit_scalers import fit_scalers
 
             scalers = self.runs / "models" / f"scalers-{depth}x{width}-seed{seed}.safetensors"
-            fit = fit_scalers(bundle, scalers, data="fashion-mnist", depth=depth, width=width, steps=self.cfg["fit_steps"],
-                              lr=1e-3, train_subset=self.cfg["every"] * self.recipe.data.batch_size, seed=seed,
+            fit = fit_scalers(bundle, scalers, data=self.args.finetune_data, depth=depth, width=width, steps=self.cfg["fit_steps"],
+                              lr=1e-3, train_subset=self.epoch_steps * self.recipe.data.batch_size, seed=seed,
                               device=self.args.device, force=True)
             fitted = self.runs / "models" / f"weit-fit-{depth}x{width}-seed{seed}"
             materialize(bundle, fitted, depth=depth, width=width, scalers=scalers, force=True)
@@ -441,6 +531,7 @@ class Bench:
         snaps.mkdir()
         snapshots = [self.step0(model, init, source, seed, snaps / "step-0")]
         seen: set[int] = set()
+        per_score = cfg["every"] // self.epoch_steps  # epochs between scored models
 
         def keep_last(_info=None) -> None:
             """After each epoch finetune replaces last/: copy each epoch's once (the epoch is read from
@@ -449,7 +540,7 @@ class Bench:
 
             last = run / "last"
             epoch = epoch_of(last)
-            if epoch is not None and epoch not in seen:
+            if epoch is not None and epoch not in seen and epoch % per_score == 0:
                 seen.add(epoch)
                 dst = snaps / f"epoch-{epoch}"
                 shutil.copytree(last, dst)
@@ -457,25 +548,25 @@ class Bench:
 
         if self.args.step0_only:
             return self.only_step0(run, snaps, snapshots[0], label, depth, width, seed, init_s, extra)
-        epochs = cfg["steps"] // cfg["every"]
+        scored, epochs = cfg["steps"] // cfg["every"], cfg["steps"] // self.epoch_steps
         r = finetune(
-            model, run, data="fashion-mnist", epochs=epochs, init=init, source=source, lr=cfg["lr"],
-            warmup=cfg["warmup_steps"] / cfg["every"], schedule="cosine", batch_size=bs, weight_decay=self.recipe.train.weight_decay,
-            grad_clip=self.recipe.train.grad_clip, train_subset=cfg["every"] * bs, val_fraction=cfg["val_fraction"],
+            model, run, data=self.args.finetune_data, epochs=epochs, init=init, source=source, lr=cfg["lr"],
+            warmup=cfg["warmup_steps"] / self.epoch_steps, schedule="cosine", batch_size=bs, weight_decay=self.recipe.train.weight_decay,
+            grad_clip=self.recipe.train.grad_clip, train_subset=self.epoch_steps * bs, val_fraction=cfg["val_fraction"],
             seed=seed, force=True, device=self.args.device, on_step=keep_last,
         )
         keep_last()
-        if len(snapshots) != epochs + 1:
-            raise SystemExit(f"{run}: {len(snapshots)} snapshots for {epochs} epochs")
+        if len(snapshots) != scored + 1:
+            raise SystemExit(f"{run}: {len(snapshots)} snapshots for {scored} scored epochs")
         t = time.perf_counter()
         scores = [self.score(s) for s in snapshots]
         score_s = time.perf_counter() - t
         shutil.copytree(snapshots[-1], run / "final", dirs_exist_ok=True)
         shutil.rmtree(snaps)
         return {
-            "size": [depth, width], "method": label, "seed": seed, "steps": [i * cfg["every"] for i in range(epochs + 1)],
+            "size": [depth, width], "method": label, "seed": seed, "steps": [i * cfg["every"] for i in range(scored + 1)],
             "fid": [s["fid_judge"] for s in scores], "class_accuracy": [s["class_accuracy"] for s in scores],
-            "test_loss": r["test_loss_by_epoch"], "init_seconds": round(init_s, 2), "finetune_seconds": r["wall_s"],
+            "test_loss": [r["test_loss_by_epoch"][0], *r["test_loss_by_epoch"][per_score::per_score]], "init_seconds": round(init_s, 2), "finetune_seconds": r["wall_s"],
             "score_seconds": round(score_s, 2), "final_model": str(run / "final"), **extra,
         }
 
@@ -488,14 +579,15 @@ class Bench:
                 "class_accuracy": [score["class_accuracy"]], "test_loss": [None], "init_seconds": round(init_s, 2),
                 "finetune_seconds": 0.0, "score_seconds": round(time.perf_counter() - t, 2), "final_model": str(run / "final"), **extra}
 
-    def score(self, model: Path) -> dict:
+    def score(self, model: Path, guidance: float | None = None) -> dict:
         """What `weit evaluate` reports for a generator, minus the test loss (finetune has it)."""
         from weit_cli.commands.sample import sample_images
         from weit_cli.tasks.fid import class_accuracy
 
         cfg = self.cfg
         self.load_scorer()
-        fake, labels, _ = sample_images(model, n=cfg["samples"], steps=cfg["sample_steps"], guidance=self.args.guidance,
+        g = self.args.guidance if guidance is None else guidance
+        fake, labels, _ = sample_images(model, n=cfg["samples"], steps=cfg["sample_steps"], guidance=g,
                                         seed=0, device=self.args.device, command="evaluate")
         return {"fid_judge": self.scorer.score(fake), "class_accuracy": class_accuracy(self.judge.net, fake, labels)}
 
@@ -506,8 +598,8 @@ class Bench:
         from weit_cli.tasks.fid import FrechetScorer, load_judge
 
         m = self.recipe.model
-        self.judge = load_judge("fashion-mnist", img_size=m.sample_size, in_chans=m.in_channels)
-        self.data = load_data("fashion-mnist", img_size=m.sample_size, in_chans=m.in_channels, seed=0)
+        self.judge = load_judge(self.args.finetune_data, img_size=m.sample_size, in_chans=m.in_channels)
+        self.data = load_data(self.args.finetune_data, img_size=m.sample_size, in_chans=m.in_channels, seed=0)
         self.scorer = FrechetScorer(self.judge, self.data.test.tensors[0][: self.cfg["samples"]])
 
     def real_floor(self) -> dict:
@@ -526,7 +618,7 @@ class Bench:
         from weit_cli.tasks.fid import NOTE, load_judge
 
         m = self.recipe.model
-        j = load_judge("fashion-mnist", img_size=m.sample_size, in_chans=m.in_channels)
+        j = load_judge(self.args.finetune_data, img_size=m.sample_size, in_chans=m.in_channels)
         return {"sha256": j.sha256, "test_accuracy": j.test_accuracy, "note": NOTE}
 
     def grid(self, depth: int, width: int, label: str) -> dict:
@@ -550,9 +642,14 @@ def pool(depth: int, width: int, where: str, label: str, per_seed: list[dict]) -
     fid_m, fid_s = ms("fid")
     acc_m, acc_s = ms("class_accuracy")
     loss_m, loss_s = ms("test_loss")
+    also = {}  # the last model at --also-guidance: {"guidance_1": {"fid_mean": …, …}}
+    for key in (k for k in per_seed[0] if k.startswith("guidance_")):
+        for what, name in (("fid_judge", "fid"), ("class_accuracy", "class_accuracy")):
+            vals = [s[key][what] for s in per_seed]
+            also.setdefault(key, {}).update({f"{name}_mean": statistics.mean(vals), f"{name}_std": statistics.stdev(vals) if len(vals) > 1 else 0.0})
     return {"size": [depth, width], "where": where, "method": label, "steps": per_seed[0]["steps"],
             "fid_mean": fid_m, "fid_std": fid_s, "class_accuracy_mean": acc_m, "class_accuracy_std": acc_s,
-            "test_loss_mean": loss_m, "test_loss_std": loss_s, "seeds": per_seed}
+            "test_loss_mean": loss_m, "test_loss_std": loss_s, **also, "seeds": per_seed}
 
 
 def claims(rows: list[dict]) -> list[dict]:
@@ -586,17 +683,26 @@ def markdown(res: dict) -> str:
     """The docs table: judge FID (mean ± sd over seeds) at step 0, at a fifth of the steps and at the
     end; class accuracy and test loss at the end; the first step at random's final FID."""
     steps = res["runs"][0]["steps"]
+    g = res["settings"]["scoring"].get("also_guidance")
+    key, also_head = (f"guidance_{g:g}", f" FID / class acc. step {steps[-1]}, guidance {g:g} |") if g is not None else (None, "")
+
+    def also(r: dict) -> str:
+        if key is None:
+            return ""
+        a = r[key]
+        return f" {a['fid_mean']:.1f} ± {a['fid_std']:.1f} / {100 * a['class_accuracy_mean']:.1f} % |"
+
     if len(steps) == 1:  # --step0-only: the initialisations themselves
-        lines = ["| size | | method | judge FID step 0 | class acc. step 0 |", "|" + "---|" * 5]
+        lines = ["| size | | method | judge FID step 0 | class acc. step 0 |" + also_head, "|" + "---|" * (5 + bool(key))]
         lines += [f"| {r['size'][0]}×{r['size'][1]} | {r['where']} | {r['method']} | {r['fid_mean'][0]:.1f} ± {r['fid_std'][0]:.1f} "
-                  f"| {100 * r['class_accuracy_mean'][0]:.1f} ± {100 * r['class_accuracy_std'][0]:.1f} % |" for r in res["runs"]]
+                  f"| {100 * r['class_accuracy_mean'][0]:.1f} ± {100 * r['class_accuracy_std'][0]:.1f} % |" + also(r) for r in res["runs"]]
         return "\n".join(lines + _scale_lines(res))
     fifth = min(steps, key=lambda s: abs(s - steps[-1] / 5))
     i = steps.index(fifth)
     at = {(tuple(c["size"]), c["method"]): c for c in res["claims"]}
     head = (f"| size | | method | FID step 0 | FID step {fifth} | FID step {steps[-1]} | class acc. step {steps[-1]} "
-            f"| test loss step {steps[-1]} | first step ≤ random's final FID |")
-    lines = [head, "|" + "---|" * 8]
+            f"| test loss step {steps[-1]} | first step ≤ random's final FID |" + also_head)
+    lines = [head, "|" + "---|" * (8 + bool(key))]
     for r in res["runs"]:
         c = at.get((tuple(r["size"]), r["method"]), {})
         hit = c.get("first_step_at_random_final")
@@ -605,7 +711,7 @@ def markdown(res: dict) -> str:
             f"| {r['fid_mean'][i]:.1f} ± {r['fid_std'][i]:.1f} | {r['fid_mean'][-1]:.1f} ± {r['fid_std'][-1]:.1f} "
             f"| {100 * r['class_accuracy_mean'][-1]:.1f} ± {100 * r['class_accuracy_std'][-1]:.1f} % "
             + (f"| {r['test_loss_mean'][-1]:.4f} ± {r['test_loss_std'][-1]:.4f} " if r["test_loss_mean"][-1] is not None else "| – ")
-            + f"| {'–' if not c else 'never' if hit is None else hit} |")  # –: no random run to compare with
+            + f"| {'–' if not c else 'never' if hit is None else hit} |" + also(r))  # –: no random run to compare with
     return "\n".join(lines + _scale_lines(res))
 
 
@@ -652,7 +758,9 @@ def plot(res: dict, path: Path) -> None:
             axes[i][j].set_xlabel("finetuning steps")
             axes[i][j].grid(alpha=0.3)
             axes[i][j].legend(fontsize=7)
-    title = f"DiT on Fashion-MNIST, budget {res['budget']} (judge {res['judge']['sha256'][:8]}, not Inception-FID)"
+    data = res["settings"]["finetune"].get("data", FINETUNE_DATA)
+    on = "Fashion-MNIST" if data == FINETUNE_DATA else f"Fashion-MNIST → {data}"
+    title = f"DiT on {on}, budget {res['budget']} (judge {res['judge']['sha256'][:8]}, not Inception-FID)"
     if res["note"]:
         title += f"\n{res['note']}"
     fig.suptitle(title, fontsize=9)

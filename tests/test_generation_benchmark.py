@@ -54,3 +54,51 @@ def test_generation_benchmark_step0_per_pretraining_seed(tmp_path):
     assert by[(1, 16), "weit-identity"]["fid_mean"] == by[(1, 16), "weit"]["fid_mean"]
     assert by[(3, 16), "weit-identity"]["fid_mean"] != by[(3, 16), "weit"]["fid_mean"]
     assert "judge FID step 0" in (tmp_path / "docs" / "generation-tiny-s0.md").read_text()
+
+
+@pytest.mark.slow
+def test_generation_benchmark_transfer_teacher_and_second_guidance(tmp_path):
+    """--finetune-data: finetuned and scored on MNIST (its own judge) from Fashion-MNIST pretraining;
+    weit-teacher: the teacher path inside the bundle's budget; --also-guidance: a second score of the
+    last model."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "generation.py"), "--budget", "tiny", "--seeds", "1",
+           "--methods", "weit,weit-teacher", "--targets", "1x16", "--finetune-data", "mnist5k", "--also-guidance", "2",
+           "--tag", "tr", "--work", str(tmp_path / "work"), "--docs", str(tmp_path / "docs")]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+    res = json.loads((tmp_path / "docs" / "generation-tiny-tr.json").read_text())
+    from weit_cli.tasks.fid import load_judge
+
+    assert res["settings"]["finetune"]["data"] == "mnist5k"
+    assert res["judge"]["sha256"] == load_judge("mnist5k").sha256 != load_judge("fashion-mnist").sha256
+    taught = res["pretrain"][0]["teacher_half"]
+    spent = taught["model_flops"]
+    # the two halves together stay inside the bundle's budget, within one nested step
+    assert 0.9 * spent["budget"] <= spent["teacher_training"] + spent["nested_with_teacher_forwards"] <= spent["budget"]
+    assert taught["teacher"]["steps"] == -(-res["pretrain"][0]["compute"]["dense_steps"] // 2)
+    by = {r["method"]: r for r in res["runs"]}
+    assert by["weit"]["fid_mean"] != by["weit-teacher"]["fid_mean"]  # another bundle
+    for r in res["runs"]:
+        also = r["guidance_2"]
+        assert also["fid_mean"] > 0 and also["fid_mean"] != r["fid_mean"][-1]  # guidance 2 draws other samples than 1
+    assert "guidance 2 |" in (tmp_path / "docs" / "generation-tiny-tr.md").read_text()
+
+
+def test_generation_benchmark_epoch_fits_a_small_training_split():
+    """A finetuning epoch is the scoring interval, or on a smaller training split the largest divisor
+    of it that fits: mnist5k's 3960 training images hold 50 batches of 64 of the 200-step interval."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import generation
+
+    from weit_cli import recipe as rcp
+
+    bench = generation.Bench.__new__(generation.Bench)
+    bench.cfg = dict(generation.BUDGETS["garments"])
+    bench.recipe = rcp.load_recipe(ROOT / generation.RECIPE, bench.cfg["overrides"])
+
+    class Args:
+        finetune_data = "mnist5k"
+
+    bench.args = Args()
+    assert bench.epoch_length() == 50
+    Args.finetune_data = "fashion-mnist"
+    assert bench.epoch_length() == 200
