@@ -23,11 +23,14 @@ wider than anything pretrained — each initialisation
                       beyond the range, where selection cannot grow, the dense DiT is grown instead:
     dense-grown       `extract-templates` of the dense DiT at full rank (exact), then `materialize
                       --depth-rule identity` (lossless growth: tiled width, identity blocks)
-    weit              `materialize` from the bundle, no data
+    weit              `materialize` from the bundle, no data (the default depth rule: deeper than the
+                      bundle a DiT grows by identity blocks since issue 19; before, by `interp`)
     weit+fit          `fit-scalers` (diffusion loss, templates frozen), then `materialize`
     weit-identity     `materialize --depth-rule identity` (not in the default list): deeper than the
                       bundle, the added blocks start as identities (zeroed residual branches), so the
                       model computes the bundle's largest size; inside the range it is `weit`
+    weit-interp,      the same with `--depth-rule interp` (interpolated scalers; not in the default
+    weit+fit-interp   list): what `weit` and `weit+fit` were beyond the range before issue 19
     weit-teacher      the teacher path inside the same budget (not in the default list): a dense DiT
                       for half the bundle's FLOPs, then `weit pretrain --teacher` of it for the other
                       half (teacher forwards counted), then `materialize` (identity growth beyond)
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="tiny")
     ap.add_argument("--work", type=Path, help="Cache folder (default runs/generation-<budget>).")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "generation", help="Where the JSON, plot and grids go.")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated, of {', '.join(METHODS)}, weit-identity and weit-teacher.")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated, of {', '.join(METHODS)}, weit-identity, weit-interp, weit+fit-interp and weit-teacher.")
     ap.add_argument("--targets", help="Comma-separated DEPTHxWIDTH, a subset of the budget's targets (default: all of them).")
     ap.add_argument("--seeds", type=int, help="Override the budget's number of finetuning seeds.")
     ap.add_argument("--guidance", type=float, help="Classifier-free guidance when scoring and for the grids (1: none; default: the budget's).")
@@ -449,6 +452,7 @@ class Bench:
     # ------------------------------------------------------------------------------------ one run
     def init_model(self, depth: int, width: int, label: str, seed: int) -> tuple[Path, str, Path | None, dict]:
         """(MODEL for finetune, --init, --from, extra record) of one method."""
+        from weit_cli.arch._registry import get_adapter
         from weit_cli.commands.materialize import materialize
 
         pre, bundle, dense = self.of(seed)
@@ -465,15 +469,18 @@ class Bench:
             self.cached(out, make)
             return out
 
-        plain = materialized(models / f"weit-{depth}x{width}")
-        if label == "random":
+        plain = materialized(models / f"weit-{depth}x{width}")  # beyond the range its weights are the earlier default's
+        if label == "random":  # (interp): random and weight selection take only its architecture
             return plain, "random", None, {}
         if label == "weight-selection":
             return plain, "weight-selection", dense, {}
-        if label == "weit":
-            return plain, "weit", None, {}
-        if label == "weit-identity":
-            return materialized(models / f"weit-identity-{depth}x{width}", depth_rule="identity"), "weit", None, {}
+        grow = get_adapter(self.recipe.model.family).grow_depth_rule
+        inside = depth <= self.largest[0]
+        if label == "weit":  # the default (`auto`): beyond the range the family's growth rule, named by it
+            return (plain if inside else materialized(models / f"weit-{grow}-{depth}x{width}", depth_rule=grow)), "weit", None, {}
+        if label in ("weit-identity", "weit-interp"):
+            rule = label.removeprefix("weit-")
+            return materialized(models / f"weit-{rule}-{depth}x{width}", depth_rule=rule), "weit", None, {}
         if label == "weit-teacher":  # beyond the range grown by identity blocks, as weit-identity
             taught = Path(self.pretrained[seed if self.args.pretrain_seeds else None]["teacher_half"]["path"])
             return materialized(models / f"weit-teacher-{depth}x{width}", taught, depth_rule="identity"), "weit", None, {}
@@ -490,14 +497,16 @@ class Bench:
                 return {"relative_error": r.get("relative_error")}
 
             return grown, "weit", None, {k: v for k, v in self.cached(grown, grow).items() if k != "stage_s"}
-        if label == "weit+fit":
+        if label in ("weit+fit", "weit+fit-interp"):
             from weit_cli.commands.fit_scalers import fit_scalers
 
-            scalers = self.runs / "models" / f"scalers-{depth}x{width}-seed{seed}.safetensors"
+            name = label.replace("+", "-")
+            rule = {"depth_rule": "interp"} if label.endswith("-interp") else {}
+            scalers = self.runs / "models" / f"scalers-{name}-{depth}x{width}-seed{seed}.safetensors"
             fit = fit_scalers(bundle, scalers, data=self.args.finetune_data, depth=depth, width=width, steps=self.cfg["fit_steps"],
                               lr=1e-3, train_subset=self.epoch_steps * self.recipe.data.batch_size, seed=seed,
-                              device=self.args.device, force=True)
-            fitted = self.runs / "models" / f"weit-fit-{depth}x{width}-seed{seed}"
+                              device=self.args.device, force=True, **rule)
+            fitted = self.runs / "models" / f"{name}-{depth}x{width}-seed{seed}"
             materialize(bundle, fitted, depth=depth, width=width, scalers=scalers, force=True)
             return fitted, "weit", None, {"fit": {k: fit.get(k) for k in ("loss_first", "loss_last", "fit_seconds", "steps")}}
         raise SystemExit(f"unknown method {label}")

@@ -196,6 +196,26 @@ def test_identity_depth_growth_keeps_the_denoiser_output_end_to_end(full_bundle,
     assert torch.allclose(denoise(m, batch), denoise(load(dit_dir), batch), atol=1e-4, rtol=1e-4)
 
 
+def test_default_depth_rule_grows_a_dit_by_identity_blocks(full_bundle, dit_dir, batch, tmp_path):
+    """`auto` grows DiTs by identity blocks (interpolated blocks drew noise beyond the range,
+    docs/benchmarks.md): the grown DiT computes the bundle's, unlike `--depth-rule interp`."""
+    weit("materialize", full_bundle, "-o", tmp_path / "auto", "--depth", 5)
+    auto = load(tmp_path / "auto")
+    assert torch.allclose(denoise(auto, batch), denoise(load(dit_dir), batch), atol=1e-4, rtol=1e-4)
+    weit("materialize", full_bundle, "-o", tmp_path / "interp", "--depth", 5, "--depth-rule", "interp")
+    assert not torch.allclose(denoise(load(tmp_path / "interp"), batch), denoise(auto, batch), atol=1e-3)
+    b, _ = _bundle()
+    auto, identity = (resize(b, ad.target_arch(b.arch, depth=4), *rule).state_dict() for rule in ((), ("identity",)))
+    assert auto.keys() == identity.keys() and all(torch.equal(v, identity[k]) for k, v in auto.items())
+
+
+def test_other_families_still_grow_by_interpolation():
+    from weit_cli.arch._registry import get_adapter
+
+    assert {f: get_adapter(f).grow_depth_rule for f in ("vit", "resnet", "decision-transformer", "dit")} == {
+        "vit": "interp", "resnet": "interp", "decision-transformer": "interp", "dit": "identity"}
+
+
 def test_added_blocks_zero_only_their_gates():
     b, _ = _bundle()
     grown = resize(b, ad.target_arch(b.arch, depth=4), "identity")

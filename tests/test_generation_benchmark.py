@@ -37,7 +37,7 @@ def test_generation_benchmark_step0_per_pretraining_seed(tmp_path):
     """--pretrain-seeds: seed i starts from a bundle and a dense DiT pretrained with seed i;
     --step0-only: the initialisations are scored, nothing is finetuned."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "generation.py"), "--budget", "tiny", "--seeds", "2", "--step0-only",
-           "--pretrain-seeds", "--methods", "weight-selection,weit,weit-identity", "--targets", "1x16,3x16", "--tag", "s0",
+           "--pretrain-seeds", "--methods", "weight-selection,weit,weit-identity,weit-interp", "--targets", "1x16,3x16", "--tag", "s0",
            "--work", str(tmp_path / "work"),
            "--docs", str(tmp_path / "docs")]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
@@ -50,9 +50,10 @@ def test_generation_benchmark_step0_per_pretraining_seed(tmp_path):
     weit = [r for r in res["runs"] if r["method"] == "weit"]
     assert all(r["seeds"][0]["fid"] != r["seeds"][1]["fid"] for r in weit)  # other bundles, other samples
     by = {(tuple(r["size"]), r["method"]): r for r in res["runs"]}
-    # inside the range --depth-rule identity materializes what the default does; deeper, other layers
-    assert by[(1, 16), "weit-identity"]["fid_mean"] == by[(1, 16), "weit"]["fid_mean"]
-    assert by[(3, 16), "weit-identity"]["fid_mean"] != by[(3, 16), "weit"]["fid_mean"]
+    # inside the range every depth rule materializes the prefix; deeper, the default grows a DiT by
+    # identity blocks and interp gives other layers
+    assert by[(1, 16), "weit-identity"]["fid_mean"] == by[(1, 16), "weit"]["fid_mean"] == by[(1, 16), "weit-interp"]["fid_mean"]
+    assert by[(3, 16), "weit-identity"]["fid_mean"] == by[(3, 16), "weit"]["fid_mean"] != by[(3, 16), "weit-interp"]["fid_mean"]
     assert "judge FID step 0" in (tmp_path / "docs" / "generation-tiny-s0.md").read_text()
 
 

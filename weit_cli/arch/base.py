@@ -66,6 +66,8 @@ class Adapter(ABC):
     exporter: ClassVar[Exporter]
     #: Keys (suffixes within a block) whose weights are zeroed to make an added block the identity.
     identity_zero: ClassVar[tuple[str, ...]] = ()
+    #: The depth rule `auto` grows by (deeper than the bundle; shrinking is always `prefix`).
+    grow_depth_rule: ClassVar[str] = "interp"
     #: Dense keys of the classifier, re-initialised when the number of classes changes.
     classifier: ClassVar[tuple[str, ...]] = ()
     #: Parameter names (suffixes) that get no weight decay besides every vector (norms, biases).

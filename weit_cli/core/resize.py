@@ -36,7 +36,7 @@ def depth_plan(old: int, new: int, rule: str) -> list[LayerSource]:
     """Which source layers each of `new` target layers comes from."""
     if new < 1:
         raise WeitError(f"depth must be at least 1, got {new}", "pass --depth 1 or more")
-    if rule == "auto":
+    if rule == "auto":  # resize() grows by the family's own rule (Adapter.grow_depth_rule)
         rule = "prefix" if new <= old else "interp"
     if rule == "prefix":
         if new > old:
@@ -163,7 +163,8 @@ def resize(b: Bundle, target: Any, depth_rule: str = "auto", width_rule: str = "
         if old_n == 0:
             raise InputError(f"no block after the first of '{g_old.prefix.format('')}' to grow from", "keep its depth")
         # new_n == 0 keeps only the group's fixed first blocks (a stage's downsampling block).
-        plan = depth_plan(old_n, new_n, depth_rule) if new_n else []
+        rule = ad.grow_depth_rule if depth_rule == "auto" and new_n > old_n else depth_rule
+        plan = depth_plan(old_n, new_n, rule) if new_n else []
         for store in (scalers, small):
             per_layer: dict[str, list[Tensor]] = {}
             for i in range(old_n):
