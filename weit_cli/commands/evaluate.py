@@ -68,12 +68,12 @@ def _evaluate(model: Path, *, data, num_samples, steps, guidance, seed, batch_si
 def _judged_samples(model: Path, arch, splits, held_out, *, data, num_samples, steps, guidance, seed, device) -> dict[str, Any]:
     """A generator's samples as weit's judge classifier sees them (tasks/fid.py): the Fréchet distance
     to real held-out images, the class accuracy, and the judge's scale beside them."""
-    from weit_cli.tasks.fid import evaluate_samples, judge_references, load_judge
+    from weit_cli.tasks.fid import evaluate_samples, in_turn, judge_references, load_judge
 
     check(EvaluateOptions, num_samples=num_samples)
     judge = load_judge(data, img_size=arch.img_size, in_chans=arch.in_chans)
     fake, labels, info = sample_images(model, n=num_samples, steps=steps, guidance=guidance, seed=seed, device=device, command="evaluate")
-    real = held_out.tensors[0][:num_samples]
+    real = held_out.tensors[0][in_turn(held_out.tensors[1], num_samples)]  # every class, as the samples
     out = dict(evaluate_samples(judge, real, fake, labels))
     # The judge's scale: the same numbers for real training images (floor), blank images and noise.
     out["judge_references"] = judge_references(judge, real, *splits.train.tensors[:2])

