@@ -650,7 +650,7 @@ class Bench:
         return "first" if self.args.finetune_data == FINETUNE_DATA else "in_turn"
 
     def real_floor(self) -> dict:
-        """The same score for real images: the first `samples` training images in place of samples
+        """The same score for real images: `samples` training images (every class in turn) in place of samples
         (what a perfect generator scores with this many images), and the judge's accuracy on them;
         beside it the ceilings `weit evaluate` reports (blank images, Gaussian noise; tasks/fid.py)."""
         from weit_cli.tasks.fid import judge_references
@@ -658,7 +658,7 @@ class Bench:
         self.load_scorer()
         n = self.cfg["samples"]
         refs = judge_references(self.judge, self.data.test.tensors[0][self.real_images()], *self.data.train.tensors[:2])
-        return {**refs["real_train"], "what": f"the first {n} training images scored as if they were samples",
+        return {**refs["real_train"], "what": f"{n} training images, every class in turn, scored as if they were samples",
                 "ceilings": {k: refs[k] for k in ("blank", "noise")}}
 
     def judge_info(self) -> dict:
