@@ -339,23 +339,10 @@ class Bench:
         --teacher` of it (templates from its SVD, every size's loss half the teacher's noise prediction)
         for as many steps as the other half buys: a step costs the sizes' mean model FLOPs (one size per
         step, drawn as the bundle's were) plus one forward of the teacher. Warm-up scaled with the steps."""
-        import torch
-        from torch.utils.flop_counter import FlopCounterMode
-
-        from weit_cli.arch._registry import get_adapter
         from weit_cli.commands.materialize import materialize
         from weit_cli.commands.pretrain import pretrain
 
-        m, bs = recipe.model, recipe.data.batch_size
-        adapter = get_adapter(m.family)
-        torch.manual_seed(0)
-        net = adapter.build(adapter.arch_for_recipe(m, depth=recipe.largest()[0], width=recipe.largest()[1], num_classes=10))
-        fwd = adapter.task_forward(net)
-        x = torch.randn(bs, m.in_channels, m.sample_size, m.sample_size)
-        t, y = torch.randint(0, 1000, (bs,)), torch.randint(0, 10, (bs,))
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            fwd(x, t, y)
-        t_fwd = int(fc.get_total_flops())
+        t_fwd = dit_flops(recipe, *recipe.largest(), backward=False)
         mean_step = compute["bundle_flops"] / compute["bundle_steps"]
         left = compute["bundle_flops"] - half * compute["dense_flops_per_step"]
         steps = int(left // (mean_step + t_fwd))
@@ -376,26 +363,7 @@ class Bench:
 
     def equal_compute(self, recipe, bundle: dict) -> dict:
         """The dense DiT's step count for the bundle's training FLOPs (see the module doc)."""
-        import torch
-        from torch.utils.flop_counter import FlopCounterMode
-
-        from weit_cli.arch._registry import get_adapter
         from weit_cli.training.nested import sample_sizes
-
-        bs = recipe.data.batch_size
-        adapter = get_adapter(recipe.model.family)
-        m = recipe.model
-
-        def flops(depth: int, width: int) -> int:
-            arch = adapter.arch_for_recipe(m, depth=depth, width=width, num_classes=10)
-            torch.manual_seed(0)
-            net = adapter.build(arch)
-            fwd = adapter.task_forward(net)
-            x = torch.randn(bs, m.in_channels, m.sample_size, m.sample_size)
-            t, y = torch.randint(0, 1000, (bs,)), torch.randint(0, 10, (bs,))
-            with FlopCounterMode(display=False) as fc:
-                fwd(x, t, y).float().pow(2).mean().backward()
-            return int(fc.get_total_flops())
 
         ns = recipe.nested
         per_size: dict[str, int] = {}
@@ -407,9 +375,9 @@ class Bench:
         else:  # any schedule: the sizes pretrain reports it trained (its `size_steps`)
             counts = bundle["size_steps"]
         for k, n in counts.items():
-            per_size[k] = flops(*map(int, k.split("x")))
+            per_size[k] = dit_flops(recipe, *map(int, k.split("x")))
             total += n * per_size[k]
-        big = flops(*recipe.largest())
+        big = dit_flops(recipe, *recipe.largest())
         return {"method": "model FLOPs (forward + backward, FlopCounterMode) of every size of every step, "
                           "pretrain's size draws; composition excluded",
                 "flops_per_step_by_size": per_size, "bundle_flops": total, "dense_flops_per_step": big,
@@ -678,6 +646,29 @@ class Bench:
                         seed=0, device=self.args.device, force=True)
         return {"size": [depth, width], "method": label, "path": str(out), "sha256": r["sha256"],
                 "command": f"weit sample {model} -n {self.cfg['grid_n']} --steps {self.cfg['sample_steps']} --guidance {self.args.guidance} --seed 0 -o {out.name}"}
+
+
+def dit_flops(recipe, depth: int, width: int, *, backward: bool = True) -> int:
+    """Model FLOPs of one batch through the dense DiT of this size (torch's FlopCounterMode): forward
+    and backward of a training step, or the forward alone (a frozen teacher's)."""
+    import contextlib
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from weit_cli.arch._registry import get_adapter
+
+    m, bs = recipe.model, recipe.data.batch_size
+    adapter = get_adapter(m.family)
+    torch.manual_seed(0)
+    fwd = adapter.task_forward(adapter.build(adapter.arch_for_recipe(m, depth=depth, width=width, num_classes=10)))
+    x = torch.randn(bs, m.in_channels, m.sample_size, m.sample_size)
+    t, y = torch.randint(0, 1000, (bs,)), torch.randint(0, 10, (bs,))
+    with contextlib.nullcontext() if backward else torch.no_grad(), FlopCounterMode(display=False) as fc:
+        out = fwd(x, t, y)
+        if backward:
+            out.float().pow(2).mean().backward()
+    return int(fc.get_total_flops())
 
 
 def pool(depth: int, width: int, where: str, label: str, per_seed: list[dict]) -> dict:
