@@ -50,6 +50,7 @@ def test_fit_scalers_cli_binds_and_materializes(bundles, tmp_path):
     assert res["loss_last"] < res["loss_first"] - 0.05  # it learns
     assert res["trained"] == ["scalers", "small"]
     assert_keyed_by_role(res, "acc", "val_{}_before", "val_{}_after")
+    assert "warnings" not in res  # the default depth rule takes the prefix (with interp it warns: test_cli_foundation)
 
     meta = read_header(scalers)["__metadata__"]
     assert meta["kind"] == "weit.scalers" and meta["weit_format"] == "1"

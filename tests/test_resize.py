@@ -180,3 +180,12 @@ def test_zero_runs_zeroes_whole_runs_of_one_dimension():
     assert torch.equal(gates(s, dim=1), gates(s.transpose(0, 1)).transpose(0, 1))
     with pytest.raises(ValueError, match="equal runs"):
         gates(torch.zeros(7, 2))
+
+
+def test_depth_rule_warnings_per_stage():
+    from weit_cli.core.resize import depth_rule_warnings
+
+    assert depth_rule_warnings((2, 2, 2, 2), (2, 1, 2, 2), "interp")  # one stage shallower
+    assert not depth_rule_warnings((2, 2, 2, 2), (2, 3, 2, 2), "interp")
+    assert not depth_rule_warnings((2, 2, 2, 2), (1, 1, 1, 1), "auto")
+    assert depth_rule_warnings(6, 4, "interp") and not depth_rule_warnings(6, 4, "prefix")

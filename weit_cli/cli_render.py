@@ -64,6 +64,10 @@ def extract_templates(r: dict[str, Any]) -> None:
         rows.append((f"student {m.label}", f"{d['student_metric_before']:.4f} (SVD) → {d['student_metric_after']:.4f} ({d['steps']} steps)"))
     rows += [(f"params {k}", human(v)) for k, v in r["params"].items()]
     table("extract-templates", rows)
+    _warnings(r)
+
+
+def _warnings(r: dict[str, Any]) -> None:
     for w in r.get("warnings", []):
         err_console().print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
 
@@ -78,6 +82,7 @@ def materialize(r: dict[str, Any]) -> None:
     if r.get("bn_statistics"):
         rows.append(("BN statistics", r["bn_statistics"]))
     table("materialize", rows)
+    _warnings(r)
 
 
 def pretrain(r: dict[str, Any]) -> None:
@@ -147,6 +152,7 @@ def fit_scalers(r: dict[str, Any]) -> None:
         ("bundle sha256", r["bundle_sha256"]),
         ("next", materialize_hint(r)),
     ])
+    _warnings(r)
 
 
 def materialize_hint(r: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from weit_cli.core.bundle import COMPANIONS, Bundle
 from weit_cli.core.checks import check_state
-from weit_cli.core.resize import resize
+from weit_cli.core.resize import depth_rule_warnings, resize
 from weit_cli.errors import InputError, WeitError
 from weit_cli.io.bundle_file import ScalersFile, load_bundle, save_scalers
 from weit_cli.io.checkpoint import checkpoint_for, checkpoint_paths
@@ -119,8 +119,10 @@ def fit_scalers(
         provenance["bn_statistics"] = bn_stats
     save_scalers(out, ScalersFile(student.scalers, student.small), student.arch, bundle, bsha, provenance, task.companion_files(splits), force or resume)
     loop.discard_checkpoint()
-    return _summary(out, bundle, bsha, target, task, splits, loop, trainable, before, after, steps=steps, resume=resume,
-                    train_small=train_small, new_head=new_head, bn_stats=bn_stats)
+    result = _summary(out, bundle, bsha, target, task, splits, loop, trainable, before, after, steps=steps, resume=resume,
+                      train_small=train_small, new_head=new_head, bn_stats=bn_stats)
+    warnings = depth_rule_warnings(bundle.arch.depth, target.depth, depth_rule)
+    return {**result, "warnings": warnings} if warnings else result
 
 
 def _check_options(steps, lr, batch_size, distill, temperature, depth_rule, width_rule, calibrate_batches, warmup, checkpoint_every, seed) -> int:

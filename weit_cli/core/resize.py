@@ -198,3 +198,14 @@ def resize(b: Bundle, target: Any, depth_rule: str = "auto", width_rule: str = "
                 if target.num_classes > 0:
                     small[k] = torch.zeros(target.num_classes, *v.shape[1:], dtype=v.dtype)
     return replace(b, arch=target, scalers=scalers, small=small, extra=dict(b.extra))
+
+
+def depth_rule_warnings(source_depth, target_depth, depth_rule: str) -> list[str]:
+    """`--depth-rule interp` on a shallower target spreads the kept blocks over the bundle's depth,
+    where a nested bundle was trained as prefixes (what `auto` takes): say so. Depths are ints or
+    one per stage."""
+    as_list = lambda d: list(d) if isinstance(d, (list, tuple)) else [d]  # noqa: E731
+    if depth_rule != "interp" or not any(t < s for s, t in zip(as_list(source_depth), as_list(target_depth))):
+        return []
+    return ["--depth-rule interp on a shallower target keeps blocks spread over the bundle's depth, not the first ones "
+            "(a pretrained bundle's smaller depths are its prefixes); the default, auto, keeps the prefix"]
