@@ -48,9 +48,12 @@ def _prov(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- recipe
 def test_schedule_options_are_left_out_while_off(recipe_path):
     base = load_recipe(recipe_path)
-    off = load_recipe(recipe_path, ["nested.shrink_start=0", "nested.sampling=sandwich", "nested.one_size_power=1"])
+    off = load_recipe(recipe_path, ["nested.shrink_start=0", "nested.sampling=sandwich", "nested.one_size_power=1",
+                                    "nested.largest_tail=0"])
     assert digest(base) == digest(off)
-    assert not {"shrink_start", "sampling", "one_size_power"} & set(to_plain(off)["nested"])
+    assert not {"shrink_start", "sampling", "one_size_power", "largest_tail"} & set(to_plain(off)["nested"])
+    tail = load_recipe(recipe_path, ["nested.largest_tail=0.1"])
+    assert to_plain(tail)["nested"]["largest_tail"] == 0.1 and digest(tail) != digest(base)
     on = load_recipe(recipe_path, ["nested.shrink_start=0.5"])
     assert to_plain(on)["nested"]["shrink_start"] == 0.5 and digest(on) != digest(base)
 
@@ -58,6 +61,8 @@ def test_schedule_options_are_left_out_while_off(recipe_path):
 @pytest.mark.parametrize("sets, words", [
     (["nested.shrink_start=1"], "shrink_start"),
     (["nested.shrink_start=-0.1"], "shrink_start"),
+    (["nested.largest_tail=1"], "largest_tail"),
+    (["nested.shrink_start=0.5", "nested.largest_tail=0.5"], "leave no nested steps"),
     (["nested.sampling=random"], "sampling"),
     (["nested.one_size_power=5"], "one_size_power"),
     (["nested.sampling=one-size", "nested.distill=0.5"], "nested.sampling=sandwich"),
@@ -78,6 +83,16 @@ def test_shrinking_trains_the_largest_alone_then_the_sandwich_as_before(recipe_p
     # then exactly the sandwich, from an RNG the first phase did not draw from
     assert sizes[3:] == [sample_sizes(plain, [1, 2], [16, 32], 1) for _ in range(7)]
     assert all(len(s) == 3 for s in sizes[3:])
+
+
+def test_a_largest_tail_ends_with_the_largest_alone(recipe_path):
+    recipe = load_recipe(recipe_path, ["train.steps=10", "nested.sampling=one-size", "nested.largest_tail=0.25",
+                                       "nested.shrink_start=0.2"])
+    weights = {(1, 16): 1.0, (1, 32): 1.0, (2, 16): 1.0, (2, 32): 1.0}
+    rng, plain = random.Random(3), random.Random(3)
+    sizes = [step_sizes(rng, recipe, s, weights) for s in range(10)]
+    assert sizes[:2] == [[(2, 32)]] * 2 and sizes[8:] == [[(2, 32)]] * 2  # int(0.2 × 10) first, int(0.25 × 10) last
+    assert sizes[2:8] == [plain.choices(list(weights), weights=[1.0] * 4) for _ in range(6)]  # the nested steps in between
 
 
 def test_one_size_draws_follow_the_weights(recipe_path):

@@ -114,6 +114,13 @@ class NestedSection(_Section):
             "size as nested.sampling says (0: nested from the first step)."
         ),
     )
+    largest_tail: float = Field(
+        0.0, ge=0, lt=1,
+        description=(
+            "Train the largest size alone for this last fraction of train.steps (after the nested steps; "
+            "0: nested to the end)."
+        ),
+    )
     sampling: Literal["sandwich", "one-size"] = Field(
         "sandwich",
         description=(
@@ -139,6 +146,8 @@ class NestedSection(_Section):
             else:  # per-stage lists: deduplicated, ordered by total then stage by stage
                 keyed = {(x,) if isinstance(x, int) else tuple(x): x for x in v}
                 setattr(self, name, [keyed[k] for k in sorted(keyed, key=lambda k: (len(k) > 1, sum(k), k))])
+        if self.shrink_start + self.largest_tail >= 1:
+            raise ValueError("shrink_start + largest_tail must be below 1 (they leave no nested steps)")
         return self
 
 
@@ -388,6 +397,7 @@ _OFF_WHEN = {
     ("train", "ema"): None,
     ("train", "label_dropout"): None,
     ("nested", "shrink_start"): 0.0,
+    ("nested", "largest_tail"): 0.0,
     ("nested", "sampling"): "sandwich",
     ("nested", "one_size_power"): 1.0,
 }

@@ -261,10 +261,12 @@ def size_weights(recipe: rcp.Recipe, flops: dict[tuple, int]) -> dict[tuple, flo
 
 def step_sizes(rng: random.Random, recipe: rcp.Recipe, step: int, weights: dict[tuple, float] | None = None) -> list[tuple]:
     """The sizes trained at 0-based `step` (the largest first): the largest alone before
-    nested.shrink_start × train.steps; then the sandwich, or one size drawn with `weights`
-    (`size_weights`). `rng` is drawn from only after the shrinking starts."""
+    nested.shrink_start × train.steps and in the last nested.largest_tail × train.steps; in between
+    the sandwich, or one size drawn with `weights` (`size_weights`). `rng` is drawn from only on the
+    nested steps."""
     ns = recipe.nested
-    if step < int(ns.shrink_start * recipe.train.steps):
+    steps = recipe.train.steps
+    if step < int(ns.shrink_start * steps) or step >= steps - int(ns.largest_tail * steps):
         return [recipe.largest()]
     if ns.sampling == "one-size":
         sizes = list(weights)
