@@ -245,9 +245,10 @@ def nested_sizes(b: Budget) -> tuple[list[int], list[int]]:
     return sorted({b.teacher[0], *(d for d, _ in inside)}), sorted({b.teacher[1], *(w for _, w in inside)})
 
 
-def pretrain_overrides(env: C.EnvInfo, b: Budget, data_file: Path, steps: int, seed: int = 0) -> list[str]:
+def pretrain_overrides(env: C.EnvInfo, b: Budget, data_file: Path, steps: int, seed: int = 0, extra: tuple[str, ...] = ()) -> list[str]:
     """recipes/dt-hopper.yaml made this benchmark's: its model sizes, data and split, template size and
-    count, nested sizes, the schedule that won for ViTs, and the teacher's optimiser settings."""
+    count, nested sizes, the schedule that won for ViTs, and the teacher's optimiser settings; `extra`
+    overrides last (benchmarks/dt_levers.py's variants)."""
     depths, widths = nested_sizes(b)
     return [
         f"model.state_dim={env.obs_dim}", f"model.act_dim={env.act_dim}", f"model.context={b.context}",
@@ -257,17 +258,18 @@ def pretrain_overrides(env: C.EnvInfo, b: Budget, data_file: Path, steps: int, s
         "nested.sampling=one-size", "nested.one_size_power=0", "nested.distill=0.0",
         f"data.source={env.env_id}:{data_file}", "data.val_fraction=0.1", f"data.batch_size={b.batch_size}",
         f"train.steps={steps}", f"train.lr={b.lr}", f"train.warmup_steps={max(1, steps // 10)}",
-        "train.eval_every=0", "train.checkpoint_every=0", f"seed={seed}",
+        "train.eval_every=0", "train.checkpoint_every=0", f"seed={seed}", *extra,
     ]
 
 
-def pretrain_steps(env: C.EnvInfo, b: Budget, data_file: Path, task, batch, flops_target: int) -> tuple[int, int]:
+def pretrain_steps(env: C.EnvInfo, b: Budget, data_file: Path, task, batch, flops_target: int, seed: int = 0,
+                   extra: tuple[str, ...] = ()) -> tuple[int, int]:
     """The `train.steps` whose `train_flops` (the product's own count: per nested size on one batch,
     replayed from the seed) is nearest `flops_target`; and that count."""
     from weit_cli import recipe as rcp
     from weit_cli.training.nested import NestedModel, count_size_flops, initial_bundle, size_grid, train_flops
 
-    recipe = rcp.load_recipe(RECIPE, pretrain_overrides(env, b, data_file, 1))
+    recipe = rcp.load_recipe(RECIPE, pretrain_overrides(env, b, data_file, 1, seed, extra))
     with torch.random.fork_rng():
         net = NestedModel(initial_bundle(recipe, None))
         per_size = count_size_flops(net, task, batch, size_grid(recipe))
@@ -286,10 +288,11 @@ def pretrain_steps(env: C.EnvInfo, b: Budget, data_file: Path, task, batch, flop
     return steps, total(steps)
 
 
-def run_pretrain(env: C.EnvInfo, b: Budget, data_file: Path, steps: int, out: Path, threads: int) -> dict:
+def run_pretrain(env: C.EnvInfo, b: Budget, data_file: Path, steps: int, out: Path, threads: int, seed: int = 0,
+                 extra: tuple[str, ...] = ()) -> dict:
     """`weit pretrain RECIPE --set … --json` as a subprocess (one thread); its JSON summary."""
     cmd = [sys.executable, "-m", "weit_cli.cli", "pretrain", str(RECIPE), "-o", str(out), "--device", "cpu", "--force", "--json"]
-    for o in pretrain_overrides(env, b, data_file, steps):
+    for o in pretrain_overrides(env, b, data_file, steps, seed, extra):
         cmd += ["--set", o]
     out.parent.mkdir(parents=True, exist_ok=True)
     child_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
