@@ -53,8 +53,27 @@ VARIANTS: dict[str, list[str]] = {
                     "nested.one_size_power=0"],
     "one-size-p2": ["templates.size=16", "templates.count=128", "nested.shrink_start=0", "nested.sampling=one-size",
                     "nested.one_size_power=2"],
+    # uniform draws after the shrink: the run in docs/quality/schedule.json took the recipe's power, 0 by then (its
+    # TFLOPs at 1384 steps are power 0's; power 1 would cost 5.14 there)
     "shrink-0.5-one-size": ["templates.size=16", "templates.count=128", "nested.shrink_start=0.5", "nested.sampling=one-size",
-                            "nested.one_size_power=1"],
+                            "nested.one_size_power=0"],
+    # issue 18, round 2: a longer shrink, and the scalers' lr on the one-size schedules
+    "shrink-0.75-one-size": ["templates.size=16", "templates.count=128", "nested.shrink_start=0.75",
+                             "nested.sampling=one-size", "nested.one_size_power=0"],
+    "shrink-0.5-one-size-scalers-x3": ["templates.size=16", "templates.count=128", "nested.shrink_start=0.5",
+                                       "nested.sampling=one-size", "nested.one_size_power=0", "train.lr_scales.scalers=3"],
+    "one-size-tail-0.1": ["templates.size=16", "templates.count=128", "nested.shrink_start=0", "nested.sampling=one-size",
+                          "nested.one_size_power=0", "nested.largest_tail=0.1"],
+    "one-size-tail-0.25": ["templates.size=16", "templates.count=128", "nested.shrink_start=0", "nested.sampling=one-size",
+                           "nested.one_size_power=0", "nested.largest_tail=0.25"],
+    "one-size-lr1e-3": ["templates.size=16", "templates.count=128", "nested.shrink_start=0", "nested.sampling=one-size",
+                        "nested.one_size_power=0", "train.lr=1e-3"],
+    "one-size-lr4e-3": ["templates.size=16", "templates.count=128", "nested.shrink_start=0", "nested.sampling=one-size",
+                        "nested.one_size_power=0", "train.lr=4e-3"],
+    "shrink-0.5-one-size-lr4e-3": ["templates.size=16", "templates.count=128", "nested.shrink_start=0.5", "nested.sampling=one-size",
+                                   "nested.one_size_power=0", "train.lr=4e-3"],
+    "one-size-p0-scalers-x3": ["templates.size=16", "templates.count=128", "nested.shrink_start=0", "nested.sampling=one-size",
+                               "nested.one_size_power=0", "train.lr_scales.scalers=3"],
 }
 # The budget every variant is matched to: the small recipe as the dense baseline of docs/benchmarks.md
 # was matched to it (32×32 templates × 32, the plain sandwich, 600 steps: 4.31–4.38 TFLOPs by seed),
