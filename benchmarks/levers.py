@@ -29,6 +29,13 @@ from pathlib import Path
 from _flops import pretrain_flops
 from quality import BUDGETS, SINGLE, ROOT, Bench
 
+def _uniform(shrink: str, *extra: str) -> list[str]:
+    """16×16 × 128 templates, the largest alone for the first `shrink` of the steps, then one size per
+    step drawn uniformly; `extra` overrides after."""
+    return ["templates.size=16", "templates.count=128", f"nested.shrink_start={shrink}", "nested.sampling=one-size",
+            "nested.one_size_power=0", *extra]
+
+
 VARIANTS: dict[str, list[str]] = {
     "nested": [],
     "nested-16x16-n128": ["templates.size=16", "templates.count=128"],
@@ -57,23 +64,15 @@ VARIANTS: dict[str, list[str]] = {
     # TFLOPs at 1384 steps are power 0's; power 1 would cost 5.14 there)
     "shrink-0.5-one-size": ["templates.size=16", "templates.count=128", "nested.shrink_start=0.5", "nested.sampling=one-size",
                             "nested.one_size_power=0"],
-    # issue 18, round 2: a longer shrink, and the scalers' lr on the one-size schedules
-    "shrink-0.75-one-size": ["templates.size=16", "templates.count=128", "nested.shrink_start=0.75",
-                             "nested.sampling=one-size", "nested.one_size_power=0"],
-    "shrink-0.5-one-size-scalers-x3": ["templates.size=16", "templates.count=128", "nested.shrink_start=0.5",
-                                       "nested.sampling=one-size", "nested.one_size_power=0", "train.lr_scales.scalers=3"],
-    "one-size-tail-0.1": ["templates.size=16", "templates.count=128", "nested.shrink_start=0", "nested.sampling=one-size",
-                          "nested.one_size_power=0", "nested.largest_tail=0.1"],
-    "one-size-tail-0.25": ["templates.size=16", "templates.count=128", "nested.shrink_start=0", "nested.sampling=one-size",
-                           "nested.one_size_power=0", "nested.largest_tail=0.25"],
-    "one-size-lr1e-3": ["templates.size=16", "templates.count=128", "nested.shrink_start=0", "nested.sampling=one-size",
-                        "nested.one_size_power=0", "train.lr=1e-3"],
-    "one-size-lr4e-3": ["templates.size=16", "templates.count=128", "nested.shrink_start=0", "nested.sampling=one-size",
-                        "nested.one_size_power=0", "train.lr=4e-3"],
-    "shrink-0.5-one-size-lr4e-3": ["templates.size=16", "templates.count=128", "nested.shrink_start=0.5", "nested.sampling=one-size",
-                                   "nested.one_size_power=0", "train.lr=4e-3"],
-    "one-size-p0-scalers-x3": ["templates.size=16", "templates.count=128", "nested.shrink_start=0", "nested.sampling=one-size",
-                               "nested.one_size_power=0", "train.lr_scales.scalers=3"],
+    # issue 18, round 2: a longer shrink, a largest-only tail, the learning rates, on uniform one-size draws
+    "shrink-0.75-one-size": _uniform("0.75"),
+    "shrink-0.5-one-size-scalers-x3": _uniform("0.5", "train.lr_scales.scalers=3"),
+    "one-size-tail-0.1": _uniform("0", "nested.largest_tail=0.1"),
+    "one-size-tail-0.25": _uniform("0", "nested.largest_tail=0.25"),
+    "one-size-lr1e-3": _uniform("0", "train.lr=1e-3"),
+    "one-size-lr4e-3": _uniform("0", "train.lr=4e-3"),
+    "shrink-0.5-one-size-lr4e-3": _uniform("0.5", "train.lr=4e-3"),
+    "one-size-p0-scalers-x3": _uniform("0", "train.lr_scales.scalers=3"),
 }
 # The budget every variant is matched to: the small recipe as the dense baseline of docs/benchmarks.md
 # was matched to it (32×32 templates × 32, the plain sandwich, 600 steps: 4.31–4.38 TFLOPs by seed),

@@ -119,10 +119,9 @@ def fit_scalers(
         provenance["bn_statistics"] = bn_stats
     save_scalers(out, ScalersFile(student.scalers, student.small), student.arch, bundle, bsha, provenance, task.companion_files(splits), force or resume)
     loop.discard_checkpoint()
-    result = _summary(out, bundle, bsha, target, task, splits, loop, trainable, before, after, steps=steps, resume=resume,
-                      train_small=train_small, new_head=new_head, bn_stats=bn_stats)
-    warnings = depth_rule_warnings(bundle.arch.depth, target.depth, depth_rule)
-    return {**result, "warnings": warnings} if warnings else result
+    return _summary(out, bundle, bsha, target, task, splits, loop, trainable, before, after, steps=steps, resume=resume,
+                    train_small=train_small, new_head=new_head, bn_stats=bn_stats,
+                    warnings=depth_rule_warnings(bundle.arch.depth, target.depth, depth_rule))
 
 
 def _check_options(steps, lr, batch_size, distill, temperature, depth_rule, width_rule, calibrate_batches, warmup, checkpoint_every, seed) -> int:
@@ -221,7 +220,7 @@ def _train(task, student, teacher, trainable, opt, batches, dev, out: Path, ckpt
 
 
 def _summary(out: Path, bundle: Bundle, bsha: str, target, task, splits, loop, trainable, before, after, *, steps, resume,
-             train_small, new_head, bn_stats) -> dict[str, Any]:
+             train_small, new_head, bn_stats, warnings: list[str]) -> dict[str, Any]:
     from weit_cli.io.files import sha256
     from weit_cli.training.sized import loss_window
 
@@ -249,6 +248,7 @@ def _summary(out: Path, bundle: Bundle, bsha: str, target, task, splits, loop, t
         "fit_seconds": loop.seconds,
         "data": splits.description,
         "bn_statistics": bn_stats,
+        **({"warnings": warnings} if warnings else {}),
     }
 
 
