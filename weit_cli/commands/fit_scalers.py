@@ -120,8 +120,7 @@ def fit_scalers(
     save_scalers(out, ScalersFile(student.scalers, student.small), student.arch, bundle, bsha, provenance, task.companion_files(splits), force or resume)
     loop.discard_checkpoint()
     return _summary(out, bundle, bsha, target, task, splits, loop, trainable, before, after, steps=steps, resume=resume,
-                    train_small=train_small, new_head=new_head, bn_stats=bn_stats,
-                    warnings=depth_rule_warnings(bundle.arch.depth, target.depth, depth_rule))
+                    train_small=train_small, new_head=new_head, bn_stats=bn_stats, depth_rule=depth_rule)
 
 
 def _check_options(steps, lr, batch_size, distill, temperature, depth_rule, width_rule, calibrate_batches, warmup, checkpoint_every, seed) -> int:
@@ -220,11 +219,12 @@ def _train(task, student, teacher, trainable, opt, batches, dev, out: Path, ckpt
 
 
 def _summary(out: Path, bundle: Bundle, bsha: str, target, task, splits, loop, trainable, before, after, *, steps, resume,
-             train_small, new_head, bn_stats, warnings: list[str]) -> dict[str, Any]:
+             train_small, new_head, bn_stats, depth_rule: str) -> dict[str, Any]:
     from weit_cli.io.files import sha256
     from weit_cli.training.sized import loss_window
 
     first, last = loss_window(loop.losses, steps)
+    warnings = depth_rule_warnings(bundle.arch.depth, target.depth, depth_rule)
     return {
         "command": "fit-scalers",
         "output": str(out),
