@@ -73,6 +73,13 @@ VARIANTS: dict[str, list[str]] = {
     "one-size-lr4e-3": _uniform("0", "train.lr=4e-3"),
     "shrink-0.5-one-size-lr4e-3": _uniform("0.5", "train.lr=4e-3"),
     "one-size-p0-scalers-x3": _uniform("0", "train.lr_scales.scalers=3"),
+    # issue 18, round 3: which axis of the nesting costs the largest size (one of them left out)
+    "one-size-widths-only": _uniform("0", "nested.depths=[3]"),
+    "one-size-depths-only": _uniform("0", "nested.widths=[96]"),
+    "one-size-depths-2-3": _uniform("0", "nested.depths=[2, 3]"),  # no one-block size
+    # the smaller depths as evenly spaced blocks, the last kept (nested.depth_rule=spread; 3 blocks: 1 → [0], 2 → [0, 2])
+    "one-size-spread": _uniform("0", "nested.depth_rule=spread"),
+    "shrink-0.5-one-size-spread": _uniform("0.5", "nested.depth_rule=spread"),
 }
 # The budget every variant is matched to: the small recipe as the dense baseline of docs/benchmarks.md
 # was matched to it (32×32 templates × 32, the plain sandwich, 600 steps: 4.31–4.38 TFLOPs by seed),

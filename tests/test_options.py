@@ -97,7 +97,7 @@ def test_every_bound_is_refused_in_one_line_naming_its_flag(model, name, value):
     (options.FinetuneRun, {"epochs": 0}, "--epochs must be in 1..100000, got 0", "see 'weit finetune --help'"),
     (options.FinetuneRun, {"epochs": 1, "init": "pretrained"}, "unknown --init 'pretrained'", "choose one of: weit, random, weight-selection"),
     (options.MaterializeOptions, {"dtype": "float8"}, "unknown dtype 'float8'", "choose one of: float32, bfloat16, float16"),
-    (options.MaterializeOptions, {"depth_rule": "sideways"}, "unknown depth rule 'sideways'", "choose one of: auto, prefix, interp, stack, interleave, identity"),
+    (options.MaterializeOptions, {"depth_rule": "sideways"}, "unknown depth rule 'sideways'", "choose one of: auto, prefix, spread, interp, stack, interleave, identity"),
     (options.SampleOptions, {"n": 0}, "-n must be in 1..100000, got 0", "e.g. -n 64"),
     (options.SampleOptions, {"guidance": -1.0}, "--guidance must be a number ≥ 0, got -1", "1 is no guidance; 2-4 sharpens the classes"),
     (options.SampleOptions, {"steps": 2.5}, "--steps must be in 1..1000, got 2.5", "e.g. --steps 50"),  # no silent rounding

@@ -34,6 +34,20 @@ def test_prefix_takes_the_first_layers():
         depth_plan(2, 3, "prefix")
 
 
+def test_spread_keeps_evenly_spaced_whole_layers_first_and_last():
+    assert sources(depth_plan(3, 2, "spread")) == [0, 2]
+    assert sources(depth_plan(3, 1, "spread")) == [0]
+    assert sources(depth_plan(12, 6, "spread")) == [0, 2, 4, 7, 9, 11]  # 0, 2.2, 4.4, 6.6, 8.8, 11 rounded
+    assert sources(depth_plan(4, 3, "spread")) == [0, 2, 3]  # 1.5 rounds half up
+    assert sources(depth_plan(5, 5, "spread")) == [0, 1, 2, 3, 4]
+    for old in range(1, 9):
+        for new in range(1, old + 1):
+            kept = sources(depth_plan(old, new, "spread"))
+            assert kept == sorted(set(kept)) and kept[0] == 0 and (new == 1 or kept[-1] == old - 1)
+    with pytest.raises(WeitError, match="cannot grow"):
+        depth_plan(2, 3, "spread")
+
+
 def test_stack_repeats_the_sequence():
     assert sources(depth_plan(2, 5, "stack")) == [0, 1, 0, 1, 0]
     assert sources(depth_plan(3, 6, "stack")) == [0, 1, 2, 0, 1, 2]
@@ -189,3 +203,7 @@ def test_depth_rule_warnings_per_stage():
     assert not depth_rule_warnings((2, 2, 2, 2), (2, 3, 2, 2), "interp")
     assert not depth_rule_warnings((2, 2, 2, 2), (1, 1, 1, 1), "auto")
     assert depth_rule_warnings(6, 4, "interp") and not depth_rule_warnings(6, 4, "prefix")
+    # a bundle trained with nested.depth_rule=spread: prefix (and interp) keep other blocks than it trained
+    assert depth_rule_warnings(6, 4, "prefix", "spread") and depth_rule_warnings(6, 4, "interp", "spread")
+    assert not depth_rule_warnings(6, 4, "spread", "spread") and not depth_rule_warnings(6, 4, "auto", "spread")
+    assert depth_rule_warnings(6, 4, "spread") and not depth_rule_warnings(6, 4, "stack", "spread")

@@ -56,6 +56,9 @@ def test_schedule_options_are_left_out_while_off(recipe_path):
     assert to_plain(tail)["nested"]["largest_tail"] == 0.1 and digest(tail) != digest(base)
     on = load_recipe(recipe_path, ["nested.shrink_start=0.5"])
     assert to_plain(on)["nested"]["shrink_start"] == 0.5 and digest(on) != digest(base)
+    assert digest(load_recipe(recipe_path, ["nested.depth_rule=prefix"])) == digest(base)
+    spread = load_recipe(recipe_path, ["nested.depth_rule=spread"])
+    assert to_plain(spread)["nested"]["depth_rule"] == "spread" and digest(spread) != digest(base)
 
 
 @pytest.mark.parametrize("sets, words", [
@@ -65,6 +68,7 @@ def test_schedule_options_are_left_out_while_off(recipe_path):
     (["nested.shrink_start=0.5", "nested.largest_tail=0.5"], "leave no nested steps"),
     (["nested.sampling=random"], "sampling"),
     (["nested.one_size_power=5"], "one_size_power"),
+    (["nested.depth_rule=interp"], "depth_rule"),
     (["nested.sampling=one-size", "nested.distill=0.5"], "nested.sampling=sandwich"),
 ])
 def test_bad_schedule_options_are_one_line_errors(recipe_path, tmp_path, sets, words):
@@ -188,3 +192,33 @@ def test_one_size_under_ddp_counts_every_rank(recipe_path, tmp_path):
     assert r["world_size"] == 2 and len(set(r["templates_sha256_by_rank"])) == 1
     assert r["train_flops"] == 2 * one["train_flops"] and r["size_steps"] == one["size_steps"]
     assert r["size_steps"] == {"1x16": 1, "2x16": 1, "1x32": 1}
+
+
+# ---------------------------------------------------------------------------------------------- depth rule
+def test_spread_bundles_train_and_materialize_evenly_spaced_blocks(recipe_path, tmp_path):
+    """nested.depth_rule=spread: the bundle records it, training composes a smaller depth from the first
+    and last blocks, and materialize's auto takes the same ones; an explicit prefix warns. A prefix
+    bundle's record stays as before."""
+    from safetensors.torch import load_file
+
+    from weit_cli.commands.materialize import materialize
+    from weit_cli.io.bundle_file import load_bundle
+    from weit_cli.training.nested import NestedModel
+
+    sets = ["nested.depths=[1, 2, 3]", "nested.depth_rule=spread", "train.steps=2"]
+    pretrain(recipe_path, tmp_path / "s.safetensors", overrides=sets)
+    bundle = load_bundle(tmp_path / "s.safetensors")[0]
+    assert bundle.extra["nested"]["depth_rule"] == "spread"
+    full = bundle.state_dict()
+    trained = NestedModel(bundle).state_at(2, 32)
+    r = materialize(tmp_path / "s.safetensors", tmp_path / "m", depth=2, width=32)
+    written = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert not r.get("warnings")
+    for suffix in ("attn.qkv.weight", "norm1.weight", "mlp.fc2.bias"):
+        assert torch.equal(written[f"blocks.0.{suffix}"], full[f"blocks.0.{suffix}"])
+        assert torch.equal(written[f"blocks.1.{suffix}"], full[f"blocks.2.{suffix}"])
+        assert torch.equal(trained[f"blocks.1.{suffix}"].detach(), written[f"blocks.1.{suffix}"])
+    r = materialize(tmp_path / "s.safetensors", tmp_path / "p", depth=2, width=32, depth_rule="prefix")
+    assert "trained as evenly spaced blocks" in r["warnings"][0]
+    pretrain(recipe_path, tmp_path / "p.safetensors", overrides=["train.steps=2"])
+    assert "depth_rule" not in load_bundle(tmp_path / "p.safetensors")[0].extra["nested"]

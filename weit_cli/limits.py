@@ -10,5 +10,5 @@ MAX_SEED = 2**63 - 1  # torch, numpy (mod 2**32) and random all take it
 MAX_PARAMS = 20_000_000_000  # refuse sizes no machine could hold, before allocating anything
 
 
-DepthRule = Literal["auto", "prefix", "interp", "stack", "interleave", "identity"]
+DepthRule = Literal["auto", "prefix", "spread", "interp", "stack", "interleave", "identity"]
 WidthRule = Literal["tile", "tile-nodiv"]

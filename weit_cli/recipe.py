@@ -121,6 +121,13 @@ class NestedSection(_Section):
             "0: nested to the end)."
         ),
     )
+    depth_rule: Literal["prefix", "spread"] = Field(
+        "prefix",
+        description=(
+            "Which blocks a smaller depth keeps: prefix, the first ones; spread, evenly spaced ones, the first "
+            "and the last kept (DynaBERT, LayerDrop). Recorded in the bundle: materialize's auto takes it."
+        ),
+    )
     sampling: Literal["sandwich", "one-size"] = Field(
         "sandwich",
         description=(
@@ -399,6 +406,7 @@ _OFF_WHEN = {
     ("nested", "shrink_start"): 0.0,
     ("nested", "largest_tail"): 0.0,
     ("nested", "sampling"): "sandwich",
+    ("nested", "depth_rule"): "prefix",
     ("nested", "one_size_power"): 1.0,
 }
 

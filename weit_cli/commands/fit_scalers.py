@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from weit_cli.core.bundle import COMPANIONS, Bundle
 from weit_cli.core.checks import check_state
-from weit_cli.core.resize import depth_rule_warnings, resize
+from weit_cli.core.resize import depth_rule_warnings, resize, trained_depth_rule
 from weit_cli.errors import InputError, WeitError
 from weit_cli.io.bundle_file import ScalersFile, load_bundle, save_scalers
 from weit_cli.io.checkpoint import checkpoint_for, checkpoint_paths
@@ -224,7 +224,7 @@ def _summary(out: Path, bundle: Bundle, bsha: str, target, task, splits, loop, t
     from weit_cli.training.sized import loss_window
 
     first, last = loss_window(loop.losses, steps)
-    warnings = depth_rule_warnings(bundle.arch.depth, target.depth, depth_rule)
+    warnings = depth_rule_warnings(bundle.arch.depth, target.depth, depth_rule, trained_depth_rule(bundle.extra))
     return {
         "command": "fit-scalers",
         "output": str(out),

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from weit_cli.core.bundle import Bundle
-from weit_cli.core.resize import depth_rule_warnings, plan_target, resize
+from weit_cli.core.resize import depth_rule_warnings, plan_target, resize, trained_depth_rule
 from weit_cli.io.bundle_file import load_bundle, load_scalers
 from weit_cli.errors import WeitError
 from weit_cli.io.export import exporter_for, write_model
@@ -78,7 +78,7 @@ def materialize(
     }
     files = write_model(sized, out, getattr(torch, dtype), provenance, force)
     export = exporter_for(sized.adapter, out).summary(target, out)
-    warnings = depth_rule_warnings(bundle.arch.depth, target.depth, depth_rule) if scalers is None else []
+    warnings = depth_rule_warnings(bundle.arch.depth, target.depth, depth_rule, trained_depth_rule(bundle.extra)) if scalers is None else []
     return {
         "command": "materialize",
         "output": str(out),

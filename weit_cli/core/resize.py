@@ -45,6 +45,16 @@ def depth_plan(old: int, new: int, rule: str) -> list[LayerSource]:
                 "use --depth-rule interp, stack, interleave or identity to grow",
             )
         return [LayerSource(((i, 1.0),)) for i in range(new)]
+    if rule == "spread":
+        if new > old:
+            raise WeitError(
+                f"depth rule 'spread' cannot grow {old} layers to {new}",
+                "use --depth-rule interp, stack, interleave or identity to grow",
+            )
+        # Evenly spaced whole layers, the first and the last kept (one layer: the first), rounded half up.
+        if new == 1:
+            return [LayerSource(((0, 1.0),))]
+        return [LayerSource((((2 * i * (old - 1) + new - 1) // (2 * (new - 1)), 1.0),)) for i in range(new)]
     if rule == "interp":
         out = []
         for i in range(new):
@@ -163,7 +173,9 @@ def resize(b: Bundle, target: Any, depth_rule: str = "auto", width_rule: str = "
         if old_n == 0:
             raise InputError(f"no block after the first of '{g_old.prefix.format('')}' to grow from", "keep its depth")
         # new_n == 0 keeps only the group's fixed first blocks (a stage's downsampling block).
-        rule = ad.grow_depth_rule if depth_rule == "auto" and new_n > old_n else depth_rule
+        rule = depth_rule
+        if depth_rule == "auto":
+            rule = ad.grow_depth_rule if new_n > old_n else trained_depth_rule(b.extra)
         plan = depth_plan(old_n, new_n, rule) if new_n else []
         for store in (scalers, small):
             per_layer: dict[str, list[Tensor]] = {}
@@ -200,12 +212,20 @@ def resize(b: Bundle, target: Any, depth_rule: str = "auto", width_rule: str = "
     return replace(b, arch=target, scalers=scalers, small=small, extra=dict(b.extra))
 
 
-def depth_rule_warnings(source_depth, target_depth, depth_rule: str) -> list[str]:
-    """`--depth-rule interp` on a shallower target spreads the kept blocks over the bundle's depth,
-    where a nested bundle was trained as prefixes (what `auto` takes): say so. Depths are ints or
-    one per stage."""
+def trained_depth_rule(extra: dict) -> str:
+    """The depth rule a pretrained bundle's smaller depths were trained with (`nested.depth_rule`, in its
+    nested record): what `auto` takes to shrink it. Prefix for every other bundle."""
+    return (extra.get("nested") or {}).get("depth_rule", "prefix")
+
+
+def depth_rule_warnings(source_depth, target_depth, depth_rule: str, trained: str = "prefix") -> list[str]:
+    """A shallower target taken by another rule than the one the bundle's smaller depths were trained
+    with (`trained`; what `auto` takes) keeps other blocks than those it trained together: say so, for
+    the rules that pick blocks (prefix, spread, interp). Depths are ints or one per stage."""
     as_list = lambda d: list(d) if isinstance(d, (list, tuple)) else [d]  # noqa: E731
-    if depth_rule != "interp" or not any(t < s for s, t in zip(as_list(source_depth), as_list(target_depth))):
+    picks = depth_rule in ("prefix", "spread", "interp") and depth_rule != trained
+    if not picks or not any(t < s for s, t in zip(as_list(source_depth), as_list(target_depth))):
         return []
-    return ["--depth-rule interp on a shallower target keeps blocks spread over the bundle's depth, not the first ones "
-            "(a pretrained bundle's smaller depths are its prefixes); the default, auto, keeps the prefix"]
+    kept = {"prefix": "the first blocks", "spread": "evenly spaced blocks", "interp": "blocks spread over the bundle's depth"}
+    return [f"--depth-rule {depth_rule} on a shallower target keeps {kept[depth_rule]}, where this bundle's smaller depths "
+            f"were trained as {kept[trained]} (--depth-rule {trained}); the default, auto, keeps those"]

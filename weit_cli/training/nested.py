@@ -18,7 +18,7 @@ from weit_cli import recipe as rcp
 from weit_cli.arch._registry import get_adapter
 from weit_cli.core.bundle import Bundle
 from weit_cli.core.extract import from_dense
-from weit_cli.core.resize import resize
+from weit_cli.core.resize import resize, trained_depth_rule
 from weit_cli.tasks.base import Task
 from weit_cli.training.calibrate import STAT_SUFFIXES, recalibrated
 
@@ -31,6 +31,14 @@ def largest_arch(recipe: rcp.Recipe, num_classes: int | None):
     arch = adapter.arch_for_recipe(recipe.model, depth=depth, width=width, **classes)
     adapter.target_arch(arch, template_size=recipe.template_size)  # validates the sizes once more
     return adapter, arch
+
+
+def nested_record(recipe: rcp.Recipe) -> dict[str, Any]:
+    """The bundle's record of its nested sizes (and of their depth rule, unless prefix: older bundles' bytes)."""
+    record: dict[str, Any] = {"depths": list(recipe.nested.depths), "widths": list(recipe.nested.widths)}
+    if recipe.nested.depth_rule != "prefix":
+        record["depth_rule"] = recipe.nested.depth_rule
+    return record
 
 
 def initial_bundle(recipe: rcp.Recipe, num_classes: int | None, teacher: dict[str, Tensor] | None = None) -> Bundle:
@@ -49,7 +57,7 @@ def initial_bundle(recipe: rcp.Recipe, num_classes: int | None, teacher: dict[st
     p = recipe.template_size
     if teacher is not None:
         bundle, _ = from_dense(adapter, arch, {k: v.detach() for k, v in teacher.items()}, p, counts)
-        bundle.extra["nested"] = {"depths": list(recipe.nested.depths), "widths": list(recipe.nested.widths)}
+        bundle.extra["nested"] = nested_record(recipe)
         return bundle
     dense = {k: v.detach().float() for k, v in adapter.build(arch).state_dict().items()}
     if recipe.templates.init == "timm-svd":
@@ -75,7 +83,7 @@ def initial_bundle(recipe: rcp.Recipe, num_classes: int | None, teacher: dict[st
                 n = counts[t]
                 scalers[k] = torch.randn(n, rows // types[t].p, cols // types[t].q, generator=gen) * (0.02 / math.sqrt(n))
         bundle = Bundle(adapter, arch, templates, scalers, small)
-    bundle.extra["nested"] = {"depths": list(recipe.nested.depths), "widths": list(recipe.nested.widths)}
+    bundle.extra["nested"] = nested_record(recipe)
     return bundle
 
 
@@ -138,7 +146,8 @@ class NestedModel(nn.Module):
 
     def state_at(self, depth, width) -> dict[str, Tensor]:
         """The dense state dict (the family's layout) of a nested size, composed differentiably (what materialize writes)."""
-        return resize(self.bundle(stats_copy=True), self.target(depth, width), "prefix", "tile").state_dict()
+        rule = trained_depth_rule(self.extra)  # the smaller depths as materialize's auto keeps them
+        return resize(self.bundle(stats_copy=True), self.target(depth, width), rule, "tile").state_dict()
 
     def module_at(self, depth, width) -> nn.Module:
         key = (depth, width)
