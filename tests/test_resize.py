@@ -206,4 +206,5 @@ def test_depth_rule_warnings_per_stage():
     # a bundle trained with nested.depth_rule=spread: prefix (and interp) keep other blocks than it trained
     assert depth_rule_warnings(6, 4, "prefix", "spread") and depth_rule_warnings(6, 4, "interp", "spread")
     assert not depth_rule_warnings(6, 4, "spread", "spread") and not depth_rule_warnings(6, 4, "auto", "spread")
-    assert depth_rule_warnings(6, 4, "spread") and not depth_rule_warnings(6, 4, "stack", "spread")
+    assert depth_rule_warnings(6, 4, "spread", "prefix") and not depth_rule_warnings(6, 4, "stack", "spread")
+    assert not depth_rule_warnings(6, 4, "spread")  # no nested sizes (extracted): only interp warns, as before

@@ -219,6 +219,6 @@ def test_spread_bundles_train_and_materialize_evenly_spaced_blocks(recipe_path, 
         assert torch.equal(written[f"blocks.1.{suffix}"], full[f"blocks.2.{suffix}"])
         assert torch.equal(trained[f"blocks.1.{suffix}"].detach(), written[f"blocks.1.{suffix}"])
     r = materialize(tmp_path / "s.safetensors", tmp_path / "p", depth=2, width=32, depth_rule="prefix")
-    assert "trained as evenly spaced blocks" in r["warnings"][0]
+    assert "smaller depths are evenly spaced blocks" in r["warnings"][0]
     pretrain(recipe_path, tmp_path / "p.safetensors", overrides=["train.steps=2"])
     assert "depth_rule" not in load_bundle(tmp_path / "p.safetensors")[0].extra["nested"]

@@ -175,7 +175,7 @@ def resize(b: Bundle, target: Any, depth_rule: str = "auto", width_rule: str = "
         # new_n == 0 keeps only the group's fixed first blocks (a stage's downsampling block).
         rule = depth_rule
         if depth_rule == "auto":
-            rule = ad.grow_depth_rule if new_n > old_n else trained_depth_rule(b.extra)
+            rule = ad.grow_depth_rule if new_n > old_n else trained_depth_rule(b.extra) or "prefix"
         plan = depth_plan(old_n, new_n, rule) if new_n else []
         for store in (scalers, small):
             per_layer: dict[str, list[Tensor]] = {}
@@ -212,20 +212,24 @@ def resize(b: Bundle, target: Any, depth_rule: str = "auto", width_rule: str = "
     return replace(b, arch=target, scalers=scalers, small=small, extra=dict(b.extra))
 
 
-def trained_depth_rule(extra: dict) -> str:
+def trained_depth_rule(extra: dict) -> str | None:
     """The depth rule a pretrained bundle's smaller depths were trained with (`nested.depth_rule`, in its
-    nested record): what `auto` takes to shrink it. Prefix for every other bundle."""
-    return (extra.get("nested") or {}).get("depth_rule", "prefix")
+    nested record; prefix when the record has none): what `auto` takes to shrink it. None for a bundle
+    without nested sizes (extracted), which `auto` shrinks by prefix."""
+    nested = extra.get("nested")
+    return nested.get("depth_rule", "prefix") if nested else None
 
 
-def depth_rule_warnings(source_depth, target_depth, depth_rule: str, trained: str = "prefix") -> list[str]:
-    """A shallower target taken by another rule than the one the bundle's smaller depths were trained
-    with (`trained`; what `auto` takes) keeps other blocks than those it trained together: say so, for
-    the rules that pick blocks (prefix, spread, interp). Depths are ints or one per stage."""
+def depth_rule_warnings(source_depth, target_depth, depth_rule: str, trained: str | None = None) -> list[str]:
+    """A shallower target taken by another block-picking rule (prefix, spread, interp) than the one the
+    bundle's smaller depths were trained with (`trained`, what `auto` takes) keeps other blocks than
+    those trained together: say so. Without nested sizes (`trained` None) only interp warns, against
+    the prefix a pretrained bundle trains by default. Depths are ints or one per stage."""
     as_list = lambda d: list(d) if isinstance(d, (list, tuple)) else [d]  # noqa: E731
-    picks = depth_rule in ("prefix", "spread", "interp") and depth_rule != trained
+    ref = trained or "prefix"
+    picks = depth_rule == "interp" if trained is None else depth_rule in ("prefix", "spread", "interp") and depth_rule != trained
     if not picks or not any(t < s for s, t in zip(as_list(source_depth), as_list(target_depth))):
         return []
     kept = {"prefix": "the first blocks", "spread": "evenly spaced blocks", "interp": "blocks spread over the bundle's depth"}
-    return [f"--depth-rule {depth_rule} on a shallower target keeps {kept[depth_rule]}, where this bundle's smaller depths "
-            f"were trained as {kept[trained]} (--depth-rule {trained}); the default, auto, keeps those"]
+    return [f"--depth-rule {depth_rule} on a shallower target keeps {kept[depth_rule]}, where a pretrained bundle's smaller "
+            f"depths are {kept[ref]} (--depth-rule {ref}); the default, auto, keeps those"]

@@ -146,7 +146,7 @@ class NestedModel(nn.Module):
 
     def state_at(self, depth, width) -> dict[str, Tensor]:
         """The dense state dict (the family's layout) of a nested size, composed differentiably (what materialize writes)."""
-        rule = trained_depth_rule(self.extra)  # the smaller depths as materialize's auto keeps them
+        rule = trained_depth_rule(self.extra) or "prefix"  # the smaller depths as materialize's auto keeps them
         return resize(self.bundle(stats_copy=True), self.target(depth, width), rule, "tile").state_dict()
 
     def module_at(self, depth, width) -> nn.Module:
