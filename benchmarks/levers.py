@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 from _flops import pretrain_flops
-from quality import BUDGETS, SINGLE, ROOT, Bench
+from quality import BUDGETS, SINGLE, ROOT, Bench, small_bench, write_results
 
 def _uniform(shrink: str, *extra: str) -> list[str]:
     """16×16 × 128 templates, the largest alone for the first `shrink` of the steps, then one size per
@@ -97,16 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "quality")
     ap.add_argument("--name", default="levers", help="Output name: DOCS/NAME.{json,md}.")
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    torch.set_num_threads(1)
-    sys.path.insert(0, str(ROOT))
+    bench = small_bench()
     from weit_cli import recipe as rcp
 
-    cfg = BUDGETS["small"]
-    bench = Bench(ROOT / "runs" / "quality-small", cfg, argparse.Namespace(overrides=[]))
-    bench.work.mkdir(parents=True, exist_ok=True)
+    cfg = bench.cfg
     seeds = [int(s) for s in args.seeds.split(",")]
     results = []
     for name in args.variants.split(","):
@@ -122,11 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"variant": name, "seed": seed, "overrides": ov, "steps": pre["steps"],
                             "flops": pre["flops"]["flops"], "budget_flops": budget, "pretrain_s": pre["seconds"], **scores})
             print(json.dumps(results[-1]), flush=True)
-    args.docs.mkdir(parents=True, exist_ok=True)
-    (args.docs / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    md = table(results, "benchmarks/levers.py " + " ".join(sys.argv[1:]))
-    (args.docs / f"{args.name}.md").write_text(md)
-    print(md)
+    write_results(args.docs, args.name, results, table(results, "benchmarks/levers.py " + " ".join(sys.argv[1:])))
     return 0
 
 

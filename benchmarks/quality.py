@@ -396,6 +396,28 @@ class Bench:
         }
 
 
+def small_bench(**args) -> Bench:
+    """The `small` budget's Bench on its cache (runs/quality-small), for the scripts that share its
+    pretraining (levers.py, budget_gap.py); `args` are quality.py's options they set. Offline, one torch
+    thread, the repository importable."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(ROOT))
+    bench = Bench(ROOT / "runs" / "quality-small", BUDGETS["small"], argparse.Namespace(**{"overrides": [], **args}))
+    bench.work.mkdir(parents=True, exist_ok=True)
+    return bench
+
+
+def write_results(docs: Path, name: str, results: list[dict], md: str) -> None:
+    """DOCS/NAME.json (the runs) and DOCS/NAME.md (their table), and the table on stdout."""
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (docs / f"{name}.md").write_text(md)
+    print(md)
+
+
 def rcp_sha(recipe) -> str:
     from weit_cli import recipe as rcp
 
