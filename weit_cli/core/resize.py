@@ -38,20 +38,14 @@ def depth_plan(old: int, new: int, rule: str) -> list[LayerSource]:
         raise WeitError(f"depth must be at least 1, got {new}", "pass --depth 1 or more")
     if rule == "auto":  # resize() grows by the family's own rule (Adapter.grow_depth_rule)
         rule = "prefix" if new <= old else "interp"
+    if rule in ("prefix", "spread") and new > old:
+        raise WeitError(
+            f"depth rule '{rule}' cannot grow {old} layers to {new}",
+            "use --depth-rule interp, stack, interleave or identity to grow",
+        )
     if rule == "prefix":
-        if new > old:
-            raise WeitError(
-                f"depth rule 'prefix' cannot grow {old} layers to {new}",
-                "use --depth-rule interp, stack, interleave or identity to grow",
-            )
         return [LayerSource(((i, 1.0),)) for i in range(new)]
-    if rule == "spread":
-        if new > old:
-            raise WeitError(
-                f"depth rule 'spread' cannot grow {old} layers to {new}",
-                "use --depth-rule interp, stack, interleave or identity to grow",
-            )
-        # Evenly spaced whole layers, the first and the last kept (one layer: the first), rounded half up.
+    if rule == "spread":  # evenly spaced whole layers, the first and the last kept (one layer: the first), rounded half up
         if new == 1:
             return [LayerSource(((0, 1.0),))]
         return [LayerSource((((2 * i * (old - 1) + new - 1) // (2 * (new - 1)), 1.0),)) for i in range(new)]
