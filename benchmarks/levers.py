@@ -79,6 +79,8 @@ VARIANTS: dict[str, list[str]] = {
     # the smaller depths as evenly spaced blocks, the last kept (nested.depth_rule=spread; 3 blocks: 1 → [0], 2 → [0, 2])
     "one-size-spread": _uniform("0", "nested.depth_rule=spread"),
     "shrink-0.5-one-size-spread": _uniform("0.5", "nested.depth_rule=spread"),
+    # 256 templates of 16×16 are full rank (p·q): the weights are unconstrained, only nested
+    "one-size-n256": _uniform("0", "templates.count=256"),
 }
 # The budget every variant is matched to: the small recipe as the dense baseline of docs/benchmarks.md
 # was matched to it (32×32 templates × 32, the plain sandwich, 600 steps: 4.31–4.38 TFLOPs by seed),
