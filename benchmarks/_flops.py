@@ -42,7 +42,7 @@ def _size_flops(recipe_json: str, num_classes: int, batch_size: int) -> dict:
     task = task_for(recipe.adapter)
     batch = _batch(recipe, batch_size)
     loss = SandwichLoss(net, task, 0.0, 1.0)
-    sizes = [(d, w) for d in recipe.depth_options() for w in recipe.nested.widths]
+    sizes = recipe.size_grid()
     return {(d, w): counted(lambda d=d, w=w: loss(batch, [(d, w)])[0]) for d, w in sizes}
 
 

@@ -59,6 +59,9 @@ def test_schedule_options_are_left_out_while_off(recipe_path):
     assert digest(load_recipe(recipe_path, ["nested.depth_rule=prefix"])) == digest(base)
     spread = load_recipe(recipe_path, ["nested.depth_rule=spread"])
     assert to_plain(spread)["nested"]["depth_rule"] == "spread" and digest(spread) != digest(base)
+    assert "sizes" not in to_plain(base)["nested"]
+    diag = load_recipe(recipe_path, ["nested.sizes=[[2, 32], [1, 16]]"])
+    assert to_plain(diag)["nested"]["sizes"] == [[1, 16], [2, 32]] and digest(diag) != digest(base)  # grid order
 
 
 @pytest.mark.parametrize("sets, words", [
@@ -70,6 +73,8 @@ def test_schedule_options_are_left_out_while_off(recipe_path):
     (["nested.one_size_power=5"], "one_size_power"),
     (["nested.depth_rule=interp"], "depth_rule"),
     (["nested.sampling=one-size", "nested.distill=0.5"], "nested.sampling=sandwich"),
+    (["nested.sizes=[[1, 16], [2, 24]]"], "2x24 are not in the depths × widths grid"),
+    (["nested.sizes=[[1, 16], [1, 32]]"], "the largest and the smallest"),
 ])
 def test_bad_schedule_options_are_one_line_errors(recipe_path, tmp_path, sets, words):
     args = [x for s in sets for x in ("--set", s)]
@@ -107,6 +112,30 @@ def test_one_size_draws_follow_the_weights(recipe_path):
     assert all(len(d) == 1 for d in drawn)
     n = Counter(d[0] for d in drawn)
     assert abs(n[(2, 32)] / 4000 - 5 / 8) < 0.03 and all(abs(n[s] / 4000 - 1 / 8) < 0.03 for s in weights if s != (2, 32))
+
+
+def test_a_size_list_trains_only_its_sizes(recipe_path, tmp_path):
+    """nested.sizes: the sandwich and one-size draws, the FLOPs count and the bundle's record keep to
+    the listed pairs; the full grid's bundle records none, as before."""
+    sets = ["nested.depths=[1, 2, 3]", "nested.widths=[16, 32, 48]", "nested.sizes=[[1, 16], [2, 32], [3, 48]]"]
+    recipe = load_recipe(recipe_path, [*sets, "nested.sandwich=2"])
+    assert size_grid(recipe) == [(1, 16), (2, 32), (3, 48)]
+    rng = random.Random(0)
+    assert all(s == [(3, 48), (1, 16), (2, 32)] for s in (step_sizes(rng, recipe, i) for i in range(6)))
+    one = load_recipe(recipe_path, [*sets, "nested.sampling=one-size", "nested.one_size_power=0", "train.steps=300"])
+    drawn = Counter(step_sizes(rng, one, i, {s: 1.0 for s in size_grid(one)})[0] for i in range(300))
+    assert set(drawn) == {(1, 16), (2, 32), (3, 48)}
+    r = pretrain(recipe_path, tmp_path / "d.safetensors", overrides=[*sets, "train.steps=2"])
+    assert r["size_steps"] == {"1x16": 2, "2x32": 2, "3x48": 2}  # largest, smallest and the one in between, twice
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _flops import pretrain_flops
+
+    assert r["train_flops"] == pretrain_flops(load_recipe(recipe_path, [*sets, "train.steps=2"]), num_classes=10)["flops"]
+    from weit_cli.io.bundle_file import load_bundle
+
+    assert load_bundle(tmp_path / "d.safetensors")[0].extra["nested"]["sizes"] == [[1, 16], [2, 32], [3, 48]]
+    pretrain(recipe_path, tmp_path / "g.safetensors", overrides=["train.steps=2"])
+    assert "sizes" not in load_bundle(tmp_path / "g.safetensors")[0].extra["nested"]
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs

@@ -138,6 +138,13 @@ class NestedSection(_Section):
     one_size_power: float = Field(
         1.0, ge=0, le=4, description="nested.sampling=one-size: exponent of a size's FLOPs in its probability (0: uniform)."
     )
+    sizes: list[tuple[int | list[int], int]] | None = Field(
+        None,
+        description=(
+            "Train only these [depth, width] pairs of the depths × widths grid, the largest and the smallest "
+            "among them (e.g. the diagonal [[1, 32], [2, 64], [3, 96]]; null: every pair)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _sorted(self):
@@ -153,6 +160,16 @@ class NestedSection(_Section):
             else:  # per-stage lists: deduplicated, ordered by total then stage by stage
                 keyed = {(x,) if isinstance(x, int) else tuple(x): x for x in v}
                 setattr(self, name, [keyed[k] for k in sorted(keyed, key=lambda k: (len(k) > 1, sum(k), k))])
+        if self.sizes is not None:
+            key = lambda d: tuple(d) if isinstance(d, list) else d  # noqa: E731
+            grid = [(key(d), w) for d in self.depths for w in self.widths]
+            picked = [(key(d), w) for d, w in self.sizes]
+            if off := [f"{d}x{w}" for d, w in picked if (d, w) not in grid]:
+                raise ValueError(f"sizes {', '.join(off)} are not in the depths × widths grid")
+            corners = [(key(self.depths[-1]), self.widths[-1]), (key(self.depths[0]), self.widths[0])]
+            if any(c not in picked for c in corners):
+                raise ValueError("sizes must list the largest and the smallest pair of the grid")
+            self.sizes = [self.sizes[i] for i in sorted({p: i for i, p in enumerate(picked)}.values(), key=lambda i: grid.index(picked[i]))]
         if self.shrink_start + self.largest_tail >= 1:
             raise ValueError("shrink_start + largest_tail must be below 1 (they leave no nested steps)")
         return self
@@ -271,6 +288,13 @@ class Recipe(_Section):
 
     def smallest(self) -> tuple[Any, int]:
         return elementwise(min, self.depth_options()), min(self.nested.widths)
+
+    def size_grid(self) -> list[tuple[Any, int]]:
+        """Every trained (depth, width), depth-major: the depths × widths grid, or nested.sizes of it."""
+        depths = dict(zip(map(repr, self.nested.depths), self.depth_options()))
+        if self.nested.sizes is None:
+            return [(d, w) for d in self.depth_options() for w in self.nested.widths]
+        return [(depths[repr(d)], w) for d, w in self.nested.sizes]
 
     @model_validator(mode="after")
     def _sizes(self):
@@ -408,6 +432,7 @@ _OFF_WHEN = {
     ("nested", "sampling"): "sandwich",
     ("nested", "depth_rule"): "prefix",
     ("nested", "one_size_power"): 1.0,
+    ("nested", "sizes"): None,
 }
 
 

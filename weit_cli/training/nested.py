@@ -38,6 +38,8 @@ def nested_record(recipe: rcp.Recipe) -> dict[str, Any]:
     record: dict[str, Any] = {"depths": list(recipe.nested.depths), "widths": list(recipe.nested.widths)}
     if recipe.nested.depth_rule != "prefix":
         record["depth_rule"] = recipe.nested.depth_rule
+    if recipe.nested.sizes is not None:
+        record["sizes"] = [list(x) for x in recipe.nested.sizes]
     return record
 
 
@@ -243,13 +245,15 @@ class SandwichLoss(nn.Module):
         return total, torch.stack(ces)
 
 
-def sample_sizes(rng: random.Random, depths: list, widths: list[int], k: int) -> list[tuple]:
-    """Largest, smallest, then k distinct random in-between sizes (fewer if the grid is small).
-    Depths are ints, or per-stage tuples whose largest/smallest are taken stage by stage."""
+def sample_sizes(rng: random.Random, depths: list, widths: list[int], k: int, grid: list[tuple] | None = None) -> list[tuple]:
+    """Largest, smallest, then k distinct random in-between sizes of `grid` (every depth × width pair
+    when None; fewer if the grid is small). Depths are ints, or per-stage tuples whose largest/smallest
+    are taken stage by stage."""
     largest = (rcp.elementwise(max, depths), max(widths))
     smallest = (rcp.elementwise(min, depths), min(widths))
     sizes = [largest] + ([smallest] if smallest != largest else [])
-    rest = [(d, w) for d in depths for w in widths if (d, w) not in sizes]
+    grid = [(d, w) for d in depths for w in widths] if grid is None else grid
+    rest = [s for s in grid if s not in sizes]
     if k and rest:
         sizes += rng.sample(rest, min(k, len(rest)))
     return sizes
@@ -257,8 +261,8 @@ def sample_sizes(rng: random.Random, depths: list, widths: list[int], k: int) ->
 
 # ---------------------------------------------------------------------------------------------- the schedule
 def size_grid(recipe: rcp.Recipe) -> list[tuple]:
-    """Every nested size of the recipe, depth-major."""
-    return [(d, w) for d in recipe.depth_options() for w in recipe.nested.widths]
+    """Every nested size of the recipe, depth-major (`Recipe.size_grid`)."""
+    return recipe.size_grid()
 
 
 def size_weights(recipe: rcp.Recipe, flops: dict[tuple, int]) -> dict[tuple, float] | None:
@@ -280,7 +284,7 @@ def step_sizes(rng: random.Random, recipe: rcp.Recipe, step: int, weights: dict[
     if ns.sampling == "one-size":
         sizes = list(weights)
         return rng.choices(sizes, weights=[weights[s] for s in sizes])
-    return sample_sizes(rng, recipe.depth_options(), ns.widths, ns.sandwich)
+    return sample_sizes(rng, recipe.depth_options(), ns.widths, ns.sandwich, size_grid(recipe))
 
 
 @contextlib.contextmanager
