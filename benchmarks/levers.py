@@ -81,6 +81,13 @@ VARIANTS: dict[str, list[str]] = {
     "shrink-0.5-one-size-spread": _uniform("0.5", "nested.depth_rule=spread"),
     # 256 templates of 16×16 are full rank (p·q): the weights are unconstrained, only nested
     "one-size-n256": _uniform("0", "templates.count=256"),
+    # round 4: averaging the weights, bigger batches, fewer sizes (the grid's diagonal)
+    "one-size-ema-0.999": _uniform("0", "train.ema.decay=0.999"),
+    "one-size-batch-256": _uniform("0", "data.batch_size=256"),
+    "one-size-diagonal": _uniform("0", "nested.sizes=[[1, 32], [2, 64], [3, 96]]"),
+    "shrink-0.5-one-size-diagonal": _uniform("0.5", "nested.sizes=[[1, 32], [2, 64], [3, 96]]"),
+    "shrink-0.25-one-size-diagonal": _uniform("0.25", "nested.sizes=[[1, 32], [2, 64], [3, 96]]"),
+    "shrink-0.5-one-size-diagonal-spread": _uniform("0.5", "nested.sizes=[[1, 32], [2, 64], [3, 96]]", "nested.depth_rule=spread"),
 }
 # The budget every variant is matched to: the small recipe as the dense baseline of docs/benchmarks.md
 # was matched to it (32×32 templates × 32, the plain sandwich, 600 steps: 4.31–4.38 TFLOPs by seed),
