@@ -86,6 +86,10 @@ VARIANTS: dict[str, list[str]] = {
     "one-size-batch-256": _uniform("0", "data.batch_size=256"),
     "one-size-diagonal": _uniform("0", "nested.sizes=[[1, 32], [2, 64], [3, 96]]"),
     "shrink-0.5-one-size-diagonal": _uniform("0.5", "nested.sizes=[[1, 32], [2, 64], [3, 96]]"),
+    "shrink-0.1-one-size-diagonal": _uniform("0.1", "nested.sizes=[[1, 32], [2, 64], [3, 96]]"),
+    "shrink-0.1-one-size": _uniform("0.1"),
+    "shrink-0.1-one-size-diagonal-depth-3": _uniform("0.1", "nested.sizes=[[1, 32], [2, 64], [3, 32], [3, 64], [3, 96]]"),
+    "shrink-0.15-one-size-diagonal": _uniform("0.15", "nested.sizes=[[1, 32], [2, 64], [3, 96]]"),
     "shrink-0.25-one-size-diagonal": _uniform("0.25", "nested.sizes=[[1, 32], [2, 64], [3, 96]]"),
     "shrink-0.5-one-size-diagonal-spread": _uniform("0.5", "nested.sizes=[[1, 32], [2, 64], [3, 96]]", "nested.depth_rule=spread"),
 }
@@ -104,12 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit-steps", type=int, default=100)
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "quality")
     ap.add_argument("--name", default="levers", help="Output name: DOCS/NAME.{json,md}.")
+    ap.add_argument("--sizes", default=",".join(f"{d}x{w}" for d, w in SIZES),
+                    help="Sizes scored, DEPTHxWIDTH (others than the default are cached apart).")
     args = ap.parse_args(argv)
     bench = small_bench()
     from weit_cli import recipe as rcp
 
     cfg = bench.cfg
     seeds = [int(s) for s in args.seeds.split(",")]
+    sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
+    tag = "" if sizes == SIZES else "-" + args.sizes
     results = []
     for name in args.variants.split(","):
         for seed in seeds:
@@ -119,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
             if name not in NOT_MATCHED:
                 ov = matched(rcp, ROOT / cfg["recipe"], ov, budget)
             pre = bench.pretrain_stage(ov)
-            key = Path(pre["path"]).parent / f"scores-fit{args.fit_steps}"
-            scores = bench.cached(key, lambda pre=pre, seed=seed: score(bench, Path(pre["path"]), seed, args.fit_steps))
+            key = Path(pre["path"]).parent / f"scores-fit{args.fit_steps}{tag}"
+            scores = bench.cached(key, lambda pre=pre, seed=seed: score(bench, Path(pre["path"]), seed, args.fit_steps, sizes))
             results.append({"variant": name, "seed": seed, "overrides": ov, "steps": pre["steps"],
                             "flops": pre["flops"]["flops"], "budget_flops": budget, "pretrain_s": pre["seconds"], **scores})
             print(json.dumps(results[-1]), flush=True)
-    write_results(args.docs, args.name, results, table(results, "benchmarks/levers.py " + " ".join(sys.argv[1:])))
+    write_results(args.docs, args.name, results, table(results, "benchmarks/levers.py " + " ".join(sys.argv[1:]), sizes))
     return 0
 
 
@@ -140,15 +148,15 @@ def matched(rcp, path: Path, ov: list[str], budget: int) -> list[str]:
     return ov if steps == recipe.train.steps else ov + [f"train.steps={steps}"]
 
 
-def score(bench: Bench, bundle: Path, seed: int, fit_steps: int) -> dict:
-    """Test accuracy at every size of SIZES, as materialized and after fitting the scalers."""
+def score(bench: Bench, bundle: Path, seed: int, fit_steps: int, sizes: list[tuple[int, int]] = SIZES) -> dict:
+    """Test accuracy at every size of `sizes`, as materialized and after fitting the scalers."""
     from weit_cli.commands.fit_scalers import fit_scalers
     from weit_cli.commands.materialize import materialize
 
     out: dict = {"weit": {}, "weit+fit": {}, "fit_seconds": {}}
     folder = bundle.parent / "levers"
     folder.mkdir(exist_ok=True)
-    for d, w in SIZES:
+    for d, w in sizes:
         plain = folder / f"weit-{d}x{w}"
         materialize(bundle, plain, depth=d, width=w, force=True)
         out["weit"][f"{d}x{w}"] = bench.test_acc(plain, "fashion-mnist")
@@ -171,17 +179,17 @@ def _stat(v: list[float]) -> str:
     return f"{m:.2f} ± {sd:.2f}"
 
 
-def table(results: list[dict], command: str) -> str:
+def table(results: list[dict], command: str, sizes: list[tuple[int, int]] = SIZES) -> str:
     lines = [f"`{command}`; test accuracy (%), mean ± sample standard deviation over seeds "
              f"{sorted({r['seed'] for r in results})}; no finetuning.", ""]
-    head = "| variant | steps | TFLOPs | " + " | ".join(f"{d}×{w}" for d, w in SIZES) + " | " + " | ".join(f"{d}×{w} fit" for d, w in SIZES) + " |"
-    lines += [head, "|" + "---|" * (3 + 2 * len(SIZES))]
+    head = "| variant | steps | TFLOPs | " + " | ".join(f"{d}×{w}" for d, w in sizes) + " | " + " | ".join(f"{d}×{w} fit" for d, w in sizes) + " |"
+    lines += [head, "|" + "---|" * (3 + 2 * len(sizes))]
     for name in dict.fromkeys(r["variant"] for r in results):
         rs = [r for r in results if r["variant"] == name]
         steps = ", ".join(str(s) for s in sorted({r["steps"] for r in rs}))
         tf = sum(r["flops"] for r in rs) / len(rs) / 1e12
-        plain = " | ".join(_stat([r["weit"][f"{d}x{w}"] for r in rs]) for d, w in SIZES)
-        fit = " | ".join(_stat([r["weit+fit"][f"{d}x{w}"] for r in rs]) if all(r["weit+fit"] for r in rs) else "–" for d, w in SIZES)
+        plain = " | ".join(_stat([r["weit"][f"{d}x{w}"] for r in rs]) for d, w in sizes)
+        fit = " | ".join(_stat([r["weit+fit"][f"{d}x{w}"] for r in rs]) if all(r["weit+fit"] for r in rs) else "–" for d, w in sizes)
         lines.append(f"| {name} | {steps} | {tf:.2f} | {plain} | {fit} |")
     return "\n".join(lines) + "\n"
 
