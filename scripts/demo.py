@@ -9,8 +9,8 @@ The same script produces the figures in docs/benchmarks.md for any recipe:
 
     python scripts/demo.py --recipe recipes/vit-fashion.yaml --out runs/vit-fashion --grid --json runs/vit-fashion.json
 
-`--grid` materializes every trained (depth, width) pair plus one size beyond the trained range and
-reports validation and test accuracy of each.
+`--grid` materializes every (depth, width) pair of the nested grid (those off `nested.sizes` marked
+as not trained) plus one size beyond the trained range and reports validation and test accuracy of each.
 
 Then the generation part (`--dit-steps 0` skips it): the shipped DiT recipe (recipes/dit-fashion.yaml)
 cut to its largest size alone and to `--dit-steps` steps, materialized as a diffusers folder, and a
@@ -57,7 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="Pretrain a recipe, materialize sizes, evaluate them (no further training).")
     ap.add_argument("--recipe", default="recipes/vit-fashion-small.yaml")
     ap.add_argument("--out", default="demo-out", help="output folder (replaced files are overwritten)")
-    ap.add_argument("--grid", action="store_true", help="every trained size (+ one beyond) instead of three")
+    ap.add_argument("--grid", action="store_true", help="every size of the nested grid (+ one beyond) instead of three")
     ap.add_argument("--skip-pretrain", action="store_true", help="reuse OUT/bundle.safetensors")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override for pretrain")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
@@ -89,7 +89,9 @@ def main() -> None:
     depths, widths = recipe.nested.depths, recipe.nested.widths
     beyond = (max(depths) + 1, 2 * max(widths), "beyond the trained range (interp depth, tiled width)")
     if args.grid:
-        sizes = [(d, w, "in range") for d in depths for w in widths] + [beyond]
+        trained = recipe.size_grid()
+        sizes = [(d, w, "trained" if (d, w) in trained else "in range, not trained (nested.sizes)")
+                 for d in depths for w in widths] + [beyond]
     else:
         mid_d, mid_w = depths[(len(depths) - 1) // 2], widths[(len(widths) - 1) // 2]
         sizes = [(mid_d, mid_w, "in range (a prefix)"),
