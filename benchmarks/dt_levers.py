@@ -44,6 +44,9 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "small-x0.5": ("train.lr_scales.small=0.5",),
     "sandwich": ("nested.sampling=sandwich",),
     "lr-x2": ("train.lr=1.2e-3",),  # twice the teacher's peak lr (control.py: 6e-4)
+    # the ViT's round-4 lever: the largest alone first, then fewer sizes (the medium budget's 1-2 × 32/64 grid)
+    "shrink-0.1": ("nested.shrink_start=0.1",),
+    "row-shrink-0.1": ("nested.sizes=[[1, 32], [2, 32], [2, 64]]", "nested.shrink_start=0.1"),
 }
 
 
