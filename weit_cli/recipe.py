@@ -169,7 +169,8 @@ class NestedSection(_Section):
             corners = [(key(self.depths[-1]), self.widths[-1]), (key(self.depths[0]), self.widths[0])]
             if any(c not in picked for c in corners):
                 raise ValueError("sizes must list the largest and the smallest pair of the grid")
-            self.sizes = [self.sizes[i] for i in sorted({p: i for i, p in enumerate(picked)}.values(), key=lambda i: grid.index(picked[i]))]
+            listed = dict(zip(picked, self.sizes))  # each pair once, in the grid's order
+            self.sizes = [listed[p] for p in grid if p in listed]
         if self.shrink_start + self.largest_tail >= 1:
             raise ValueError("shrink_start + largest_tail must be below 1 (they leave no nested steps)")
         return self
@@ -291,9 +292,9 @@ class Recipe(_Section):
 
     def size_grid(self) -> list[tuple[Any, int]]:
         """Every trained (depth, width), depth-major: the depths × widths grid, or nested.sizes of it."""
-        depths = dict(zip(map(repr, self.nested.depths), self.depth_options()))
         if self.nested.sizes is None:
             return [(d, w) for d in self.depth_options() for w in self.nested.widths]
+        depths = dict(zip(map(repr, self.nested.depths), self.depth_options()))
         return [(depths[repr(d)], w) for d, w in self.nested.sizes]
 
     @model_validator(mode="after")
