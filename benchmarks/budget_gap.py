@@ -4,7 +4,7 @@ the nested bundle's 3×96 close on a dense 3×96 of the same training FLOPs when
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/budget_gap.py --scales 0.5,1,2 --seeds 0,1,2
 
 For each budget scale s, `recipes/vit-fashion-small.yaml` (the `small` budget of benchmarks/quality.py,
-one size per step, drawn uniformly) is pretrained for round(s × its train.steps) steps, warm-up scaled
+as shipped) is pretrained for round(s × its train.steps) steps, warm-up scaled
 alike, and a dense ViT of the largest size is trained from timm's init for the same FLOPs with the same
 batch, learning rate, warm-up, cosine and weight decay: quality.py's own pair (`Bench.pretrain_all`),
 cached in runs/quality-small (scale 1 is the pair of docs/benchmarks.md's finetuning tables). Score: test
@@ -20,7 +20,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from quality import ROOT, small_bench, write_results
+from quality import ROOT, _stat, small_bench, write_results
 
 
 def scale_overrides(recipe, scale: float) -> list[str]:
@@ -29,11 +29,6 @@ def scale_overrides(recipe, scale: float) -> list[str]:
         return []
     tr = recipe.train
     return [f"train.steps={round(scale * tr.steps)}", f"train.warmup_steps={round(scale * tr.warmup_steps)}"]
-
-
-def _stat(v: list[float]) -> str:
-    m = statistics.mean(v)
-    return f"{m:.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{m:.2f}"
 
 
 def table(results: list[dict], command: str) -> str:
@@ -45,8 +40,8 @@ def table(results: list[dict], command: str) -> str:
         tf = statistics.mean(r["flops"] for r in rs) / 1e12
         steps = {k: ", ".join(str(s) for s in sorted({r[k] for r in rs})) for k in ("weit_steps", "dense_steps")}
         lines.append(f"| ×{scale:g} | {tf:.2f} | {steps['weit_steps']} | {steps['dense_steps']} | "
-                     f"{_stat([100 * r['weit'] for r in rs])} | {_stat([100 * r['dense'] for r in rs])} | "
-                     f"{_stat([100 * (r['weit'] - r['dense']) for r in rs])} |")
+                     f"{_stat([r['weit'] for r in rs])} | {_stat([r['dense'] for r in rs])} | "
+                     f"{_stat([r['weit'] - r['dense'] for r in rs])} |")
     return "\n".join(lines) + "\n"
 
 

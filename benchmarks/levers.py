@@ -28,6 +28,9 @@ from pathlib import Path
 from _flops import pretrain_flops
 from quality import BUDGETS, SINGLE, ROOT, Bench, small_bench, write_results
 
+DIAGONAL = "nested.sizes=[[1, 32], [2, 64], [3, 96]]"  # round 4: the grid's diagonal only
+
+
 def _uniform(shrink: str, *extra: str) -> list[str]:
     """16×16 × 128 templates, the largest alone for the first `shrink` of the steps, then one size per
     step drawn uniformly; `extra` overrides after."""
@@ -84,14 +87,14 @@ VARIANTS: dict[str, list[str]] = {
     # round 4: averaging the weights, bigger batches, fewer sizes (the grid's diagonal)
     "one-size-ema-0.999": _uniform("0", "train.ema.decay=0.999"),
     "one-size-batch-256": _uniform("0", "data.batch_size=256"),
-    "one-size-diagonal": _uniform("0", "nested.sizes=[[1, 32], [2, 64], [3, 96]]"),
-    "shrink-0.5-one-size-diagonal": _uniform("0.5", "nested.sizes=[[1, 32], [2, 64], [3, 96]]"),
-    "shrink-0.1-one-size-diagonal": _uniform("0.1", "nested.sizes=[[1, 32], [2, 64], [3, 96]]"),
+    "one-size-diagonal": _uniform("0", DIAGONAL),
+    "shrink-0.5-one-size-diagonal": _uniform("0.5", DIAGONAL),
+    "shrink-0.1-one-size-diagonal": _uniform("0.1", DIAGONAL),
     "shrink-0.1-one-size": _uniform("0.1"),
     "shrink-0.1-one-size-diagonal-depth-3": _uniform("0.1", "nested.sizes=[[1, 32], [2, 64], [3, 32], [3, 64], [3, 96]]"),
-    "shrink-0.15-one-size-diagonal": _uniform("0.15", "nested.sizes=[[1, 32], [2, 64], [3, 96]]"),
-    "shrink-0.25-one-size-diagonal": _uniform("0.25", "nested.sizes=[[1, 32], [2, 64], [3, 96]]"),
-    "shrink-0.5-one-size-diagonal-spread": _uniform("0.5", "nested.sizes=[[1, 32], [2, 64], [3, 96]]", "nested.depth_rule=spread"),
+    "shrink-0.15-one-size-diagonal": _uniform("0.15", DIAGONAL),
+    "shrink-0.25-one-size-diagonal": _uniform("0.25", DIAGONAL),
+    "shrink-0.5-one-size-diagonal-spread": _uniform("0.5", DIAGONAL, "nested.depth_rule=spread"),
 }
 # The budget every variant is matched to: the small recipe as the dense baseline of docs/benchmarks.md
 # was matched to it (32×32 templates × 32, the plain sandwich, 600 steps: 4.31–4.38 TFLOPs by seed),
