@@ -78,6 +78,7 @@ from weit_cli.core.bundle import COMPANIONS  # noqa: E402
 from weit_cli.core.extract import from_dense  # noqa: E402
 from weit_cli.core.resize import plan_target, resize  # noqa: E402
 from weit_cli.io.bundle_file import load_bundle  # noqa: E402
+from weit_cli.io.files import atomic_file  # noqa: E402
 from weit_cli.core.selection import random_init, weight_selection  # noqa: E402
 from weit_cli.data import control as C  # noqa: E402
 from weit_cli.tasks import control as T  # noqa: E402
@@ -221,9 +222,8 @@ def cached_json(path: Path, key: str, make):
             return stored["value"]
     value = make()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "value": value}, indent=1) + "\n")
-    tmp.replace(path)
+    with atomic_file(path) as tmp:  # a temp name of its own: processes sharing --work do not collide
+        tmp.write_text(json.dumps({"key": key, "value": value}, indent=1) + "\n")
     return value
 
 
@@ -311,9 +311,8 @@ def export_data(env_id: str, b: Budget, path: Path) -> Path:
     if not path.is_file():
         data = C.load_control_data(env_id, seed=0, budget=b.data)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, **{k: getattr(data, k) for k in C.KEYS})
-        tmp.replace(path)
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:  # seeds run as parallel processes export it at once
+            np.savez(f, **{k: getattr(data, k) for k in C.KEYS})
     return path
 
 

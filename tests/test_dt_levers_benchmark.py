@@ -39,3 +39,24 @@ def test_dt_levers_tiny(tmp_path):
     assert rows["sandwich"]["steps"] < rows["base"]["steps"]  # four sizes a step: fewer steps for the same FLOPs
     assert rows["sandwich"]["overrides"] == ["nested.sampling=sandwich"]
     assert "| sandwich |" in (tmp_path / "docs" / "dt-levers.md").read_text()
+
+
+def test_stages_are_written_under_a_temp_name_of_their_own(tmp_path, monkeypatch):
+    """Seeds run as parallel processes share one --work: the exported data and the cached JSON go
+    through a temp file unique to the writer (a shared `.tmp` name made the second process fail)."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import control
+
+    arrays = {k: np.arange(6, dtype=np.float32).reshape(2, 3) + i for i, k in enumerate(control.C.KEYS)}
+    monkeypatch.setattr(control.C, "load_control_data", lambda env_id, seed, budget: type("D", (), arrays)())
+    for other in ("data.tmp.npz", "stage.tmp"):  # another writer's temp files, mid-write: not ours to touch
+        (tmp_path / other).mkdir()
+    path = control.export_data("Hopper-v5", control.BUDGETS["tiny"], tmp_path / "data.npz")
+    with np.load(path) as got:
+        assert set(got.files) == set(control.C.KEYS) and all((got[k] == arrays[k]).all() for k in control.C.KEYS)
+    assert control.cached_json(tmp_path / "stage.json", "k", lambda: {"a": 1}) == {"a": 1}
+    assert control.cached_json(tmp_path / "stage.json", "k", lambda: {"a": 2}) == {"a": 1}  # kept under its key
+    assert control.cached_json(tmp_path / "stage.json", "k2", lambda: {"a": 3}) == {"a": 3}  # another key: made again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "data.tmp.npz", "stage.json", "stage.tmp"]  # none of ours left
