@@ -13,7 +13,8 @@ inside the nested range and one deeper and wider than anything trained — each 
     weight-selection  Xu et al. 2024 from the dense model (`finetune --init weight-selection --from`);
                       for the larger target, where selection cannot grow, the dense model is grown by
                       weit's own resizing rules instead (exact SVD bundle of the dense model, then
-                      depth interp + Net2Net width tiling) and the row is labelled "dense-grown"
+                      depth interp + Net2Net width tiling) and the row is labelled "dense-grown";
+                      `--grow-rule identity` grows it, and weit's deeper targets, by identity blocks instead
     weit              `materialize` from the bundle, no data
     weit+fit          `fit-scalers` on the finetuning subset (templates frozen), then `materialize`
 
@@ -108,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit-distill", type=float, default=0.0, help="fit-scalers --distill (Fashion-MNIST only).")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="Extra pretraining recipe override.")
     ap.add_argument("--tasks", default="fashion-mnist,mnist5k")
+    ap.add_argument("--targets", help="Override the budget's target sizes: a comma list of DEPTHxWIDTH (e.g. 4x128).")
+    ap.add_argument("--grow-rule", default="interp", choices=["interp", "identity", "stack", "interleave"],
+                    help="Depth rule for targets deeper than the pretrained models, for every method alike: the dense model's "
+                         "growth and weit's materialize / fit-scalers (interp: weit's default for ViTs; identity: new blocks "
+                         "start as identities).")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", default="0", help="Comma list of seeds: pretraining, fitting and finetuning of each (the finetuning subset stays fixed).")
     ap.add_argument("--match", choices=["flops", "steps"], default="flops",
@@ -128,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg["epochs"] = args.epochs
     if args.fit_steps:
         cfg["fit_steps"] = args.fit_steps
+    if args.targets:
+        try:
+            cfg["targets"] = [tuple(int(x) for x in t.lower().split("x")) for t in args.targets.split(",")]
+        except ValueError:
+            ap.error(f"--targets {args.targets}: expected a comma list of DEPTHxWIDTH, e.g. 4x128")
+        if any(len(t) != 2 or min(t) < 1 for t in cfg["targets"]):
+            ap.error(f"--targets {args.targets}: expected a comma list of DEPTHxWIDTH, e.g. 4x128")
     name = f"quality-{args.budget}" + (f"-{args.tag}" if args.tag else "")
     work = args.work or ROOT / "runs" / f"quality-{args.budget}"
     if args.fresh and work.exists():
@@ -152,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 class Bench:
     def __init__(self, work: Path, cfg: dict, args):
         self.work, self.cfg, self.args = work, cfg, args
+        self.grow_rule = getattr(args, "grow_rule", "interp")  # levers.py / budget_gap.py never grow
 
     # -------------------------------------------------------------------------------- caching
     def cached(self, key: Path, fn):
@@ -171,6 +185,8 @@ class Bench:
         shaping.update(recipe=rcp.digest(rcp.load_recipe(ROOT / cfg["recipe"], base)), lr=a.lr, warmup=a.warmup, schedule=a.schedule,
                        batch_size=a.batch_size, fit_lr=a.fit_lr, fit_distill=a.fit_distill, match=a.match,
                        single=cfg.get("single"), teacher_weight=a.teacher_weight)
+        if self.grow_rule != "interp":  # keyed only when set: the runs recorded before the option keep their folders
+            shaping["grow_rule"] = self.grow_rule
         key = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:10]
         self.runs = self.work / f"{a.tag or 'default'}-{key}"
         self.runs.mkdir(exist_ok=True)
@@ -194,7 +210,7 @@ class Bench:
                 "recipe": cfg["recipe"], "family": recipe.family, "recipe_overrides": base, "recipe_sha256": rcp.digest(recipe),
                 "targets": [tuple(t) for t in cfg["targets"]], "largest": list(ctx["largest"]), "epochs": cfg["epochs"],
                 "finetune_subset": cfg["subset"], "seeds": seeds, "match": a.match, "single": cfg.get("single"),
-                "teacher_weight": a.teacher_weight,
+                "teacher_weight": a.teacher_weight, "grow_rule": self.grow_rule,
                 "finetune": {"lr": a.lr, "warmup_epochs": a.warmup, "schedule": a.schedule, "batch_size": a.batch_size,
                              "weight_decay": 0.05, "grad_clip": 1.0, "seed": "the run's seed", "data_seed": 0},
                 "fit": {"steps": cfg["fit_steps"], "lr": a.fit_lr, "distill": a.fit_distill, "batch_size": 64},
@@ -345,11 +361,14 @@ class Bench:
         bundle = pre / "bundle.safetensors"
         models = pre / "models"  # initialisations depend on the pretraining only …
         models.mkdir(exist_ok=True)
-        plain = models / f"weit-{depth}x{width}"
+        grows = depth > largest[0] if isinstance(largest[0], int) else False
+        rule = self.grow_rule if grows else "auto"  # resize's own rule inside the range
+        grown = f"-{rule}" if grows and rule != "interp" else ""
+        plain = models / f"weit-{depth}x{width}{grown}"
         calibrate = None
         if self.batchnorm():  # the bundle holds the largest size's statistics only: recalibrate, label-free
             calibrate = task
-            plain = models / f"weit-{depth}x{width}-calibrated-{task}"
+            plain = models / f"weit-{depth}x{width}{grown}-calibrated-{task}"
         transfer = task != "fashion-mnist"
         subset = cfg["subset"] if not transfer else cfg["transfer_subset"]
         init_s, label, source, model, init = 0.0, method, None, plain, "weit"
@@ -361,9 +380,9 @@ class Bench:
                 init, source = "weight-selection", dense
             else:
                 label = "dense-grown"
-                model = dense.parent / f"grown-{depth}x{width}"
+                model = dense.parent / f"grown-{depth}x{width}{grown}"
                 t = time.perf_counter()
-                extra["reconstruction_error"] = grow_dense(dense, model, depth, width)
+                extra["reconstruction_error"] = grow_dense(dense, model, depth, width, "interp" if rule == "auto" else rule)
                 init_s = time.perf_counter() - t
         elif fitted:
             from weit_cli.commands.fit_scalers import fit_scalers
@@ -374,16 +393,16 @@ class Bench:
             fit = fit_scalers(
                 bundle, scalers, data=task, depth=depth, width=width, steps=cfg["fit_steps"], lr=a.fit_lr,
                 train_subset=subset, reset_head=transfer, distill=0.0 if transfer else a.fit_distill, seed=seed,
-                device="cpu", force=True,
+                depth_rule=rule, device="cpu", force=True,
             )
             init_s = fit["fit_seconds"]
             model = out / f"{kind}-fit-{task}-{depth}x{width}"
-            materialize(bundle, model, depth=depth, width=width, scalers=scalers, force=True)
+            materialize(bundle, model, depth=depth, width=width, scalers=scalers, depth_rule=rule, force=True)
             extra["fit"] = {k: fit[k] for k in ("loss_first", "loss_last", "val_acc_before", "val_acc_after", "steps")}
         elif kind not in ("weit", "single", "teacher", "teacher-half"):
             raise SystemExit(f"unknown method {method}")
         if model == plain and not plain.exists():  # random init reads the architecture from it
-            materialize(bundle, plain, depth=depth, width=width, calibrate=calibrate, force=True)
+            materialize(bundle, plain, depth=depth, width=width, calibrate=calibrate, depth_rule=rule, force=True)
         r = finetune(
             model, self.runs / f"s{seed}" / f"{task}-{depth}x{width}-{method}", data=task, epochs=cfg["epochs"], init=init,
             source=source, lr=a.lr, warmup=a.warmup, schedule=a.schedule, batch_size=a.batch_size,
@@ -424,9 +443,9 @@ def rcp_sha(recipe) -> str:
     return rcp.digest(recipe)[:10]
 
 
-def grow_dense(dense: Path, out: Path, depth: int, width: int) -> dict:
+def grow_dense(dense: Path, out: Path, depth: int, width: int, depth_rule: str = "interp") -> dict:
     """The dense model at a larger size by weit's resizing rules: an exact template bundle of it
-    (enough templates to span every layer), then depth interp + Net2Net width tiling."""
+    (enough templates to span every layer), then `depth_rule` (interp by default) + Net2Net width tiling."""
     import torch
 
     from weit_cli.arch._registry import detect_family
@@ -447,7 +466,7 @@ def grow_dense(dense: Path, out: Path, depth: int, width: int) -> dict:
         bundle, errors = from_dense(adapter, arch, state, p, min(p * p, blocks))
     target = adapter.target_arch(arch, depth=depth, width=width)
     with torch.no_grad():
-        sized = resize(bundle, target, "interp", "tile")
+        sized = resize(bundle, target, depth_rule, "tile")
     write_model(sized, out, torch.float32, {"command": "benchmarks/quality.py grow_dense"}, force=True)
     return errors
 
@@ -501,7 +520,9 @@ def table(res: dict) -> str:
         "",
         f"Finetuning: {s['epochs']} epochs on {s['finetune_subset']} of the training split, AdamW lr {s['finetune']['lr']:g}, warmup "
         f"{s['finetune']['warmup_epochs']:g} epochs, {s['finetune']['schedule']}, batch {s['finetune']['batch_size']}; fit-scalers "
-        f"{s['fit']['steps']} steps (lr {s['fit']['lr']:g}). Test accuracy (%) after each epoch (0 = the initialisation):",
+        f"{s['fit']['steps']} steps (lr {s['fit']['lr']:g})"
+        + (f"; deeper targets grown by --depth-rule {s['grow_rule']} (dense and weit alike)" if s.get("grow_rule", "interp") != "interp" else "")
+        + ". Test accuracy (%) after each epoch (0 = the initialisation):",
         "",
     ]
     e = s["epochs"]
