@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from _flops import pretrain_flops
-from quality import BUDGETS, SINGLE, ROOT, Bench, small_bench, write_results
+from quality import BUDGETS, SINGLE, ROOT, Bench, parse_sizes, small_bench, write_results
 
 DIAGONAL = "nested.sizes=[[1, 32], [2, 64], [3, 96]]"  # round 4: the grid's diagonal only
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = bench.cfg
     seeds = [int(s) for s in args.seeds.split(",")]
-    sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
+    sizes = parse_sizes(args.sizes, ap, "--sizes")
     tag = "" if sizes == SIZES else "-" + args.sizes
     results = []
     for name in args.variants.split(","):

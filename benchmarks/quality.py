@@ -135,12 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fit_steps:
         cfg["fit_steps"] = args.fit_steps
     if args.targets:
-        try:
-            cfg["targets"] = [tuple(int(x) for x in t.lower().split("x")) for t in args.targets.split(",")]
-        except ValueError:
-            ap.error(f"--targets {args.targets}: expected a comma list of DEPTHxWIDTH, e.g. 4x128")
-        if any(len(t) != 2 or min(t) < 1 for t in cfg["targets"]):
-            ap.error(f"--targets {args.targets}: expected a comma list of DEPTHxWIDTH, e.g. 4x128")
+        cfg["targets"] = parse_sizes(args.targets, ap, "--targets")
     name = f"quality-{args.budget}" + (f"-{args.tag}" if args.tag else "")
     work = args.work or ROOT / "runs" / f"quality-{args.budget}"
     if args.fresh and work.exists():
@@ -160,6 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     print(f"wrote {args.docs / name}.{{json,md,png}} in {results['total_s'] / 60:.1f} min")
     return 0
+
+
+def parse_sizes(text: str, ap: argparse.ArgumentParser, option: str) -> list[tuple[int, int]]:
+    """A comma list of DEPTHxWIDTH (`4x128,2x64`) as (depth, width) pairs; anything else is the parser's error."""
+    try:
+        sizes = [tuple(int(x) for x in t.lower().split("x")) for t in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(t) != 2 or min(t) < 1 for t in sizes):
+        ap.error(f"{option} {text}: expected a comma list of DEPTHxWIDTH, e.g. 4x128")
+    return sizes
 
 
 class Bench:
