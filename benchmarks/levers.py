@@ -29,6 +29,7 @@ from _flops import pretrain_flops
 from quality import BUDGETS, SINGLE, ROOT, Bench, parse_sizes, small_bench, write_results
 
 DIAGONAL = "nested.sizes=[[1, 32], [2, 64], [3, 96]]"  # round 4: the grid's diagonal only
+DIAGONAL_ROW = "nested.sizes=[[1, 32], [2, 64], [3, 32], [3, 64], [3, 96]]"  # + the full-depth row: the small recipe's list since round 4
 
 
 def _uniform(shrink: str, *extra: str) -> list[str]:
@@ -91,10 +92,9 @@ VARIANTS: dict[str, list[str]] = {
     "shrink-0.5-one-size-diagonal": _uniform("0.5", DIAGONAL),
     "shrink-0.1-one-size-diagonal": _uniform("0.1", DIAGONAL),
     "shrink-0.1-one-size": _uniform("0.1"),
-    "shrink-0.1-one-size-diagonal-depth-3": _uniform("0.1", "nested.sizes=[[1, 32], [2, 64], [3, 32], [3, 64], [3, 96]]"),
+    "shrink-0.1-one-size-diagonal-depth-3": _uniform("0.1", DIAGONAL_ROW),
     # the shipped small recipe's schedule (round 4) with an EMA of the weights written instead of the last ones
-    "shrink-0.1-one-size-diagonal-depth-3-ema-0.999": _uniform("0.1", "nested.sizes=[[1, 32], [2, 64], [3, 32], [3, 64], [3, 96]]",
-                                                               "train.ema.decay=0.999"),
+    "shrink-0.1-one-size-diagonal-depth-3-ema-0.999": _uniform("0.1", DIAGONAL_ROW, "train.ema.decay=0.999"),
     "shrink-0.15-one-size-diagonal": _uniform("0.15", DIAGONAL),
     "shrink-0.25-one-size-diagonal": _uniform("0.25", DIAGONAL),
     "shrink-0.5-one-size-diagonal-spread": _uniform("0.5", DIAGONAL, "nested.depth_rule=spread"),
